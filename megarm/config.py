@@ -1,0 +1,807 @@
+"""megarm's one typed configuration: a dataclass tree, loaded from YAML, overridden
+by ``section.key=value`` arguments, and validated as a whole before any process
+group or model exists.
+
+Every field carries a docstring (the string right below it); ``docs/config.md`` is
+generated from them. Names follow Megatron-LM where one exists.
+
+This module must stay importable without torch: ``python -m megarm.config`` checks
+a config in well under two seconds.
+
+    python -m megarm.config --config configs/orm_trainer_tiny.yaml \
+        parallel.tensor_model_parallel_size=2 --world-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the GPT trunk (Qwen2 / Qwen2.5 family)."""
+
+    hf_config: str | None = None
+    """HuggingFace model directory (or its config.json). When set, the shape fields
+    below are read from it; fields also given explicitly keep the explicit value."""
+
+    num_layers: int = 2
+    """Number of transformer layers (HF ``num_hidden_layers``)."""
+
+    hidden_size: int = 64
+    """Hidden size H (HF ``hidden_size``)."""
+
+    ffn_hidden_size: int = 128
+    """SwiGLU intermediate size (HF ``intermediate_size``)."""
+
+    num_attention_heads: int = 4
+    """Number of query heads (HF ``num_attention_heads``)."""
+
+    num_query_groups: int = 2
+    """Number of key/value heads for grouped-query attention (HF ``num_key_value_heads``)."""
+
+    kv_channels: int | None = None
+    """Head dimension; ``null`` means hidden_size / num_attention_heads (HF ``head_dim``)."""
+
+    vocab_size: int = 151936
+    """Vocabulary size of the embedding (HF ``vocab_size``); padded up to
+    ``make_vocab_size_divisible_by``."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this. The padding never depends on the
+    tensor-parallel size, so checkpoints reshard freely."""
+
+    max_position_embeddings: int = 32768
+    """Longest sequence the RoPE model supports (HF ``max_position_embeddings``)."""
+
+    rotary_base: float = 1000000.0
+    """RoPE base theta (HF ``rope_theta``; 1e6 for Qwen2.5)."""
+
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon (HF ``rms_norm_eps``)."""
+
+    add_qkv_bias: bool = True
+    """Bias on the Q, K, V projections (Qwen2 has it; no other linear has a bias)."""
+
+    tie_word_embeddings: bool = False
+    """Whether the HF model ties its LM head to the embedding. A reward model has no
+    LM head; this is kept only to export the right HF config."""
+
+    init_method_std: float = 0.02
+    """Std of the normal init for a randomly initialised trunk."""
+
+    params_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Parameter dtype. ``auto``: bf16 with fp32 main weights on CUDA, fp32 on CPU."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (off for reward models)."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on hidden states (off for reward models)."""
+
+    attention_backend: Literal["auto", "sdpa", "unfused"] = "auto"
+    """Core attention for the local layer spec: ``sdpa`` uses torch's fused
+    scaled_dot_product_attention, ``unfused`` megatron-core's DotProductAttention.
+    ``auto``: transformer-engine when importable on CUDA, else sdpa."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size TP; must divide attention heads and KV heads."""
+
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size PP; must divide the number of layers."""
+
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved 1F1B schedule (``null``: off)."""
+
+    sequence_parallel: bool = False
+    """Shard layer-norm / dropout activations over the sequence (needs TP > 1)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the preprocessed pairs are and how they become micro-batches."""
+
+    data_path: str | None = None
+    """Prefix of files written by tools/preprocess_data.py, or a Megatron-style blend
+    ``"0.7 /data/a 0.3 /data/b"``. ``null`` trains on generated synthetic pairs."""
+
+    split: str = "98,2,0"
+    """Train/validation/test weights, split deterministically in file order."""
+
+    seq_length: int = 1024
+    """Longest sequence (prompt + response) in tokens; batches pad to the longest row."""
+
+    tokenizer_name_or_path: str | None = None
+    """HF tokenizer directory; checked against the dataset's stats.json when set."""
+
+    synthetic_num_pairs: int = 512
+    """Number of generated pairs when ``data_path`` is null."""
+
+
+@dataclass
+class TrainingConfig:
+    """The schedule of the run."""
+
+    micro_batch_size: int = 2
+    """Preference pairs per micro-batch per data-parallel rank (2x rows: chosen and
+    rejected go through one forward)."""
+
+    global_batch_size: int = 8
+    """Pairs per optimizer step over all data-parallel ranks and accumulation steps."""
+
+    train_iters: int = 10
+    """Number of optimizer steps."""
+
+    seed: int = 1234
+    """Seed for initialisation, data order and every RNG."""
+
+    log_interval: int = 1
+    """Print a metrics line every this many iterations."""
+
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many iterations (0: only at the end)."""
+
+    eval_iters: int = 4
+    """Global batches per evaluation (fewer when the validation split is smaller)."""
+
+    exit_interval: int | None = None
+    """Stop (after saving) when the iteration is a multiple of this."""
+
+    exit_duration_in_mins: float | None = None
+    """Stop (after saving) after this many minutes of wall time."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam, learning-rate schedule and clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    lr_warmup_fraction: float = 0.03
+    """Fraction of train_iters spent in linear warm-up."""
+
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from ``lr`` to ``min_lr`` after warm-up."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Loading and saving megatron-core torch_dist checkpoints."""
+
+    load: str | None = None
+    """Checkpoint directory to start from (converted weights or a previous run)."""
+
+    save: str | None = None
+    """Directory to save checkpoints into (``null``: never save)."""
+
+    save_interval: int | None = None
+    """Save every this many iterations (and always at the end when ``save`` is set)."""
+
+    finetune: bool = False
+    """Load weights only and start at iteration 0."""
+
+    ckpt_step: int | None = None
+    """Iteration to load instead of the latest."""
+
+    keep_last: int | None = None
+    """Keep only the newest N checkpoints (older ones removed after a newer one is complete)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Run outputs."""
+
+    log_dir: str | None = None
+    """Directory for metrics.jsonl, TensorBoard events and the resolved config.yaml."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``<log_dir>/tensorboard``."""
+
+
+@dataclass
+class MegarmConfig:
+    """The whole configuration of a megarm run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Trunk shape and numerics."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and batching."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Iterations, batch sizes, seed, logging and evaluation cadence."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint load/save."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and run outputs."""
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(MegarmConfig)}
+SECTIONS = {name: globals()[tp] if isinstance(tp, str) else tp for name, tp in SECTIONS.items()}
+
+# HF config.json key -> ModelConfig field (Qwen2 / Qwen2.5).
+HF_CONFIG_KEYS: dict[str, str] = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rotary_base",
+    "rms_norm_eps": "norm_epsilon",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem with a configuration: the key it concerns and how to fix it."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The configuration has one or more problems; all of them are listed."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        super().__init__(f"invalid megarm config ({len(self.issues)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------- docs
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe_type(tp: Any) -> str:
+    """A short human name for a field type (``int | null``, ``one of 'a', 'b'``)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else describe_type(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+class _BadValue(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a YAML value to ``tp`` or raise _BadValue."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _BadValue:
+                pass
+        raise _BadValue
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _BadValue
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _BadValue
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _BadValue
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _BadValue from None
+        raise _BadValue
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _BadValue
+    raise _BadValue
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _hints(cls)]
+
+
+def _apply(
+    cfg: MegarmConfig, section: str, key: str, value: Any, issues: list[ConfigIssue]
+) -> bool:
+    """Set ``section.key = value`` with type checking; record an issue on failure."""
+    if section not in SECTIONS:
+        dotted = f"{section}.{key}" if key else section
+        bare = [k.split(".", 1)[1] for k in _all_keys()]
+        hint = _suggest(section, list(SECTIONS))
+        if not hint and section in bare:
+            owner = next(k for k in _all_keys() if k.endswith("." + section))
+            hint = f" (did you mean '{owner}'?)"
+        issues.append(
+            ConfigIssue(dotted, f"unknown section '{section}'{hint}; sections: {', '.join(SECTIONS)}")
+        )
+        return False
+    cls = SECTIONS[section]
+    hints = _hints(cls)
+    if key not in hints:
+        elsewhere = [s for s, c in SECTIONS.items() if key in _hints(c)]
+        hint = f" (did you mean '{elsewhere[0]}.{key}'?)" if elsewhere else _suggest(key, list(hints))
+        if hint.startswith(" (did you mean '") and not elsewhere:
+            hint = hint.replace("'", f"'{section}.", 1)
+        issues.append(ConfigIssue(f"{section}.{key}", f"unknown key{hint}"))
+        return False
+    try:
+        coerced = _coerce(value, hints[key])
+    except _BadValue:
+        issues.append(
+            ConfigIssue(
+                f"{section}.{key}",
+                f"expected {describe_type(hints[key])}, got {value!r} "
+                f"({type(value).__name__})",
+            )
+        )
+        return False
+    setattr(getattr(cfg, section), key, coerced)
+    return True
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError([ConfigIssue(text, "an override must look like section.key=value")])
+    dotted, raw = text.split("=", 1)
+    if "." not in dotted:
+        raise ConfigError(
+            [ConfigIssue(dotted, f"overrides name a section too{_dotted_hint(dotted)}")]
+        )
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def _dotted_hint(key: str) -> str:
+    owners = [k for k in _all_keys() if k.endswith("." + key)]
+    return f" (did you mean '{owners[0]}'?)" if owners else ""
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> MegarmConfig:
+    """Build the config from defaults, an optional YAML file and overrides.
+
+    Raises :class:`ConfigError` listing every unknown key and wrong type. Model
+    shape fields are then filled from ``model.hf_config`` when it is set (explicit
+    keys win). :func:`resolve` also runs the cross-field checks.
+    """
+    cfg, issues = _load(path, overrides)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def resolve(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    world_size: int | None = None,
+) -> MegarmConfig:
+    """Load and validate in one go, reporting key, type and layout problems together."""
+    cfg, issues = _load(path, overrides)
+    issues += validate(cfg, world_size)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def _load(
+    path: str | os.PathLike | None, overrides: list[str] | None
+) -> tuple[MegarmConfig, list[ConfigIssue]]:
+    cfg = MegarmConfig()
+    issues: list[ConfigIssue] = []
+    explicit: set[str] = set()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([ConfigIssue("--config", f"no such file: {path}")])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([ConfigIssue("--config", f"{path} is not valid YAML: {exc}")]) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError([ConfigIssue("--config", f"{path} must hold a mapping of sections")])
+        for section, body in raw.items():
+            if not isinstance(body, dict):
+                if section in SECTIONS:
+                    issues.append(ConfigIssue(section, "a section must be a mapping of keys"))
+                else:
+                    _apply(cfg, str(section), "", body, issues)
+                continue
+            for key, value in body.items():
+                if _apply(cfg, str(section), str(key), value, issues):
+                    explicit.add(f"{section}.{key}")
+    for text in overrides or []:
+        try:
+            section, key, value = parse_override(text)
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+            continue
+        if _apply(cfg, section, key, value, issues):
+            explicit.add(f"{section}.{key}")
+    if cfg.model.hf_config:
+        try:
+            _fill_from_hf(cfg, explicit)
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    return cfg, issues
+
+
+def hf_config_path(hf_config: str) -> Path:
+    """The config.json that ``model.hf_config`` names (a directory or the file)."""
+    path = Path(hf_config)
+    return path / "config.json" if path.is_dir() else path
+
+
+def read_hf_config(hf_config: str) -> dict[str, Any]:
+    """Read a HuggingFace config.json (plain JSON: no torch, no transformers)."""
+    path = hf_config_path(hf_config)
+    if not path.is_file():
+        raise ConfigError(
+            [ConfigIssue("model.hf_config", f"no config.json at {path}; point it at a HF model dir")]
+        )
+    return json.loads(path.read_text())
+
+
+def _fill_from_hf(cfg: MegarmConfig, explicit: set[str]) -> None:
+    hf = read_hf_config(cfg.model.hf_config)  # type: ignore[arg-type]
+    issues: list[ConfigIssue] = []
+    for hf_key, ours in HF_CONFIG_KEYS.items():
+        if hf_key in hf and f"model.{ours}" not in explicit and hf[hf_key] is not None:
+            _apply(cfg, "model", ours, hf[hf_key], issues)
+    if hf.get("model_type") not in (None, "qwen2"):
+        issues.append(
+            ConfigIssue(
+                "model.hf_config",
+                f"model_type {hf.get('model_type')!r} is not supported; megarm trains Qwen2/Qwen2.5",
+            )
+        )
+    if issues:
+        raise ConfigError(issues)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def padded_vocab_size(model: ModelConfig) -> int:
+    """Vocabulary rounded up to ``make_vocab_size_divisible_by`` (independent of TP)."""
+    div = model.make_vocab_size_divisible_by
+    return int(math.ceil(model.vocab_size / div) * div)
+
+
+def head_dim(model: ModelConfig) -> int:
+    """The per-head channel count."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIssue]:
+    """Every cross-field problem of ``cfg`` (empty when it is sound).
+
+    ``world_size`` is the number of ranks the run will have; layout checks that
+    need it are skipped when it is ``None``.
+    """
+    m, p, d, t, o, c = cfg.model, cfg.parallel, cfg.data, cfg.training, cfg.optimizer, cfg.checkpoint
+    issues: list[ConfigIssue] = []
+
+    def bad(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, message))
+
+    for key, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+        ("model.vocab_size", m.vocab_size),
+        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+        ("data.seq_length", d.seq_length),
+        ("training.micro_batch_size", t.micro_batch_size),
+        ("training.global_batch_size", t.global_batch_size),
+        ("training.train_iters", t.train_iters),
+        ("training.log_interval", t.log_interval),
+    ]:
+        if value < 1:
+            bad(key, f"must be >= 1, got {value}")
+    if issues:
+        return issues
+
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if heads % groups:
+        bad("model.num_query_groups", f"{groups} KV heads must divide {heads} attention heads")
+    if m.kv_channels is None and m.hidden_size % heads:
+        bad("model.kv_channels", f"hidden_size {m.hidden_size} is not divisible by {heads} heads; set kv_channels")
+    if heads % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {heads} attention heads; allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if groups % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {groups} KV heads (query groups); each TP rank needs whole "
+            f"groups. Allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if m.ffn_hidden_size % tp:
+        bad("parallel.tensor_model_parallel_size", f"TP={tp} must divide ffn_hidden_size {m.ffn_hidden_size}")
+    if padded_vocab_size(m) % tp:
+        bad(
+            "model.make_vocab_size_divisible_by",
+            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP={tp}; use a multiple of {tp}",
+        )
+    layers_per_chunk = pp * (vpp or 1)
+    if m.num_layers % layers_per_chunk:
+        what = f"PP={pp}" + (f" x virtual {vpp}" if vpp else "")
+        bad(
+            "parallel.pipeline_model_parallel_size",
+            f"{what} must divide the {m.num_layers} layers; allowed PP: {_divisors(m.num_layers)}",
+        )
+    if vpp is not None and (vpp < 1 or pp < 2):
+        bad("parallel.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size >= 2 and a value >= 1")
+    if p.sequence_parallel and tp < 2:
+        bad("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1; set it false or raise TP")
+
+    dp = None
+    if world_size is not None:
+        if world_size % (tp * pp):
+            bad(
+                "parallel",
+                f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}; "
+                f"launch a multiple of {tp * pp} ranks",
+            )
+        else:
+            dp = world_size // (tp * pp)
+    if dp is not None and t.global_batch_size % (t.micro_batch_size * dp):
+        bad(
+            "training.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size = "
+            f"{t.micro_batch_size} x {dp}; use a multiple of {t.micro_batch_size * dp}",
+        )
+    if d.seq_length > m.max_position_embeddings:
+        bad(
+            "data.seq_length",
+            f"{d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}",
+        )
+
+    if not 0 <= o.lr_warmup_fraction <= 1:
+        bad("optimizer.lr_warmup_fraction", f"must be within [0, 1], got {o.lr_warmup_fraction}")
+    if o.min_lr > o.lr:
+        bad("optimizer.min_lr", f"{o.min_lr} is above lr {o.lr}")
+    if o.clip_grad < 0:
+        bad("optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+    for key, value in [("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)]:
+        if not 0 <= value < 1:
+            bad(key, f"must be within [0, 1), got {value}")
+    if p.use_distributed_optimizer and m.params_dtype == "fp16":
+        bad("parallel.use_distributed_optimizer", "fp16 is not supported with it; use bf16")
+
+    for key, value in [
+        ("model.hf_config", m.hf_config),
+        ("data.tokenizer_name_or_path", d.tokenizer_name_or_path),
+        ("checkpoint.load", c.load),
+    ]:
+        if value and not Path(value).exists():
+            bad(key, f"path does not exist: {value}")
+    if d.data_path:
+        issues.extend(_validate_data_path(d))
+    try:
+        weights = [float(x) for x in d.split.replace("/", ",").split(",")]
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or weights[0] <= 0:
+            raise ValueError
+    except ValueError:
+        bad("data.split", f"expected three non-negative weights like '98,2,0', got {d.split!r}")
+    if c.save_interval is not None and c.save_interval < 1:
+        bad("checkpoint.save_interval", "must be >= 1 (or null)")
+    if c.save_interval and not c.save:
+        bad("checkpoint.save", "save_interval is set but save (the directory) is not")
+    if c.keep_last is not None and c.keep_last < 1:
+        bad("checkpoint.keep_last", "must be >= 1 (or null to keep all)")
+    return issues
+
+
+def _validate_data_path(d: DataConfig) -> list[ConfigIssue]:
+    """Check every prefix of ``data_path`` has its packed files."""
+    from megarm.data.blend import parse_data_path, prefix_problems
+
+    try:
+        blend = parse_data_path(d.data_path)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return [ConfigIssue("data.data_path", str(exc))]
+    return [ConfigIssue("data.data_path", msg) for _, prefix in blend for msg in prefix_problems(prefix)]
+
+
+def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:
+    """Raise :class:`ConfigError` with every problem, or return ``cfg``."""
+    issues = validate(cfg, world_size)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def to_dict(cfg: MegarmConfig) -> dict[str, Any]:
+    """Plain nested dict of the config (YAML/JSON friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: MegarmConfig) -> str:
+    """The resolved config as YAML, loadable by :func:`load_config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> MegarmConfig:
+    """Inverse of :func:`to_dict` (with the same checks as YAML loading)."""
+    overrides = [
+        f"{section}.{key}={json.dumps(value)}"
+        for section, body in data.items()
+        for key, value in (body or {}).items()
+    ]
+    return load_config(None, overrides)
+
+
+def markdown_reference() -> str:
+    """The config reference in Markdown (``docs/config.md``), from the docstrings."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the docstrings in `megarm/config.py` by "
+        "`python -m megarm.config --markdown`. Set keys in YAML sections or override them "
+        "on the command line as `section.key=value`.",
+        "",
+    ]
+    top = field_docs(MegarmConfig)
+    for section, cls in SECTIONS.items():
+        lines += [f"## `{section}`", "", top.get(section, ""), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        docs = field_docs(cls)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, tp in _hints(cls).items():
+            doc = " ".join(docs.get(key, "").split()).replace("|", "\\|")
+            default = json.dumps(defaults[key])
+            lines.append(f"| `{key}` | {describe_type(tp)} | `{default}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megarm.config``: print the resolved config or every error."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megarm.config",
+        description="Resolve and validate a megarm config without starting anything.",
+    )
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--world-size", type=int, default=None, help="number of ranks the run will have")
+    parser.add_argument("--markdown", action="store_true", help="print the config reference instead")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_reference())
+        return 0
+    try:
+        cfg = resolve(args.config, args.overrides, args.world_size)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""The reward model: megatron-core GPT trunk + scalar value head."""
+
+from megarm import platform
+
+# Before megatron-core is first imported: its import-time warnings about absent
+# optional kernels are expected on CPU machines.
+platform.quiet_expected_warnings()

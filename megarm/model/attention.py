@@ -1,0 +1,98 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+megatron-core's local ``DotProductAttention`` materialises the whole ``[b, h, s, s]``
+score matrix; without transformer-engine there is no fused path. This module is a
+drop-in replacement for it in the local layer spec: flash / memory-efficient kernels
+on GPU, the fused kernel on CPU, grouped-query attention without repeating K/V.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+from torch import Tensor
+
+
+class SDPAttention(MegatronModule):
+    """Same constructor and ``forward`` contract as megatron-core's DotProductAttention.
+
+    Inputs are ``[s, b, heads_per_rank, d]`` (query) and ``[s, b, groups_per_rank, d]``
+    (key, value); the output is ``[s, b, heads_per_rank * d]``. ``attention_mask`` is
+    megatron's convention: bool, True where attention is blocked, or ``None`` for
+    causal attention.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism; use TE")
+        tp = config.tensor_model_parallel_size
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        """Attention over ``[s, b, n, d]`` inputs; returns ``[s, b, n * d]``."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention takes neither packed_seq_params nor attention_bias")
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        mask = None if attention_mask is None else attention_mask.logical_not()
+        dropout = self.dropout if self.training else 0.0
+        # Dropout inside the TP region draws from the model-parallel RNG stream,
+        # as megatron-core's DotProductAttention does.
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout > 0 and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=self.heads != self.groups,
+            )
+        # [b, n, s, d] -> [s, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def sdpa_supported() -> bool:
+    """``enable_gqa`` arrived in torch 2.5."""
+    return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+

@@ -1,0 +1,133 @@
+"""Turn a :class:`megarm.config.MegarmConfig` into reward-model chunks on this rank."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megarm import platform
+from megarm.config import MegarmConfig, head_dim, padded_vocab_size
+from megarm.model.attention import SDPAttention
+from megarm.model.norm import RMSNorm
+from megarm.model.reward_model import RewardModel
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def params_dtype(cfg: MegarmConfig) -> torch.dtype:
+    """The parameter dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    name = cfg.model.params_dtype
+    if name == "auto":
+        name = "bf16" if platform.is_cuda() else "fp32"
+    return _DTYPES[name]
+
+
+def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a Qwen2-shaped trunk."""
+    m, p = cfg.model, cfg.parallel
+    dtype = params_dtype(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=head_dim(m),
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        # megatron-core defaults both to 0.1; a reward model wants them off.
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=not platform.is_cuda(),
+        bias_activation_fusion=platform.is_cuda(),
+        apply_rope_fusion=False,
+        masked_softmax_fusion=platform.has_transformer_engine(),
+        # Pipeline p2p sends are [s, b, h]; seq length varies per batch.
+        variable_seq_lengths=True,
+        # Required by variable_seq_lengths; irrelevant without MoE layers.
+        moe_token_dispatcher_type="alltoall",
+    )
+
+
+def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
+    """The transformer layer spec: TE when importable on CUDA, local otherwise.
+
+    The local spec uses megarm's RMSNorm (sequence-parallel capable) and, unless
+    ``model.attention_backend`` asks for megatron-core's unfused attention,
+    megarm's SDPA core attention.
+    """
+    backend = cfg.model.attention_backend
+    if backend == "auto" and platform.has_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    if backend in ("auto", "sdpa"):
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def block_spec(
+    cfg: MegarmConfig, config: TransformerConfig, vp_stage: int | None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """This chunk's block spec: the layer spec, plus megarm's final norm on the
+    local path (megatron-core would otherwise pick WrappedTorchNorm)."""
+    spec = layer_spec(cfg)
+    if spec.submodules.input_layernorm is not RMSNorm:
+        return spec
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+
+
+def build_model(cfg: MegarmConfig) -> list[RewardModel]:
+    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size``)."""
+    config = transformer_config(cfg)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = RewardModel(
+            config=config,
+            layer_spec=block_spec(cfg, config, stage),
+            vocab_size=padded_vocab_size(cfg.model),
+            max_sequence_length=cfg.model.max_position_embeddings,
+            rotary_base=cfg.model.rotary_base,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            head_init_seed=cfg.training.seed,
+            vp_stage=stage,
+        )
+        model.to(platform.device())
+        chunks.append(model)
+    return chunks
+
+
+def count_parameters(chunks: list[torch.nn.Module]) -> int:
+    """Parameters held by this rank's chunks."""
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())

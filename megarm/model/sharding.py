@@ -1,0 +1,108 @@
+"""Cut a full (TP=1, PP=1) megarm state dict into one rank's tensor/pipeline shard.
+
+The split rules are data (:data:`TP_SPLIT`): each parameter name pattern says how
+tensor parallelism divides it. Megatron-core's own ``dist_checkpointing`` does the
+same for torch_dist checkpoints; this table serves the legacy ``mp_rank_XX``
+format and tests that place known weights on every layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# name pattern -> how TP splits it: dim 0 / dim 1 / "fc1" (gate and up halves each
+# split on dim 0) / None (replicated on every TP rank).
+TP_SPLIT: list[tuple[str, int | str | None]] = [
+    (r"embedding\.word_embeddings\.weight", 0),
+    (r"decoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)", 0),
+    (r"decoder\.layers\.\d+\.self_attention\.linear_qkv\.layer_norm_weight", None),
+    (r"decoder\.layers\.\d+\.self_attention\.linear_proj\.weight", 1),
+    (r"decoder\.layers\.\d+\.mlp\.linear_fc1\.weight", "fc1"),
+    (r"decoder\.layers\.\d+\.mlp\.linear_fc1\.layer_norm_weight", None),
+    (r"decoder\.layers\.\d+\.mlp\.linear_fc2\.weight", 1),
+    (r"decoder\.layers\.\d+\.(input_layernorm|pre_mlp_layernorm)\.weight", None),
+    (r"decoder\.final_layernorm\.weight", None),
+    (r"value_head\.weight", None),
+]
+_COMPILED = [(re.compile(pattern + r"$"), rule) for pattern, rule in TP_SPLIT]
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def tp_rule(name: str) -> int | str | None:
+    """The TP split rule for a parameter name (KeyError for an unknown name)."""
+    for pattern, rule in _COMPILED:
+        if pattern.match(name):
+            return rule
+    raise KeyError(f"no tensor-parallel split rule for parameter {name!r}")
+
+
+def split_tp(name: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's slice of a full tensor."""
+    rule = tp_rule(name)
+    if rule is None or tp_size == 1:
+        return tensor
+    if rule == "fc1":
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], 0)
+    if tensor.shape[rule] % tp_size:
+        raise ValueError(f"{name}: dim {rule} of {tuple(tensor.shape)} not divisible by TP={tp_size}")
+    return tensor.chunk(tp_size, dim=rule)[tp_rank]
+
+
+def merge_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`split_tp` over all TP ranks' slices."""
+    rule = tp_rule(name)
+    if rule is None or len(shards) == 1:
+        return shards[0]
+    if rule == "fc1":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+    return torch.cat(shards, dim=rule)
+
+
+def chunk_layers(
+    num_layers: int, pp_rank: int, pp_size: int, vp_stage: int | None = None, vp_size: int | None = None
+) -> range:
+    """Global layer numbers held by one pipeline rank / virtual chunk (megatron's layout)."""
+    chunks = pp_size * (vp_size or 1)
+    per_chunk = num_layers // chunks
+    index = (vp_stage or 0) * pp_size + pp_rank
+    return range(index * per_chunk, (index + 1) * per_chunk)
+
+
+def shard_state_dict(
+    full: dict[str, torch.Tensor],
+    num_layers: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    vp_stage: int | None = None,
+    vp_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """One rank's (and chunk's) state dict, with layers renumbered from 0."""
+    layers = chunk_layers(num_layers, pp_rank, pp_size, vp_stage, vp_size)
+    first = layers.start == 0
+    last = layers.stop == num_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        match = _LAYER.match(name)
+        if match:
+            index = int(match.group(1))
+            if index not in layers:
+                continue
+            local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+        elif name.startswith("embedding."):
+            if not first:
+                continue
+            local = name
+        elif name.startswith(("decoder.final_layernorm.", "value_head.")):
+            if not last:
+                continue
+            local = name
+        else:
+            raise KeyError(f"unexpected parameter {name!r} in a reward-model state dict")
+        out[local] = split_tp(name, tensor, tp_rank, tp_size).clone()
+    return out

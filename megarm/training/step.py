@@ -1,0 +1,132 @@
+"""``forward_step`` and the Bradley-Terry loss for megatron-core's pipeline schedules.
+
+A micro-batch holds ``b`` preference pairs as ``2b`` rows: chosen rows first, then
+rejected rows, so both go through the model in one forward. The loss of a pair is
+``-logsigmoid(r_chosen - r_rejected - margin)``. ``loss_func`` returns the mean
+over the micro-batch; megatron-core's schedule divides by the number of
+micro-batches and DDP averages over data-parallel ranks, so the gradient is
+exactly that of the mean over the global batch (every micro-batch has the same
+number of pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PairBatch:
+    """One micro-batch of ``b`` pairs as ``2b`` rows (chosen first, then rejected)."""
+
+    tokens: Tensor
+    """``[2b, s]`` token ids, padded."""
+    position_ids: Tensor
+    """``[2b, s]`` positions."""
+    reward_index: Tensor
+    """``[2b]`` index of each row's reward token (its rightmost non-pad token)."""
+    margin: Tensor
+    """``[b]`` Bradley-Terry margin per pair (zeros when the data has none)."""
+    labels: Tensor | None = None
+    """``[2b, s]`` response labels (-100 over prompt and padding), kept for an
+    auxiliary LM loss."""
+    attention_mask: Tensor | None = None
+    """``[2b, 1, s, s]`` bool, True where attention is blocked; ``None`` = causal."""
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs in this micro-batch."""
+        return self.margin.shape[0]
+
+    def to(self, device: torch.device) -> PairBatch:
+        """Move every tensor to ``device``."""
+        moved = {
+            f.name: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return PairBatch(**moved)
+
+
+# Per-micro-batch sums reduced over data-parallel ranks for metrics.
+STAT_KEYS = (
+    "loss_sum",
+    "correct",
+    "pairs",
+    "chosen_sum",
+    "chosen_sq",
+    "rejected_sum",
+    "rejected_sq",
+    "gap_sum",
+    "tokens",
+)
+
+
+def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pair Bradley-Terry loss and reward gap from ``[2b]`` rewards."""
+    chosen, rejected = rewards.float().chunk(2)
+    gap = chosen - rejected
+    return -F.logsigmoid(gap - margin.float()), gap
+
+
+def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean pairwise loss of the micro-batch, plus sums for the step's metrics."""
+    losses, gap = pairwise_loss(rewards, batch.margin)
+    chosen, rejected = rewards.detach().float().chunk(2)
+    stats = torch.stack(
+        [
+            losses.detach().sum(),
+            (gap.detach() > 0).float().sum(),
+            torch.tensor(float(batch.num_pairs), device=rewards.device),
+            chosen.sum(),
+            (chosen * chosen).sum(),
+            rejected.sum(),
+            (rejected * rejected).sum(),
+            gap.detach().sum(),
+            (batch.reward_index + 1).sum().float(),
+        ]
+    )
+    return losses.mean(), {"stats": stats, "rewards": rewards.detach()}
+
+
+def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+    """megatron-core forward step: every pipeline stage reads the same micro-batch."""
+    batch: PairBatch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask, batch.reward_index)
+    return output, partial(loss_func, batch)
+
+
+def reduce_stats(outputs: list[dict[str, Tensor]], contribute: bool = True) -> dict[str, float]:
+    """Sum the micro-batches' stats over all ranks and turn them into metrics.
+
+    ``outputs`` is what the schedule returned on this rank. Exactly one rank per
+    data-parallel replica must ``contribute`` (TP rank 0 of the last pipeline
+    stage); the others add zeros, so every rank ends with the same numbers.
+    """
+    import torch.distributed as dist
+
+    total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    if contribute:
+        for out in outputs:
+            total += out["stats"].detach().to("cpu", torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    s = dict(zip(STAT_KEYS, total.tolist(), strict=True))
+    n = max(s["pairs"], 1.0)
+    chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
+    return {
+        "loss": s["loss_sum"] / n,
+        "accuracy": s["correct"] / n,
+        "chosen_reward": chosen_mean,
+        "chosen_reward_std": max(s["chosen_sq"] / n - chosen_mean**2, 0.0) ** 0.5,
+        "rejected_reward": rejected_mean,
+        "rejected_reward_std": max(s["rejected_sq"] / n - rejected_mean**2, 0.0) ** 0.5,
+        "reward_gap": s["gap_sum"] / n,
+        "pairs": s["pairs"],
+        "tokens": s["tokens"],
+    }
