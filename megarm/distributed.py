@@ -83,6 +83,20 @@ def init(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
+    # Explicitly, so megatron-core does not warn about an implicit init; megarm
+    # does not use its rerun / fault-injection machinery.
+    import logging
+
+    from megatron.core.rerun_state_machine import (
+        RerunMode,
+        initialize_rerun_state_machine,
+    )
+
+    rerun_log = logging.getLogger("megatron.core.rerun_state_machine")
+    level = rerun_log.level
+    rerun_log.setLevel(logging.ERROR)
+    initialize_rerun_state_machine(mode=RerunMode.DISABLED)
+    rerun_log.setLevel(level)
     set_seed(seed)
     return launch
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -51,7 +52,9 @@ def _child(
     # Ranks share few cores: one thread each avoids oversubscription.
     torch.set_num_threads(1)
     try:
-        results.put((rank, True, fn(*args)))
+        # Plain pickle copies tensors into bytes; the queue's own pickler would
+        # share their memory, which vanishes when this process exits.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - surfaced verbatim in the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -97,7 +100,7 @@ def run_distributed(
                 ) from None
             if not ok:
                 raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=10)

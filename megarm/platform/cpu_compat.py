@@ -4,7 +4,7 @@ megatron-core assumes CUDA in a handful of ways (ARCHITECTURE.md lists them). Th
 module neutralises each one, in one place, so the model, schedules, DDP, optimizer
 and dist_checkpointing run unchanged on CPU:
 
-* ``torch.cuda.current_device()`` returns 0, and every ``device="cuda"`` /
+* ``torch.cuda.current_device()`` returns the CPU device, and every ``device="cuda"`` /
   ``device=0`` / ``.cuda()`` / ``.to("cuda")`` is mapped to the CPU by a
   :class:`torch.overrides.TorchFunctionMode` (pinned memory is dropped too);
 * the RNG tracker's CUDA state functions use the CPU generator;
@@ -111,7 +111,10 @@ class _RngWarningFilter(logging.Filter):
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # The CPU device itself rather than 0: autograd runs backward functions
+    # without the TorchFunctionMode, and megatron allocates there with
+    # device=torch.cuda.current_device().
+    cuda.current_device = lambda: _CPU
     cuda.get_rng_state = _cpu_get_rng_state
     cuda.set_rng_state = _cpu_set_rng_state
     # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU

@@ -1,0 +1,60 @@
+"""Train a reward model: ``torchrun --nproc_per_node N -m megarm.train --config X.yaml key=value ...``
+
+The config is resolved and validated (for the world size torchrun gives) before
+any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megarm.config import ConfigError, MegarmConfig, resolve
+from megarm.distributed import world_size_from_environ
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MegarmConfig, argparse.Namespace]:
+    """Command line -> validated config."""
+    parser = argparse.ArgumentParser(prog="python -m megarm.train", description=__doc__)
+    parser.add_argument("--config", help="YAML config (defaults: a tiny model on synthetic pairs)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    return resolve(args.config, args.overrides, world_size_from_environ()), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    try:
+        cfg, _ = parse_args(argv)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    from megarm import distributed
+    from megarm.training.loop import Trainer
+
+    p = cfg.parallel
+    with distributed.distributed(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+        seed=cfg.training.seed,
+    ) as launch:
+        trainer = Trainer(cfg)
+        if launch.rank == 0:
+            print(
+                f"megarm: world {launch.world_size} = TP {p.tensor_model_parallel_size} x "
+                f"PP {p.pipeline_model_parallel_size} x DP {trainer.dp_size}; "
+                f"{trainer.num_microbatches} micro-batch(es) of {cfg.training.micro_batch_size} "
+                f"pair(s) per step; {trainer.num_parameters:,} parameters on rank 0",
+                flush=True,
+            )
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

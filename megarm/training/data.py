@@ -1,0 +1,116 @@
+"""Training and validation micro-batches for this rank, from the config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megarm import platform
+from megarm.config import MegarmConfig
+from megarm.data.blend import parse_data_path
+from megarm.data.dataset import build_data_loader, build_pair_datasets, split_ranges
+from megarm.data.synthetic import SyntheticPairs
+from megarm.training.step import PairBatch
+
+
+@dataclass
+class Datasets:
+    """The splits a run trains and evaluates on, and the pad id to batch them with."""
+
+    train: Any
+    valid: Any | None
+    pad_token_id: int
+
+
+def pad_token_id(cfg: MegarmConfig) -> int:
+    """Pad id: the tokenizer's (from its config files, no model load), else the
+    dataset's stats.json, else 0. Right padding keeps it out of every reward."""
+    if cfg.data.tokenizer_name_or_path:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer_name_or_path)
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+    if cfg.data.data_path:
+        stats = Path(parse_data_path(cfg.data.data_path)[0][1] + "_stats.json")
+        if stats.is_file():
+            value = json.loads(stats.read_text()).get("pad_token_id")
+            if value is not None:
+                return int(value)
+    return 0
+
+
+def build_datasets(cfg: MegarmConfig) -> Datasets:
+    """Train/valid splits from ``data.data_path``, or synthetic pairs when unset."""
+    if cfg.data.data_path:
+        train, valid, _ = build_pair_datasets(cfg.data.data_path, cfg.data.split)
+        if train is None or len(train) == 0:
+            raise ValueError(f"data.data_path {cfg.data.data_path!r} gives an empty training split")
+        return Datasets(train, valid, pad_token_id(cfg))
+    pairs = SyntheticPairs(
+        cfg.data.synthetic_num_pairs,
+        min(cfg.model.vocab_size, 1024),
+        cfg.data.seq_length,
+        seed=cfg.training.seed,
+    )
+    (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
+    return Datasets(_Range(pairs, t0, t1), _Range(pairs, v0, v1) if v1 > v0 else None, 0)
+
+
+class _Range:
+    def __init__(self, data: Any, start: int, stop: int) -> None:
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.data[self.start + index]
+
+
+def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
+    """Collated right-padded rows -> the model's micro-batch on this rank's device."""
+    tokens = collated["tokens"]
+    rows, seq = tokens.shape
+    batch = PairBatch(
+        tokens=tokens,
+        position_ids=torch.arange(seq).expand(rows, seq).contiguous(),
+        reward_index=collated["lengths"] - 1,
+        margin=collated["margin"],
+        labels=collated["labels"],
+    )
+    return batch.to(platform.device())
+
+
+def micro_batches(
+    dataset: Any,
+    cfg: MegarmConfig,
+    pad_id: int,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int = 0,
+    shuffle: bool = True,
+) -> Iterator[PairBatch]:
+    """Endless stream of this data-parallel rank's micro-batches, resumable at
+    ``consumed_samples`` (counted over all ranks)."""
+    loader = build_data_loader(
+        dataset,
+        cfg.training.micro_batch_size,
+        pad_id,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=dp_size,
+        consumed_samples=consumed_samples,
+        shuffle=shuffle,
+        seed=cfg.training.seed,
+        # Sequence parallelism scatters the sequence over TP ranks.
+        pad_to_multiple_of=(
+            cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+        ),
+    )
+    for collated in loader:
+        yield to_pair_batch(collated)

@@ -1,0 +1,223 @@
+"""The training loop: megatron-core DDP, optimizer, scheduler and pipeline schedule.
+
+``Trainer.train()`` reads top to bottom: fetch a global batch, run the pipeline
+schedule, reduce metrics over data-parallel ranks, stop on a non-finite loss,
+step the optimizer, log, evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from itertools import islice
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megarm import platform
+from megarm.config import MegarmConfig, to_yaml
+from megarm.model.builder import build_model, count_parameters, params_dtype
+from megarm.training.data import build_datasets, micro_batches
+from megarm.training.metrics import MetricsWriter
+from megarm.training.step import PairBatch, forward_step, reduce_stats
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stopped before the optimizer step."""
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, scheduler and data streams of one rank."""
+
+    def __init__(self, cfg: MegarmConfig) -> None:
+        self.cfg = cfg
+        t, p = cfg.training, cfg.parallel
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.is_logging_rank = (
+            ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and self.dp_rank == 0
+        )
+        self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+        chunks = build_model(cfg)
+        config = chunks[0].config
+        self.num_parameters = count_parameters(chunks)
+        bf16 = params_dtype(cfg) == torch.bfloat16
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=p.use_distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        self.model = [
+            DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=bf16,
+                params_dtype=params_dtype(cfg),
+                use_distributed_optimizer=p.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        warmup = int(o.lr_warmup_fraction * t.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(t.train_iters, warmup + 1),
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=t.train_iters,
+            wd_incr_style="constant",
+        )
+        # The schedule calls these to all-reduce gradients (DP, and TP for
+        # sequence-parallel norms) after the last micro-batch.
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        self.forward_backward = get_forward_backward_func()
+
+        self.data = build_datasets(cfg)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.history: list[dict[str, float]] = []
+        self.train_stream = micro_batches(
+            self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size
+        )
+        self.writer = MetricsWriter(
+            cfg.logging.log_dir, self.is_logging_rank, cfg.logging.tensorboard
+        )
+        if self.is_logging_rank and cfg.logging.log_dir:
+            from pathlib import Path
+
+            (Path(cfg.logging.log_dir) / "config.yaml").write_text(to_yaml(cfg))
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, float]:
+        """Run ``training.train_iters`` optimizer steps; return the last metrics."""
+        t = self.cfg.training
+        metrics: dict[str, float] = {}
+        while self.iteration < t.train_iters:
+            start = time.perf_counter()
+            batches = list(islice(self.train_stream, self.num_microbatches))
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outputs = self.run_schedule(batches, forward_only=False)
+            metrics = reduce_stats(outputs, self.contributes)
+            if not math.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "
+                    "before the optimizer step (the last saved checkpoint is kept)"
+                )
+            lr = self.optimizer.param_groups[0]["lr"]
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.iteration += 1
+            self.consumed_samples += t.global_batch_size
+            platform.synchronize()
+            elapsed = time.perf_counter() - start
+            metrics.update(
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                lr=lr,
+                iteration_time=elapsed,
+                tokens_per_s=metrics["tokens"] / elapsed,
+                samples_per_s=metrics["pairs"] / elapsed,
+            )
+            self.history.append(dict(metrics, iteration=self.iteration))
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                self.writer.log("train", self.iteration, metrics, t.train_iters)
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                self.evaluate()
+        if not t.eval_interval or self.iteration % t.eval_interval:
+            self.evaluate()
+        return metrics
+
+    # ------------------------------------------------------------------ pieces
+
+    def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
+        """One pass of megatron-core's pipeline schedule over ``batches``."""
+        # Every model chunk (virtual pipeline stage) reads the same micro-batches.
+        iterators = [iter(batches) for _ in self.model]
+        return self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(batches),
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=2 * self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Metrics over up to ``eval_iters`` global batches of the validation split."""
+        valid = self.data.valid
+        if valid is None:
+            return None
+        t = self.cfg.training
+        per_step = t.micro_batch_size * self.dp_size
+        steps = min(t.eval_iters * self.num_microbatches, len(valid) // per_step)
+        if steps == 0:
+            return None
+        stream = micro_batches(
+            valid, self.cfg, self.data.pad_token_id, self.dp_rank, self.dp_size, shuffle=False
+        )
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self.run_schedule(list(islice(stream, steps)), forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        metrics = reduce_stats(outputs, self.contributes)
+        self.writer.log("valid", self.iteration, metrics, t.train_iters)
+        return metrics
+
+    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh
+        the optimizer's main parameters (tests and conversions use it)."""
+        from megarm.model.sharding import shard_state_dict
+
+        p = self.cfg.parallel
+        for vp, chunk in enumerate(self.model):
+            chunk.module.load_state_dict(
+                shard_state_dict(
+                    full,
+                    self.cfg.model.num_layers,
+                    ps.get_tensor_model_parallel_rank(),
+                    p.tensor_model_parallel_size,
+                    ps.get_pipeline_model_parallel_rank(),
+                    p.pipeline_model_parallel_size,
+                    vp if p.virtual_pipeline_model_parallel_size else None,
+                    p.virtual_pipeline_model_parallel_size,
+                )
+            )
+        self.optimizer.reload_model_params()
+
+    def close(self) -> None:
+        """Flush metrics files."""
+        self.writer.close()

@@ -1,0 +1,81 @@
+"""Per-iteration metrics: a Megatron-style stdout line, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+_LINE_KEYS = (
+    ("loss", "loss", ".4f"),
+    ("accuracy", "acc", ".3f"),
+    ("reward_gap", "gap", ".3f"),
+    ("chosen_reward", "r_c", ".3f"),
+    ("rejected_reward", "r_r", ".3f"),
+    ("grad_norm", "grad norm", ".3f"),
+    ("lr", "lr", ".3e"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("samples_per_s", "pairs/s", ".2f"),
+)
+
+
+class MetricsWriter:
+    """Writes metrics on the logging rank only (the last rank: it holds the head).
+
+    Every rank may construct it; ranks with ``enabled=False`` write nothing.
+    """
+
+    def __init__(self, log_dir: str | None, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.start = time.time()
+        if not enabled or not log_dir:
+            return
+        path = Path(log_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path / "tensorboard"))
+
+    def log(self, split: str, iteration: int, metrics: dict[str, Any], total_iters: int) -> None:
+        """Record one iteration's (or evaluation's) metrics."""
+        if not self.enabled:
+            return
+        record = {"split": split, "iteration": iteration, "time": round(time.time() - self.start, 3)}
+        record.update({k: _clean(v) for k, v in metrics.items()})
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{split}/{key}", value, iteration)
+        print(format_line(split, iteration, total_iters, metrics), flush=True)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def format_line(split: str, iteration: int, total: int, metrics: dict[str, Any]) -> str:
+    """`` [train] iteration 3/10 | loss 0.6931 | acc 0.500 | ...`` like Megatron-LM."""
+    parts = [f"[{split}] iteration {iteration:>6d}/{total}"]
+    if "iteration_time" in metrics:
+        parts.append(f"time {metrics['iteration_time'] * 1000:.0f} ms")
+    for key, label, fmt in _LINE_KEYS:
+        if key in metrics and metrics[key] is not None:
+            parts.append(f"{label} {format(metrics[key], fmt)}")
+    return " | ".join(parts)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
