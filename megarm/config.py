@@ -514,6 +514,8 @@ def _load(
         if not isinstance(raw, dict):
             raise ConfigError([ConfigIssue("--config", f"{path} must hold a mapping of sections")])
         for section, body in raw.items():
+            if body is None and section in SECTIONS:
+                continue  # an empty section keeps its defaults
             if not isinstance(body, dict):
                 if section in SECTIONS:
                     issues.append(ConfigIssue(section, "a section must be a mapping of keys"))
@@ -552,11 +554,19 @@ def read_hf_config(hf_config: str) -> dict[str, Any]:
         raise ConfigError(
             [ConfigIssue("model.hf_config", f"no config.json at {path}; point it at a HF model dir")]
         )
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([ConfigIssue("model.hf_config", f"{path} is not valid JSON: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("model.hf_config", f"{path} must hold a JSON object")])
+    return data
 
 
 def _fill_from_hf(cfg: MegarmConfig, explicit: set[str]) -> None:
-    hf = read_hf_config(cfg.model.hf_config)  # type: ignore[arg-type]
+    hf = dict(read_hf_config(cfg.model.hf_config))  # type: ignore[arg-type]
+    # HF: a config without num_key_value_heads has one KV head per query head.
+    hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
     issues: list[ConfigIssue] = []
     for hf_key, ours in HF_CONFIG_KEYS.items():
         if hf_key in hf and f"model.{ours}" not in explicit and hf[hf_key] is not None:
@@ -694,7 +704,6 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
         bad("parallel.use_distributed_optimizer", "fp16 is not supported with it; use bf16")
 
     for key, value in [
-        ("model.hf_config", m.hf_config),
         ("data.tokenizer_name_or_path", d.tokenizer_name_or_path),
         ("checkpoint.load", c.load),
     ]:
@@ -775,7 +784,8 @@ def markdown_reference() -> str:
         for key, tp in _hints(cls).items():
             doc = " ".join(docs.get(key, "").split()).replace("|", "\\|")
             default = json.dumps(defaults[key])
-            lines.append(f"| `{key}` | {describe_type(tp)} | `{default}` | {doc} |")
+            kind = describe_type(tp).replace("|", "\\|")
+            lines.append(f"| `{key}` | {kind} | `{default}` | {doc} |")
         lines.append("")
     return "\n".join(lines)
 

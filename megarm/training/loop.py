@@ -23,8 +23,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarm import platform
-from megarm.config import MegarmConfig, to_yaml
+from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.model.builder import build_model, count_parameters, params_dtype
+from megarm.training.checkpointing import load_model_weights, save_checkpoint
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
 from megarm.training.step import PairBatch, forward_step, reduce_stats
@@ -50,6 +51,9 @@ class Trainer:
         self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
         chunks = build_model(cfg)
+        if cfg.checkpoint.load:
+            # Weights only (converted HF weights or an earlier run), at any TP/PP.
+            self.loaded_from = load_model_weights(cfg.checkpoint.load, chunks, cfg.checkpoint.ckpt_step)
         config = chunks[0].config
         self.num_parameters = count_parameters(chunks)
         bf16 = params_dtype(cfg) == torch.bfloat16
@@ -104,6 +108,7 @@ class Trainer:
         self.data = build_datasets(cfg)
         self.iteration = 0
         self.consumed_samples = 0
+        self.loaded_from = getattr(self, "loaded_from", None)
         self.history: list[dict[str, float]] = []
         self.train_stream = micro_batches(
             self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size
@@ -154,8 +159,12 @@ class Trainer:
                 self.writer.log("train", self.iteration, metrics, t.train_iters)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self.evaluate()
+            if self.should_save():
+                self.save()
         if not t.eval_interval or self.iteration % t.eval_interval:
             self.evaluate()
+        if self.cfg.checkpoint.save and not self.should_save():
+            self.save()
         return metrics
 
     # ------------------------------------------------------------------ pieces
@@ -196,6 +205,26 @@ class Trainer:
         metrics = reduce_stats(outputs, self.contributes)
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
         return metrics
+
+    def should_save(self) -> bool:
+        """A save is due at this iteration (``save_interval``, or the last one)."""
+        c = self.cfg.checkpoint
+        if not c.save:
+            return False
+        every = c.save_interval and self.iteration % c.save_interval == 0
+        return bool(every) or self.iteration == self.cfg.training.train_iters
+
+    def save(self) -> None:
+        """Save a torch_dist checkpoint of the model at the current iteration."""
+        path = save_checkpoint(
+            self.cfg.checkpoint.save,
+            self.iteration,
+            self.model,
+            {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+             "megarm_config": to_dict(self.cfg)},
+        )
+        if self.is_logging_rank:
+            print(f"saved checkpoint {path}", flush=True)
 
     def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
         """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh
