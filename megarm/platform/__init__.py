@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from megarm.platform import cpu_compat
+from megarm.platform import cpu_compat, mcore_fixes
 
 __all__ = [
     "activate",
@@ -111,9 +111,11 @@ def quiet_expected_warnings() -> None:
 def activate() -> None:
     """Prepare this process for megatron-core. Idempotent.
 
-    On CPU this installs the compatibility layer; on CUDA it only quiets the
-    warnings about optional kernels.
+    On CPU this installs the compatibility layer; everywhere it quiets the
+    warnings about optional kernels and, when apex / TE are absent, fixes the
+    distributed optimizer's checkpoint loading (:mod:`megarm.platform.mcore_fixes`).
     """
     quiet_expected_warnings()
     if not is_cuda():
         cpu_compat.install()
+    mcore_fixes.install()

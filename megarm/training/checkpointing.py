@@ -11,17 +11,26 @@ reading a byte of weights, and works at any TP/PP (dist_checkpointing reshards).
 from __future__ import annotations
 
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
+from megarm import platform
+
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state in a format that reshards over TP, PP and DP
+# (megatron-core 0.16 no longer supports "fully_sharded_model_space" here).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -112,30 +121,88 @@ def load_model_weights(load: str | Path, model: list[torch.nn.Module], step: int
     sharded = model_sharded_state_dict(model)
     check_shapes(checkpoint, sharded)
     state = dist_checkpointing.load(sharded, str(checkpoint))
+    _load_model_state(model, state)
+    return checkpoint
+
+
+def _load_model_state(model: list[torch.nn.Module], state: dict[str, Any]) -> None:
     chunks = [getattr(m, "module", m) for m in model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks, strict=True):
         chunk.load_state_dict(state[key], strict=True)
-    return checkpoint
+
+
+def layout() -> tuple[int, int, int]:
+    """(PP, TP, DP) sizes of this run: RNG states are saved per rank of this grid."""
+    return (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+
+
+def rng_sharded_object() -> ShardedObject:
+    """Every RNG this rank draws from, as one ShardedObject of the (PP, TP, DP) grid."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if platform.is_cuda():
+        state["cuda"] = torch.cuda.get_rng_state()
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, layout(), offset, replica_id=0)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_sharded_object`."""
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and platform.is_cuda():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(
-    save: str | Path, iteration: int, model: list[torch.nn.Module], common: dict[str, Any]
+    save: str | Path,
+    iteration: int,
+    model: list[torch.nn.Module],
+    common: dict[str, Any],
+    optimizer: Any = None,
+    scheduler: Any = None,
+    keep_last: int | None = None,
 ) -> Path:
-    """Write the model at ``iteration`` atomically; ``common`` (plain Python data,
-    e.g. the resolved config) is stored alongside. Returns the final directory."""
+    """Write a checkpoint at ``iteration`` atomically and return its directory.
+
+    ``common`` is plain Python data stored once (config, data position). With an
+    ``optimizer`` the checkpoint also holds its (possibly distributed) state, the
+    scheduler and every rank's RNG state, so a resumed run is exact.
+    """
     root = Path(save)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob("iter_*.tmp"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     state = model_sharded_state_dict(model)
     state.update(common)
+    state["checkpoint_layout"] = list(layout())
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sharded_state_dict(model), metadata=OPTIM_METADATA
+        )
+        state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        state["rng_state"] = rng_sharded_object()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
@@ -145,8 +212,80 @@ def save_checkpoint(
         tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(f"{iteration}\n")
         os.replace(tracker_tmp, root / TRACKER)
+        if keep_last:
+            done = sorted(p for p in root.glob("iter_[0-9]*[0-9]") if p.is_dir())
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+@dataclass
+class Resumed:
+    """What :func:`load_checkpoint` restored."""
+
+    path: Path
+    iteration: int
+    consumed_samples: int
+    full_state: bool
+
+
+def load_checkpoint(
+    load: str | Path,
+    model: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    step: int | None = None,
+    finetune: bool = False,
+) -> Resumed:
+    """Restore a run: model always; optimizer, scheduler, RNG and data position
+    when the checkpoint has them and ``finetune`` is off. Works at a different
+    TP/PP/DP (RNG states are then re-seeded rather than restored)."""
+    checkpoint = resolve_checkpoint(load, step)
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    sharded = model_sharded_state_dict(model)
+    check_shapes(checkpoint, sharded)
+    full = bool(common.get("has_optimizer")) and not finetune
+    request = dict(sharded)
+    same_layout = list(common.get("checkpoint_layout", [])) == list(layout())
+    if full:
+        _init_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sharded_state_dict(model), is_loading=True, metadata=OPTIM_METADATA
+        )
+        if same_layout:
+            request["rng_state"] = rng_sharded_object()
+    state = dist_checkpointing.load(request, str(checkpoint))
+    _load_model_state(model, state)
+    if not full:
+        optimizer.reload_model_params()
+        return Resumed(checkpoint, 0, 0, False)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and common.get("opt_param_scheduler"):
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if same_layout:
+        restore_rng(state["rng_state"])
+    return Resumed(
+        checkpoint, int(common["iteration"]), int(common["consumed_samples"]), True
+    )
+
+
+def _init_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter Adam state (with a ``step``) before a load request.
+
+    The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the
+    step from existing state; with torch's Adam (no apex / TE) a run that has not
+    stepped yet has none. The values are overwritten by the load.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None:
+            continue
+        if getattr(inner, "init_state_fn", None) is not None:
+            inner.init_state_fn(torch_opt, getattr(inner, "config", None))
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                torch_opt.state[param].setdefault("step", torch.tensor(0.0))
 
 
 def _barrier() -> None:

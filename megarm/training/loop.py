@@ -7,11 +7,15 @@ step the optimizer, log, evaluate.
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import time
 from itertools import islice
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -25,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megarm import platform
 from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.model.builder import build_model, count_parameters, params_dtype
-from megarm.training.checkpointing import load_model_weights, save_checkpoint
+from megarm.training.checkpointing import Resumed, load_checkpoint, save_checkpoint
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
 from megarm.training.step import PairBatch, forward_step, reduce_stats
@@ -51,9 +55,6 @@ class Trainer:
         self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
         chunks = build_model(cfg)
-        if cfg.checkpoint.load:
-            # Weights only (converted HF weights or an earlier run), at any TP/PP.
-            self.loaded_from = load_model_weights(cfg.checkpoint.load, chunks, cfg.checkpoint.ckpt_step)
         config = chunks[0].config
         self.num_parameters = count_parameters(chunks)
         bf16 = params_dtype(cfg) == torch.bfloat16
@@ -108,17 +109,28 @@ class Trainer:
         self.data = build_datasets(cfg)
         self.iteration = 0
         self.consumed_samples = 0
-        self.loaded_from = getattr(self, "loaded_from", None)
+        self.resumed: Resumed | None = None
+        if cfg.checkpoint.load:
+            # A previous run (exact resume) or converted weights (weights only), at any
+            # TP/PP/DP; shapes are checked before any shard is read.
+            self.resumed = load_checkpoint(
+                cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
+                cfg.checkpoint.ckpt_step, cfg.checkpoint.finetune,
+            )
+            self.iteration = self.resumed.iteration
+            self.consumed_samples = self.resumed.consumed_samples
         self.history: list[dict[str, float]] = []
         self.train_stream = micro_batches(
-            self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size
+            self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size,
+            consumed_samples=self.consumed_samples,
         )
+        self.start_time = time.time()
+        self.sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.writer = MetricsWriter(
             cfg.logging.log_dir, self.is_logging_rank, cfg.logging.tensorboard
         )
         if self.is_logging_rank and cfg.logging.log_dir:
-            from pathlib import Path
-
             (Path(cfg.logging.log_dir) / "config.yaml").write_text(to_yaml(cfg))
 
     # ------------------------------------------------------------------ the loop
@@ -161,6 +173,10 @@ class Trainer:
                 self.evaluate()
             if self.should_save():
                 self.save()
+            if self.should_exit():
+                if self.cfg.checkpoint.save and not self.should_save():
+                    self.save()
+                return metrics
         if not t.eval_interval or self.iteration % t.eval_interval:
             self.evaluate()
         if self.cfg.checkpoint.save and not self.should_save():
@@ -204,7 +220,31 @@ class Trainer:
             chunk.train()
         metrics = reduce_stats(outputs, self.contributes)
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
+        self.write_eval_rewards(outputs)
         return metrics
+
+    def write_eval_rewards(self, outputs: list[dict]) -> None:
+        """Every validation pair's chosen and rejected reward, for the histogram plot."""
+        if not self.cfg.logging.log_dir:
+            return
+        mine: list[list[float]] = [[], []]
+        if self.contributes:
+            for out in outputs:
+                chosen, rejected = out["rewards"].float().cpu().chunk(2)
+                mine[0] += chosen.tolist()
+                mine[1] += rejected.tolist()
+        gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, mine)
+        if self.is_logging_rank:
+            record = {
+                "iteration": self.iteration,
+                "chosen": [r for g in gathered for r in g[0]],
+                "rejected": [r for g in gathered for r in g[1]],
+            }
+            path = Path(self.cfg.logging.log_dir) / "eval_rewards.jsonl"
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def should_save(self) -> bool:
         """A save is due at this iteration (``save_interval``, or the last one)."""
@@ -215,16 +255,43 @@ class Trainer:
         return bool(every) or self.iteration == self.cfg.training.train_iters
 
     def save(self) -> None:
-        """Save a torch_dist checkpoint of the model at the current iteration."""
+        """Save model, optimizer, scheduler, RNG and data position (torch_dist)."""
         path = save_checkpoint(
             self.cfg.checkpoint.save,
             self.iteration,
             self.model,
-            {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-             "megarm_config": to_dict(self.cfg)},
+            {
+                "iteration": self.iteration,
+                "consumed_samples": self.consumed_samples,
+                "megarm_config": to_dict(self.cfg),
+                "has_optimizer": True,
+            },
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
         if self.is_logging_rank:
             print(f"saved checkpoint {path}", flush=True)
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ANN001
+        # SLURM sends SIGTERM before preemption: finish the step, save, exit.
+        self.sigterm = True
+
+    def should_exit(self) -> bool:
+        """SIGTERM, ``exit_interval`` or ``exit_duration_in_mins``, agreed by all ranks."""
+        t = self.cfg.training
+        minutes = (time.time() - self.start_time) / 60
+        local = (
+            self.sigterm
+            or bool(t.exit_interval and self.iteration % t.exit_interval == 0)
+            or bool(t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins)
+        )
+        flag = torch.tensor([float(local)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.is_logging_rank:
+            print(f"exiting at iteration {self.iteration} (signal or exit condition)", flush=True)
+        return bool(flag.item())
 
     def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
         """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh
