@@ -49,6 +49,21 @@ def _rewards(trainer):
     return [out["rewards"] for out in outputs]
 
 
+def _weights_only(load_dir: str):
+    """Load weights only (no saved config: the tensor-shape check must catch it)."""
+    from megarm import distributed
+    from megarm.model.builder import build_model
+    from megarm.training.checkpointing import CheckpointMismatchError, load_model_weights
+
+    distributed.init()
+    chunks = build_model(tiny_config("model.hidden_size=96"))
+    try:
+        load_model_weights(load_dir, chunks)
+    except CheckpointMismatchError as exc:
+        return str(exc)
+    return None
+
+
 def _expect_mismatch(load_dir: str):
     from megarm import distributed
     from megarm.training.checkpointing import CheckpointMismatchError
@@ -75,8 +90,12 @@ def test_saved_at_tp2_loads_at_tp1_and_pp2(tmp_path):
     torch.testing.assert_close(tp1[0], expected, rtol=0, atol=1e-5)
     pp2 = run_distributed(_load_and_score, 2, save, ("parallel.pipeline_model_parallel_size=2",))
     torch.testing.assert_close(pp2[1][0], expected, rtol=0, atol=1e-5)
-    # A different shape is refused before loading, naming the tensor and both shapes.
+    # A different shape is refused before loading, naming the key and both values.
     (message,) = run_distributed(_expect_mismatch, 1, save)
     assert message is not None
-    assert "embedding.word_embeddings.weight" in message or "decoder." in message
-    assert "(256, 64)" in message or "64" in message
+    assert "model.hidden_size=64" in message and "model.hidden_size=96" in message
+    # Without a saved config, the first mismatching tensor is named with both shapes.
+    (message,) = run_distributed(_weights_only, 1, save)
+    assert message is not None
+    assert "decoder.final_layernorm.weight" in message
+    assert "(64,)" in message and "(96,)" in message

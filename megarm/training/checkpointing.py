@@ -78,6 +78,27 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "num_query_groups", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
+)
+
+
+def check_model_config(checkpoint: Path, common: dict[str, Any], model_cfg: Any) -> None:
+    """Compare the checkpoint's saved model shape with the configured one, naming
+    the first differing ``model.*`` key (before any shard is read)."""
+    saved = (common.get("megarm_config") or {}).get("model")
+    if not saved:
+        return
+    for key in SHAPE_FIELDS:
+        if key in saved and saved[key] != getattr(model_cfg, key):
+            raise CheckpointMismatchError(
+                f"{checkpoint} was saved with model.{key}={saved[key]!r} but the config has "
+                f"model.{key}={getattr(model_cfg, key)!r}; set model.{key}={saved[key]!r} "
+                "(or model.hf_config to the checkpoint's HF config)"
+            )
+
+
 def check_shapes(checkpoint: Path, sharded: dict[str, Any]) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first tensor whose global
     shape differs (or that is missing), before any weight is read."""
@@ -237,12 +258,15 @@ def load_checkpoint(
     scheduler: Any,
     step: int | None = None,
     finetune: bool = False,
+    model_cfg: Any = None,
 ) -> Resumed:
     """Restore a run: model always; optimizer, scheduler, RNG and data position
     when the checkpoint has them and ``finetune`` is off. Works at a different
     TP/PP/DP (RNG states are then re-seeded rather than restored)."""
     checkpoint = resolve_checkpoint(load, step)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    if model_cfg is not None:
+        check_model_config(checkpoint, common, model_cfg)
     sharded = model_sharded_state_dict(model)
     check_shapes(checkpoint, sharded)
     full = bool(common.get("has_optimizer")) and not finetune

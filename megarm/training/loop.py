@@ -115,7 +115,7 @@ class Trainer:
             # TP/PP/DP; shapes are checked before any shard is read.
             self.resumed = load_checkpoint(
                 cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
-                cfg.checkpoint.ckpt_step, cfg.checkpoint.finetune,
+                cfg.checkpoint.ckpt_step, cfg.checkpoint.finetune, cfg.model,
             )
             self.iteration = self.resumed.iteration
             self.consumed_samples = self.resumed.consumed_samples
