@@ -64,6 +64,7 @@ STAT_KEYS = (
     "rejected_sq",
     "gap_sum",
     "tokens",
+    "tokens_sq",
 )
 
 
@@ -89,6 +90,7 @@ def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tens
             (rejected * rejected).sum(),
             gap.detach().sum(),
             (batch.reward_index + 1).sum().float(),
+            ((batch.reward_index + 1).float() ** 2).sum(),
         ]
     )
     return losses.mean(), {"stats": stats, "rewards": rewards.detach()}
@@ -129,4 +131,5 @@ def reduce_stats(outputs: list[dict[str, Tensor]], contribute: bool = True) -> d
         "reward_gap": s["gap_sum"] / n,
         "pairs": s["pairs"],
         "tokens": s["tokens"],
+        "tokens_sq": s["tokens_sq"],
     }
