@@ -95,6 +95,17 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     """Dropout on hidden states (off for reward models)."""
 
+    recompute_granularity: Literal["selective", "full"] | None = None
+    """Activation recomputation: ``selective`` recomputes core attention in the
+    backward, ``full`` recomputes whole layers (see recompute_method). ``null``: off."""
+
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recompute: ``uniform`` checkpoints groups of recompute_num_layers
+    layers, ``block`` the first recompute_num_layers layers of each stage."""
+
+    recompute_num_layers: int = 1
+    """Layers per recompute group (uniform) or recomputed layers per stage (block)."""
+
     attention_backend: Literal["auto", "sdpa", "unfused"] = "auto"
     """Core attention for the local layer spec: ``sdpa`` uses torch's fused
     scaled_dot_product_attention, ``unfused`` megatron-core's DotProductAttention.
@@ -700,6 +711,16 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
     for key, value in [("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)]:
         if not 0 <= value < 1:
             bad(key, f"must be within [0, 1), got {value}")
+    if m.recompute_num_layers < 1:
+        bad("model.recompute_num_layers", "must be >= 1")
+    elif m.recompute_granularity == "full" and m.recompute_method == "uniform":
+        per_stage = m.num_layers // max(pp * (vpp or 1), 1)
+        if per_stage % m.recompute_num_layers:
+            bad(
+                "model.recompute_num_layers",
+                f"{m.recompute_num_layers} must divide the {per_stage} layers of a pipeline "
+                "stage with recompute_method uniform",
+            )
     if p.use_distributed_optimizer and m.params_dtype == "fp16":
         bad("parallel.use_distributed_optimizer", "fp16 is not supported with it; use bf16")
 

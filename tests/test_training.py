@@ -104,6 +104,22 @@ LAYOUTS = [
         id="tp2-pp2",
         marks=pytest.mark.slow,
     ),
+    pytest.param(1, ("model.recompute_granularity=selective",), id="selective-recompute",
+                 marks=pytest.mark.slow),
+    pytest.param(
+        1,
+        ("model.recompute_granularity=full", "model.recompute_method=uniform",
+         "model.recompute_num_layers=2"),
+        id="full-recompute",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        2,
+        ("parallel.pipeline_model_parallel_size=2", "model.recompute_granularity=full",
+         "model.recompute_method=block", "model.recompute_num_layers=1"),
+        id="pp2-block-recompute",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 

@@ -68,6 +68,11 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
         bias_activation_fusion=platform.is_cuda(),
         apply_rope_fusion=False,
         masked_softmax_fusion=platform.has_transformer_engine(),
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
+        recompute_num_layers=(
+            m.recompute_num_layers if m.recompute_granularity == "full" else None
+        ),
         # Pipeline p2p sends are [s, b, h]; seq length varies per batch.
         variable_seq_lengths=True,
         # Required by variable_seq_lengths; irrelevant without MoE layers.
