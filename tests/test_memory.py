@@ -1,0 +1,81 @@
+"""The memory estimator's model-state bytes equal what a run really holds (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarm.config import load_config
+from megarm.testing import run_distributed
+from megarm.training.memory import estimate, largest_micro_batch
+from tests.helpers import tiny_config
+
+SHAPE = ("model.hidden_size=128", "model.ffn_hidden_size=256", "model.vocab_size=1000",
+         "training.global_batch_size=4", "training.micro_batch_size=1",
+         "training.train_iters=1", "data.synthetic_num_pairs=16", "data.split=100,0,0")
+
+
+def _held_bytes(overrides: tuple[str, ...]):
+    from megatron.core import parallel_state as ps
+
+    from megarm import distributed
+    from megarm.training.loop import Trainer
+
+    cfg = tiny_config(*SHAPE, *overrides)
+    p = cfg.parallel
+    distributed.init(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    trainer = Trainer(cfg)
+    trainer.train()  # one step, so the optimizer state exists
+    weights = sum(x.numel() * x.element_size() for m in trainer.model for x in m.module.parameters())
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size()
+                for m in trainer.model for b in m.buffers)
+    optim = 0
+    for inner in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for state in inner.optimizer.state.values():
+            optim += sum(v.numel() * v.element_size() for k, v in state.items()
+                         if k != "step" and isinstance(v, torch.Tensor))
+    return ps.get_pipeline_model_parallel_rank(), weights, grads, optim
+
+
+@pytest.mark.parametrize("world, overrides", [
+    pytest.param(1, (), id="tp1"),
+    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2",
+                 marks=pytest.mark.slow),
+    pytest.param(2, ("parallel.use_distributed_optimizer=true",), id="dp2-distopt",
+                 marks=pytest.mark.slow),
+])
+def test_model_state_estimate_matches_held_bytes(world, overrides):
+    cfg = tiny_config(*SHAPE, *overrides)
+    for pp_rank, weights, grads, optim in run_distributed(_held_bytes, world, overrides):
+        est = estimate(cfg, world, cuda=False, pp_rank=pp_rank)
+        assert est.weights == pytest.approx(weights, rel=0.01)
+        assert est.gradients == pytest.approx(grads, rel=0.01)
+        assert est.optimizer == pytest.approx(optim, rel=0.01)
+
+
+def test_bf16_bytes_per_parameter_follow_the_rule():
+    cfg = load_config(None, ["model.params_dtype=bf16"])
+    est = estimate(cfg, 8, cuda=True)
+    assert est.model_states == 18 * est.parameters  # 2 + 4 + 12
+    cfg = load_config(None, ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true"])
+    est = estimate(cfg, 8, cuda=True)
+    assert est.model_states == pytest.approx((6 + 12 / 8) * est.parameters, rel=1e-6)
+
+
+def test_activations_follow_korthikanti_and_fit_search():
+    base = ["model.num_layers=4", "model.hidden_size=1024", "model.num_attention_heads=16",
+            "model.num_query_groups=4", "model.ffn_hidden_size=4096", "data.seq_length=2048",
+            "training.micro_batch_size=1", "model.params_dtype=bf16",
+            "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    s, b, h, t, layers = 2048, 2, 1024, 2, 4
+    cfg = load_config(None, base)
+    assert estimate(cfg, 2).activations == int(34 * s * b * h / t * layers)
+    cfg = load_config(None, [*base, "model.recompute_granularity=full"])
+    assert estimate(cfg, 2).activations == int(2 * s * b * h / t * layers)
+    cfg = load_config(None, [*base, "model.attention_backend=unfused"])
+    assert estimate(cfg, 2).activations == int(s * b * h * (34 + 5 * 16 * s / h) / t * layers)
+    fits = largest_micro_batch(load_config(None, base), 2, gpu_gib=4.0)
+    one = estimate(load_config(None, base), 2)
+    per_pair = one.activations
+    assert fits == int((4 * 2**30 - one.model_states) // per_pair)

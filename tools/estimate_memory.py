@@ -1,0 +1,65 @@
+"""Estimate per-GPU memory of a run before launching it:
+``python tools/estimate_memory.py --config X.yaml --world-size N [--gpu-memory-gib 80] [key=value ...]``
+
+Prints weights, gradients, optimizer state (with and without the distributed
+optimizer) and activations per GPU, and the largest micro-batch that fits the
+given GPU memory. Formulas: megarm/training/memory.py. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    from megarm.config import ConfigError, resolve
+    from megarm.training.memory import GIB, estimate, largest_micro_batch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--world-size", type=int, required=True, help="GPUs in the run")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("--cpu", action="store_true", help="estimate the CPU (fp32) run instead")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve(args.config, args.overrides, args.world_size)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    cuda = not args.cpu
+    est = estimate(cfg, args.world_size, cuda)
+    other = dataclasses.replace(
+        cfg, parallel=dataclasses.replace(
+            cfg.parallel, use_distributed_optimizer=not cfg.parallel.use_distributed_optimizer
+        )
+    )
+    alt = estimate(other, args.world_size, cuda)
+    fits = largest_micro_batch(cfg, args.world_size, args.gpu_memory_gib, cuda)
+    if args.json:
+        print(json.dumps({"estimate": est.to_dict(), "other_optimizer": alt.to_dict(),
+                          "largest_micro_batch": fits}))
+        return 0
+    with_d, without = (est, alt) if cfg.parallel.use_distributed_optimizer else (alt, est)
+    rows = [
+        ("parameters per GPU", f"{est.parameters / 1e6:,.1f} M"),
+        ("weights", f"{est.weights / GIB:.2f} GiB"),
+        ("gradients (fp32)", f"{est.gradients / GIB:.2f} GiB"),
+        ("optimizer, distributed", f"{with_d.optimizer / GIB:.2f} GiB"),
+        ("optimizer, not distributed", f"{without.optimizer / GIB:.2f} GiB"),
+        ("activations", f"{est.activations / GIB:.2f} GiB"),
+        ("total (as configured)", f"{est.total / GIB:.2f} GiB"),
+        (f"largest micro-batch in {args.gpu_memory_gib:g} GiB", f"{fits} pairs"),
+    ]
+    for name, value in rows:
+        print(f"{name:<34} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
