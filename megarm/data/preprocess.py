@@ -1,0 +1,604 @@
+"""Raw preference pairs -> megatron-core indexed datasets (``tools/preprocess_data.py``).
+
+The pipeline: read records in order (:mod:`megarm.data.readers`), hand chunks to N
+worker processes that run the handler, the chat template and the fast tokenizer
+(batched), and write the results in input order through megatron-core's
+``IndexedDatasetBuilder``. Output is byte-identical for any ``--workers``.
+
+Everything is written under ``<prefix>.tmp-<pid>_...`` names and renamed only once
+the run is complete and accepted, so a killed or failed run leaves no final files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megarm.data.dataset import (
+    IGNORE_INDEX,
+    MARGIN_KEY,
+    PAIR_KEYS,
+    megatron_indexed_dataset,
+    packed_path,
+    rejects_path,
+    stats_path,
+)
+from megarm.data.handlers import (
+    HANDLER_ALIASES,
+    HANDLERS,
+    REJECT_REASONS,
+    Handler,
+    RecordError,
+    get_handler,
+)
+from megarm.data.readers import InputError, RawRecord, iter_records, record_unit, resolve_inputs
+from megarm.data.templates import PROMPT_TYPES, Template, TemplateError, get_template
+from megarm.data.tokenizer import HF_TOKENIZER_TYPES, TokenizerError, load_tokenizer, vocab_sha256
+
+TRUNCATION_POLICIES = ("left", "right", "drop")
+
+
+class PreprocessError(RuntimeError):
+    """A run that cannot produce output; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option can also come from ``--config`` YAML (underscores)."""
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py",
+        description="Tokenize preference pairs into megatron-core indexed datasets "
+        "(<prefix>_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}).",
+    )
+    p.add_argument("--config", help="YAML file with any of these options (underscored keys)")
+    p.add_argument(
+        "--input", help="file, directory or glob of .jsonl/.json/.parquet/.csv/.arrow (.gz)"
+    )
+    p.add_argument("--output-prefix", help="output path prefix, e.g. data/hh_rlhf")
+    p.add_argument("--tokenizer-name-or-path", help="Hugging Face tokenizer directory")
+    p.add_argument(
+        "--tokenizer-type",
+        default="HuggingFaceTokenizer",
+        help=f"one of {', '.join(HF_TOKENIZER_TYPES)} (both load a Hugging Face tokenizer)",
+    )
+    p.add_argument(
+        "--handler-name",
+        help=f"record format: {', '.join(HANDLERS)} (or MindSpeed-RL's {', '.join(HANDLER_ALIASES)})",
+    )
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument(
+        "--seq-length", type=int, default=None, help="max tokens per sequence (default: no limit)"
+    )
+    p.add_argument(
+        "--truncation",
+        default="left",
+        help="left: cut the prompt's first tokens; right: cut the prompt's last tokens before "
+        "the assistant header; drop: drop pairs that do not fit. Responses are never cut.",
+    )
+    p.add_argument("--prompt-type", default="auto", help=f"chat format: {', '.join(PROMPT_TYPES)}")
+    p.add_argument("--map-keys", help='JSON renaming, e.g. \'{"prompt": "question"}\'')
+    p.add_argument(
+        "--margin",
+        nargs="+",
+        help="margin column, or two score columns CHOSEN REJECTED (margin = their difference)",
+    )
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.5,
+        help="fail (and write nothing) if more than this fraction of records is rejected",
+    )
+    p.add_argument("--log-interval", type=int, default=1000, help="progress line every K records")
+    p.add_argument("--chunk-size", type=int, default=128, help="records per worker task")
+    return p
+
+
+def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise PreprocessError(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise PreprocessError(f"--config {path} must be a mapping of option: value")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(config) - set(actions))
+    if unknown:
+        raise PreprocessError(
+            f"--config {path} has unknown keys {unknown}; valid keys: {sorted(actions)}"
+        )
+    for key, value in config.items():
+        action = actions[key]
+        # YAML scalars arrive typed; strings still go through the option's type.
+        if isinstance(value, str) and action.type is not None:
+            config[key] = action.type(value)
+        if key == "margin" and isinstance(value, str):
+            config[key] = [value]
+    return config
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line over ``--config`` YAML over defaults; validated."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_yaml(pre.config, parser))
+    args = parser.parse_args(argv)
+    missing = [
+        f"--{name.replace('_', '-')}"
+        for name in ("input", "output_prefix", "tokenizer_name_or_path", "handler_name")
+        if not getattr(args, name)
+    ]
+    if missing:
+        raise PreprocessError(f"missing required option(s): {', '.join(missing)}")
+    if args.prompt_type not in PROMPT_TYPES:
+        raise PreprocessError(f"--prompt-type {args.prompt_type!r}: choose from {PROMPT_TYPES}")
+    if args.truncation not in TRUNCATION_POLICIES:
+        raise PreprocessError(
+            f"--truncation {args.truncation!r}: choose from {TRUNCATION_POLICIES}"
+        )
+    if isinstance(args.map_keys, str):
+        try:
+            args.map_keys = json.loads(args.map_keys)
+        except ValueError as exc:
+            raise PreprocessError(f"--map-keys is not valid JSON: {exc}") from exc
+    if args.map_keys is not None and not isinstance(args.map_keys, dict):
+        raise PreprocessError('--map-keys must be a JSON object like {"prompt": "question"}')
+    for name, low in (("workers", 1), ("log_interval", 1), ("chunk_size", 1), ("seq_length", 2)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise PreprocessError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if not 0 <= args.max_reject_fraction <= 1:
+        raise PreprocessError(
+            f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}"
+        )
+    return args
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class _Job:
+    """What a worker needs; set once per process (inherited on fork)."""
+
+    handler: Handler
+    template: Template
+    tokenizer: Any
+    seq_length: int | None
+    truncation: str
+    header_len: int
+
+
+_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+    # Workers already give the parallelism; Rust threads per worker would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    # A forked worker inherits main()'s SIGTERM handler; Pool.terminate() must kill it
+    # outright, not raise SystemExit at an arbitrary point (that can hang on a lock).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # skip transformers' per-call overhead
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _fit(job: _Job, prompt: list[int], longest: int) -> tuple[list[int], bool]:
+    """The prompt cut so ``prompt + longest response`` fits ``seq_length``.
+
+    Chosen and rejected share the one cut prompt, so they are compared on the same
+    context. Raises ``RecordError("too_long")`` when even the assistant header does not fit.
+    """
+    limit = job.seq_length
+    if limit is None or len(prompt) + longest <= limit:
+        return prompt, False
+    detail = f"prompt {len(prompt)} + response {longest} tokens > --seq-length {limit}"
+    keep = limit - longest
+    if job.truncation == "drop" or keep < job.header_len:
+        raise RecordError("too_long", detail)
+    if job.truncation == "left":
+        return prompt[len(prompt) - keep :], True
+    head = keep - job.header_len  # "right": keep the start, and always the header
+    return prompt[:head] + prompt[len(prompt) - job.header_len :], True
+
+
+def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
+    """Records -> ``("ok", prompt, chosen, rejected, margin, truncated)`` or
+    ``("reject", reason, detail)``, one per record, in order."""
+    job = _JOB
+    assert job is not None, "worker not initialised"
+    results: list[tuple | None] = [None] * len(chunk)
+    todo: list[tuple[int, Any]] = []
+    prompts: list[str] = []
+    for i, raw in enumerate(chunk):
+        try:
+            record = raw.payload
+            if isinstance(record, bytes):
+                try:
+                    record = json.loads(record)
+                except ValueError as exc:  # includes bad UTF-8
+                    raise RecordError("malformed_json", str(exc)) from None
+            if not isinstance(record, dict):
+                raise RecordError("malformed_record", "the record is not a JSON object")
+            pair = job.handler(record)
+            prompts.append(job.template.prompt(pair.prompt))
+            todo.append((i, pair))
+        except RecordError as exc:
+            results[i] = ("reject", exc.reason, exc.detail)
+    if todo:
+        texts = prompts + [job.template.response(p.chosen) for _, p in todo]
+        texts += [job.template.response(p.rejected) for _, p in todo]
+        ids = _encode(job.tokenizer, texts)
+        n = len(todo)
+        for k, (i, pair) in enumerate(todo):
+            chosen, rejected = ids[n + k], ids[2 * n + k]
+            try:
+                prompt, truncated = _fit(job, ids[k], max(len(chosen), len(rejected)))
+            except RecordError as exc:
+                results[i] = ("reject", exc.reason, exc.detail)
+                continue
+            results[i] = (
+                "ok",
+                np.asarray(prompt, dtype=np.int32),
+                np.asarray(chosen, dtype=np.int32),
+                np.asarray(rejected, dtype=np.int32),
+                pair.margin,
+                truncated,
+            )
+    return results  # type: ignore[return-value]
+
+
+def _chunks(records: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    chunk: list[RawRecord] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results(job: _Job, chunks: Iterator[list[RawRecord]], workers: int) -> Iterator[tuple]:
+    """``(raw record, result)`` in input order, from ``workers`` processes."""
+    global _JOB
+    if workers == 1:
+        # In-process; the Rust tokenizer may use its own threads here.
+        previous, _JOB = _JOB, job
+        try:
+            for chunk in chunks:
+                yield from zip(chunk, _process_chunk(chunk), strict=True)
+        finally:
+            _JOB = previous
+        return
+    # fork shares the loaded tokenizer with the workers; spawn (no fork) pickles it.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    # A bounded window of tasks in flight keeps memory flat however large the
+    # input (Pool.imap would queue every result the writer has not consumed yet).
+    window = 2 * workers
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_process_chunk, (chunk,))))
+            if len(pending) >= window:
+                done, result = pending.popleft()
+                yield from zip(done, result.get(), strict=True)
+        while pending:
+            done, result = pending.popleft()
+            yield from zip(done, result.get(), strict=True)
+        # Let the workers exit on their own; the with-block's terminate() is for errors.
+        pool.close()
+        pool.join()
+
+
+# --------------------------------------------------------------------------- output
+
+
+class _Outputs:
+    """The temporary files of one run and their promotion to final names."""
+
+    def __init__(self, prefix: str, has_margin: bool) -> None:
+        IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
+        self.prefix = prefix
+        self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
+        self.keys = PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
+        self.paths: list[tuple[str, str]] = []  # (temporary, final)
+        self.builders = {}
+        for key in self.keys:
+            tmp, final = packed_path(self.tmp_prefix, key), packed_path(prefix, key)
+            self.paths += [(tmp + ".bin", final + ".bin"), (tmp + ".idx", final + ".idx")]
+            dtype = np.float32 if key == MARGIN_KEY else np.int32
+            self.builders[key] = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+        self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
+        self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
+        self.stats = (stats_path(self.tmp_prefix), stats_path(prefix))
+
+    def add(
+        self, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, margin: float | None
+    ) -> None:
+        masked = np.full(len(prompt), IGNORE_INDEX, dtype=np.int32)
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            tokens = np.concatenate([prompt, response])
+            labels = np.concatenate([masked, response])
+            self.builders[f"{side}_input_ids"].add_document(tokens, [len(tokens)])
+            self.builders[f"{side}_labels"].add_document(labels, [len(labels)])
+        if MARGIN_KEY in self.builders:
+            self.builders[MARGIN_KEY].add_document(np.array([margin], dtype=np.float32), [1])
+
+    def reject(self, entry: dict[str, Any]) -> None:
+        self.rejects.write(json.dumps(entry, ensure_ascii=False, default=repr) + "\n")
+
+    def close(self) -> None:
+        """Write the .idx files; the data is complete but still under temporary names."""
+        for key in self.keys:
+            self.builders[key].finalize(packed_path(self.tmp_prefix, key) + ".idx")
+        self.rejects.close()
+
+    def publish(self, stats: dict[str, Any]) -> None:
+        """Write stats.json and rename everything to final names, stats.json last so
+        its presence means the set is complete."""
+        tmp_stats, final_stats = self.stats
+        Path(tmp_stats).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+        if os.path.exists(final_stats):
+            os.remove(final_stats)
+        for tmp, final in self.paths:
+            os.replace(tmp, final)
+        os.replace(tmp_stats, final_stats)
+
+    def discard(self) -> None:
+        """Remove every temporary file (on failure or interruption)."""
+        for builder in self.builders.values():
+            builder.data_file.close()
+        self.rejects.close()
+        for tmp, _ in [*self.paths, self.stats]:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class _Progress:
+    """A log line every ``interval`` records on stderr; a tqdm bar when it is a terminal."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.start = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="rec", file=sys.stderr, dynamic_ncols=True)
+
+    def elapsed(self) -> float:
+        """Seconds since processing started (setup and imports excluded)."""
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def line(self, records: int, tokens: int, rejected: int) -> str:
+        elapsed = self.elapsed()
+        return (
+            f"{records} records ({records / elapsed:.1f} records/s, {tokens / elapsed:.0f} "
+            f"tokens/s), rejected {rejected}"
+        )
+
+    def update(self, records: int, tokens: int, rejected: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if records % self.interval == 0:
+            self.write(self.line(records, tokens, rejected))
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _percentiles(lengths: array) -> dict[str, float]:
+    values = np.frombuffer(lengths, dtype=np.int32) if len(lengths) else np.zeros(1, np.int32)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": int(values.max())}
+
+
+def megarm_version() -> str:
+    """The installed megarm version, or ``0+unknown`` from a source checkout."""
+    try:
+        return metadata.version("megarm")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Preprocess per ``args`` (from :func:`parse_args`); return the stats written."""
+    try:
+        files = resolve_inputs(args.input)
+        tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.tokenizer_type)
+        template = get_template(args.prompt_type, tokenizer)
+        handler = get_handler(args.handler_name, args.map_keys, args.margin)
+    except (InputError, TokenizerError, TemplateError, ValueError) as exc:
+        raise PreprocessError(str(exc)) from exc
+    job = _Job(
+        handler=handler,
+        template=template,
+        tokenizer=tokenizer,
+        seq_length=args.seq_length,
+        truncation=args.truncation,
+        header_len=len(tokenizer.encode(template.header, add_special_tokens=False)),
+    )
+    if args.seq_length is not None and args.seq_length <= job.header_len:
+        raise PreprocessError(
+            f"--seq-length {args.seq_length} leaves no room after the {job.header_len}-token "
+            "assistant header"
+        )
+    Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(
+        Path(args.output_prefix).parent.glob(Path(args.output_prefix).name + ".tmp-*")
+    )
+    if leftovers:
+        warnings.warn(
+            f"{len(leftovers)} temporary file(s) of an interrupted run lie next to the output, "
+            f"e.g. {leftovers[0]}; delete them",
+            stacklevel=2,
+        )
+
+    units = [record_unit(path) for path in files]
+    counts = {"records": 0, "kept": 0, "rejected": 0, "truncated": 0}
+    reasons = dict.fromkeys(REJECT_REASONS, 0)
+    lengths = {"chosen": array("i"), "rejected": array("i")}
+    tokens = {"chosen": 0, "rejected": 0}
+    examples: list[str] = []  # the first rejects, quoted if the run fails
+
+    outputs = _Outputs(args.output_prefix, handler.has_margin)
+    progress = _Progress(args.log_interval)
+    published = False
+    try:
+        records = iter_records(files)
+        for raw, result in _results(job, _chunks(records, args.chunk_size), args.workers):
+            counts["records"] += 1
+            if result[0] == "ok":
+                _, prompt, chosen, rejected, margin, truncated = result
+                outputs.add(prompt, chosen, rejected, margin)
+                counts["kept"] += 1
+                counts["truncated"] += int(truncated)
+                for side, response in (("chosen", chosen), ("rejected", rejected)):
+                    lengths[side].append(len(prompt) + len(response))
+                    tokens[side] += len(prompt) + len(response)
+            else:
+                _, reason, detail = result
+                counts["rejected"] += 1
+                reasons[reason] += 1
+                if len(examples) < 3:
+                    where = f"{files[raw.source]}:{units[raw.source]} {raw.index}"
+                    examples.append(f"{where}: {reason} ({detail})")
+                payload = raw.payload
+                outputs.reject(
+                    {
+                        "source": str(files[raw.source]),
+                        units[raw.source]: raw.index,
+                        "reason": reason,
+                        "detail": detail,
+                        **(
+                            {"raw": payload.decode("utf-8", errors="replace").rstrip("\n")}
+                            if isinstance(payload, bytes)
+                            else {"record": payload}
+                        ),
+                    }
+                )
+            progress.update(
+                counts["records"], tokens["chosen"] + tokens["rejected"], counts["rejected"]
+            )
+        outputs.close()
+        elapsed = progress.elapsed()
+        progress.write(
+            "done: " + progress.line(counts["records"], sum(tokens.values()), counts["rejected"])
+        )
+
+        if counts["records"] == 0:
+            raise PreprocessError(f"input {args.input!r} holds no records")
+        fraction = counts["rejected"] / counts["records"]
+        if counts["kept"] == 0 or fraction > args.max_reject_fraction:
+            top = ", ".join(f"{r}={n}" for r, n in reasons.items() if n)
+            raise PreprocessError(
+                f"{counts['rejected']} of {counts['records']} records rejected ({fraction:.1%} > "
+                f"--max-reject-fraction {args.max_reject_fraction}): {top}; first: "
+                + "; ".join(examples)
+                + ". Check --handler-name and --map-keys against the data, or raise "
+                "--max-reject-fraction"
+            )
+        stats = {
+            "megarm_version": megarm_version(),
+            "handler": handler.name,
+            "tokenizer": {
+                "name_or_path": args.tokenizer_name_or_path,
+                "vocab_sha256": vocab_sha256(tokenizer),
+                "vocab_size": len(tokenizer),
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            "template": {
+                "prompt_type": args.prompt_type,
+                "name": template.name,
+                "end_of_turn": template.end_of_turn,
+                "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
+            },
+            "inputs": [str(path) for path in files],
+            "counts": counts,
+            "rejects": reasons,
+            "lengths": {side: _percentiles(values) for side, values in lengths.items()},
+            "tokens": tokens,
+            "has_margin": handler.has_margin,
+            "files": [Path(final).name for _, final in outputs.paths],
+            "elapsed_s": round(elapsed, 3),
+            "records_per_s": round(counts["records"] / elapsed, 1),
+            "tokens_per_s": round(sum(tokens.values()) / elapsed, 1),
+            "arguments": {k: v for k, v in vars(args).items()},
+        }
+        outputs.publish(stats)
+        published = True
+        return stats
+    except InputError as exc:
+        raise PreprocessError(str(exc)) from exc
+    finally:
+        progress.close()
+        if not published:
+            outputs.discard()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tools/preprocess_data.py``; returns the exit status."""
+    try:
+        args = parse_args(argv)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM unwinds like Ctrl-C so the temporary files are removed.
+            signal.signal(signal.SIGTERM, _terminate)
+        stats = run(args)
+    except PreprocessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    counts = stats["counts"]
+    print(
+        f"wrote {counts['kept']} pairs ({counts['rejected']} rejected, {counts['truncated']} "
+        f"truncated) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "
+        f"stats in {stats_path(args.output_prefix)}",
+        file=sys.stderr,
+    )
+    return 0

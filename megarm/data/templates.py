@@ -1,0 +1,182 @@
+"""Chat formatting: prompt messages -> prompt text, and the end-of-turn marker.
+
+A reward model reads its score at one fixed token, so every template defines:
+
+- ``prompt(messages)``: the templated conversation plus the assistant header (the
+  generation prompt), e.g. ``...<|im_start|>assistant\\n``;
+- ``end_of_turn``: the text appended to every response (``<|im_end|>`` for ChatML),
+  which must be a single token of the tokenizer: the reward is read there;
+- ``header``: the assistant header every prompt ends with; truncation never cuts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megarm.data.handlers import RecordError
+from megarm.data.tokenizer import QWEN_DEFAULT_SYSTEM
+
+PROMPT_TYPES = ("auto", "chatml", "qwen", "llama3", "plain")
+ROLES = ("system", "user", "assistant")
+
+Messages = list[dict[str, str]]
+
+
+class TemplateError(ValueError):
+    """A template cannot be used with this tokenizer; the message names the fix."""
+
+
+class Template:
+    """Base class: subclasses set ``name``, ``header``, ``end_of_turn`` and ``prompt``."""
+
+    name: str
+    header: str
+    end_of_turn: str
+
+    def prompt(self, messages: Messages) -> str:
+        """The templated ``messages`` followed by the assistant header."""
+        raise NotImplementedError
+
+    def response(self, text: str) -> str:
+        """The response text as it is tokenized: ``text`` + end-of-turn marker."""
+        return text + self.end_of_turn
+
+
+class ChatMLTemplate(Template):
+    """``<|im_start|>role\\n...<|im_end|>\\n``; ``qwen`` adds Qwen's default system prompt."""
+
+    header = "<|im_start|>assistant\n"
+    end_of_turn = "<|im_end|>"
+
+    def __init__(self, name: str = "chatml", default_system: str | None = None) -> None:
+        self.name = name
+        self.default_system = default_system
+
+    def prompt(self, messages: Messages) -> str:
+        parts = []
+        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
+        for message in messages:
+            parts.append(f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n")
+        parts.append(self.header)
+        return "".join(parts)
+
+
+class Llama3Template(Template):
+    """Llama 3 Instruct: header ids around the role, ``<|eot_id|>`` after each turn."""
+
+    name = "llama3"
+    header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    end_of_turn = "<|eot_id|>"
+
+    def prompt(self, messages: Messages) -> str:
+        # Llama 3's own template trims every message's content.
+        parts = ["<|begin_of_text|>"]
+        for message in messages:
+            parts.append(
+                f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+                f"{message['content'].strip()}<|eot_id|>"
+            )
+        parts.append(self.header)
+        return "".join(parts)
+
+
+class PlainTemplate(Template):
+    """No special tokens: ``System: ...`` / ``User: ...`` / ``Assistant: ...`` turns
+    separated by blank lines; each response ends with the tokenizer's eos token."""
+
+    name = "plain"
+    header = "Assistant: "
+    _labels = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+    def __init__(self, eos_token: str) -> None:
+        self.end_of_turn = eos_token
+
+    def prompt(self, messages: Messages) -> str:
+        turns = [f"{self._labels[m['role']]}: {m['content']}\n\n" for m in messages]
+        return "".join(turns) + self.header
+
+
+class HFChatTemplate(Template):
+    """The tokenizer's own Jinja chat template (``--prompt-type auto``).
+
+    The assistant header and end-of-turn text are found by rendering probe
+    conversations once: header = (with generation prompt) - (without), end-of-turn =
+    what the template writes right after an assistant message, minus whitespace.
+    """
+
+    name = "auto"
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template; pass "
+                "--prompt-type chatml|qwen|llama3|plain"
+            )
+        self.tokenizer = tokenizer
+        probe_user = [{"role": "user", "content": "megarm-probe-question"}]
+        with_header = self._render(probe_user, generation_prompt=True)
+        without = self._render(probe_user, generation_prompt=False)
+        if not with_header.startswith(without) or with_header == without:
+            raise TemplateError(
+                f"the chat template of {tokenizer.name_or_path!r} has no separate assistant "
+                "generation prompt; pass --prompt-type chatml|qwen|llama3|plain"
+            )
+        self.header = with_header[len(without) :]
+        sentinel = "megarm-probe-answer"
+        full = self._render(
+            probe_user + [{"role": "assistant", "content": sentinel}], generation_prompt=False
+        )
+        end = full.split(sentinel, 1)[1].rstrip() if sentinel in full else ""
+        self.end_of_turn = end or (tokenizer.eos_token or "")
+        if not self.end_of_turn:
+            raise TemplateError(
+                f"cannot tell the end-of-turn token of {tokenizer.name_or_path!r}: its chat "
+                "template writes nothing after an assistant turn and it has no eos_token"
+            )
+
+    def _render(self, messages: Messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def prompt(self, messages: Messages) -> str:
+        from jinja2 import TemplateError as JinjaError
+
+        try:
+            return self._render(messages, generation_prompt=True)
+        except JinjaError as exc:  # e.g. "roles must alternate user/assistant"
+            raise RecordError("malformed_record", f"the chat template refused it: {exc}") from exc
+
+
+def get_template(prompt_type: str, tokenizer: Any) -> Template:
+    """The template for ``--prompt-type``, checked against ``tokenizer``.
+
+    Raises ``TemplateError`` when the end-of-turn marker is not a single token of the
+    tokenizer (the reward would be read at an unstable position).
+    """
+    if prompt_type == "auto":
+        template: Template = HFChatTemplate(tokenizer)
+    elif prompt_type == "chatml":
+        template = ChatMLTemplate("chatml")
+    elif prompt_type == "qwen":
+        template = ChatMLTemplate("qwen", default_system=QWEN_DEFAULT_SYSTEM)
+    elif prompt_type == "llama3":
+        template = Llama3Template()
+    elif prompt_type == "plain":
+        if not tokenizer.eos_token:
+            raise TemplateError(
+                f"--prompt-type plain ends responses with the eos token, but tokenizer "
+                f"{tokenizer.name_or_path!r} has none"
+            )
+        template = PlainTemplate(tokenizer.eos_token)
+    else:
+        raise TemplateError(f"unknown --prompt-type {prompt_type!r}; choose from {PROMPT_TYPES}")
+    ids = tokenizer.encode(template.end_of_turn, add_special_tokens=False)
+    if len(ids) != 1:
+        raise TemplateError(
+            f"the {template.name} end-of-turn text {template.end_of_turn!r} is {len(ids)} tokens "
+            f"for tokenizer {tokenizer.name_or_path!r}, not one; use --prompt-type auto or the "
+            "template that matches this tokenizer"
+        )
+    return template
