@@ -579,6 +579,22 @@ def _fill_from_hf(cfg: MegarmConfig, explicit: set[str]) -> None:
     # HF: a config without num_key_value_heads has one KV head per query head.
     hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
     issues: list[ConfigIssue] = []
+    # transformers 5 writes RoPE settings under rope_parameters only.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if isinstance(rope, dict):
+        if "rope_theta" not in hf and "rope_theta" in rope:
+            hf["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in (None, "default"):
+            issues.append(ConfigIssue(
+                "model.hf_config",
+                f"RoPE scaling {kind!r} is not supported; megarm implements plain RoPE",
+            ))
+    if hf.get("use_sliding_window"):
+        issues.append(ConfigIssue(
+            "model.hf_config",
+            "use_sliding_window=true is not supported; megarm attends over the whole sequence",
+        ))
     for hf_key, ours in HF_CONFIG_KEYS.items():
         if hf_key in hf and f"model.{ours}" not in explicit and hf[hf_key] is not None:
             _apply(cfg, "model", ours, hf[hf_key], issues)

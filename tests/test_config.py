@@ -775,3 +775,19 @@ def test_markdown_table_rows_have_four_columns():
         if line.startswith("| `"):
             cells = re.split(r"(?<!\\)\|", line)[1:-1]
             assert len(cells) == 4, line
+
+
+def test_hf_config_rope_parameters_of_transformers_5(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    base = {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64,
+            "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "max_position_embeddings": 128}
+    (hf / "config.json").write_text(json.dumps(
+        {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}))
+    assert load_config(None, [f"model.hf_config={hf}"]).model.rotary_base == 500000.0
+    (hf / "config.json").write_text(json.dumps(
+        {**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [f"model.hf_config={hf}"])
+    assert "yarn" in str(exc.value)

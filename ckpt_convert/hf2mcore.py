@@ -1,0 +1,620 @@
+"""Convert a Hugging Face Qwen2 / Qwen2.5 checkpoint into a megarm (megatron-core) one.
+
+    python ckpt_convert/hf2mcore.py --load-dir HF_DIR --save-dir MCORE_DIR \\
+        [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] \\
+        [--format torch_dist|legacy] [--params-dtype bf16|fp16|fp32] [--tokenizer-model DIR]
+
+Input: ``Qwen2ForCausalLM`` (the LM head is dropped and a fresh value head is drawn
+from N(0, 1/(hidden+1)), as megarm's model does) or ``Qwen2ForSequenceClassification``
+with ``num_labels=1`` (its ``score.weight`` becomes the value head unchanged). Weights
+may be sharded safetensors (``model.safetensors.index.json``), one
+``model.safetensors``, or ``pytorch_model.bin`` (optionally indexed); tied embeddings
+(no ``lm_head.weight``) are fine. Tensors are read one at a time, file by file.
+
+Everything that can be checked from ``config.json`` is checked before any weight
+file is opened: the architecture, ``num_labels``, and that TP divides the KV heads
+and attention heads and PP divides the layers (the error lists the sizes allowed).
+
+The vocabulary is padded to a multiple of ``--make-vocab-size-divisible-by`` (128,
+megarm's ``model.make_vocab_size_divisible_by``) with zero rows. The padding does
+*not* depend on the tensor-parallel size, so one checkpoint serves every layout.
+
+Output formats:
+
+``torch_dist`` (default)
+    megatron-core ``dist_checkpointing``: ``<save>/iter_0000000/`` plus
+    ``latest_checkpointed_iteration.txt``; megarm loads it at any TP/PP
+    (``checkpoint.load=MCORE_DIR``). The target TP/PP are only validated.
+``legacy``
+    ``<save>/iter_0000000/mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly the
+    target TP/PP (Megatron-LM's layout; ``_YYY`` only when PP > 1).
+
+Next to the weights the save directory gets the HF ``config.json`` (so
+``model.hf_config=MCORE_DIR`` gives megarm the shape), the tokenizer files (from
+``--tokenizer-model``, else from HF_DIR) and ``megarm_model.json`` describing the
+conversion. Everything is written to a temporary directory beside MCORE_DIR and
+renamed into place only when complete.
+
+Memory: weights stream from disk one tensor (one q/k/v or gate/up group) at a time,
+one weight file open at a time, so the HF side never costs more than a few tensors.
+``torch_dist`` holds the whole megarm model (in ``--params-dtype``), and
+megatron-core's saver additionally clones every tensor it writes as a view (the
+gate/up halves of each ``linear_fc1``), so the peak is about 1.5-2x the model in
+``--params-dtype``, not one shard. ``legacy`` holds one pipeline stage twice (its
+full tensors and the TP shards being written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as ``python ckpt_convert/hf2mcore.py``: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from ckpt_convert.qwen2_mapping import (
+    Entry,
+    MappingError,
+    Qwen2Shape,
+    Spec,
+    entries,
+    hf_to_mcore,
+    is_dropped,
+    layout_problems,
+    megarm_model_overrides,
+)
+
+log = logging.getLogger("hf2mcore")
+
+CAUSAL_LM = "Qwen2ForCausalLM"
+SEQ_CLS = "Qwen2ForSequenceClassification"
+ITERATION = 0
+TRACKER = "latest_checkpointed_iteration.txt"
+# Files a Hugging Face tokenizer directory may hold; copied next to the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ConversionError(RuntimeError):
+    """The input cannot be converted as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- HF reading
+
+
+class HFCheckpoint:
+    """Lazy, file-by-file access to the tensors of an HF model directory.
+
+    Construction only looks at file names and index JSON; no weight file is opened
+    until :meth:`names` or :meth:`read` needs it. At most one weight file is open at
+    a time, so memory stays bounded by the tensors being converted.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.kind: str
+        self.weight_map: dict[str, str] | None = None
+        self.single: str | None = None
+        for index, kind in (
+            ("model.safetensors.index.json", "safetensors"),
+            ("pytorch_model.bin.index.json", "bin"),
+        ):
+            path = directory / index
+            if path.is_file():
+                try:
+                    self.weight_map = dict(json.loads(path.read_text())["weight_map"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ConversionError(f"{path} is not a valid weight index: {exc}") from exc
+                self.kind = kind
+                break
+        else:
+            for single, kind in (
+                ("model.safetensors", "safetensors"),
+                ("pytorch_model.bin", "bin"),
+            ):
+                if (directory / single).is_file():
+                    self.single, self.kind = single, kind
+                    break
+            else:
+                raise ConversionError(
+                    f"{directory} holds no model.safetensors(.index.json) or "
+                    "pytorch_model.bin(.index.json); point --load-dir at an HF model directory"
+                )
+        self._open_file: str | None = None
+        self._handle: Any = None
+        self._stack = contextlib.ExitStack()
+        self.files_opened: list[str] = []
+
+    @property
+    def files(self) -> list[str]:
+        """Weight files in the order their tensors are best read."""
+        if self.weight_map is None:
+            return [self.single]  # type: ignore[list-item]
+        return sorted(set(self.weight_map.values()))
+
+    def file_of(self, name: str) -> str:
+        """The file holding tensor ``name``."""
+        if self.weight_map is None:
+            return self.single  # type: ignore[return-value]
+        try:
+            return self.weight_map[name]
+        except KeyError:
+            raise ConversionError(
+                f"{name} is not in {self.directory}'s weight index; is this a Qwen2 checkpoint?"
+            ) from None
+
+    def where(self, name: str) -> str:
+        """``dir/file`` holding ``name`` (for error messages)."""
+        return str(self.directory / self.file_of(name))
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (reads only headers for safetensors)."""
+        if self.weight_map is not None:
+            return list(self.weight_map)
+        self._switch(self.single)  # type: ignore[arg-type]
+        return list(self._handle.keys())
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored (dtype unchanged)."""
+        file = self.file_of(name)
+        self._switch(file)
+        if self.kind == "safetensors":
+            if name not in self._keys:
+                raise ConversionError(f"{name} is missing from {self.directory / file}")
+            return self._handle.get_tensor(name)
+        if name not in self._handle:
+            raise ConversionError(f"{name} is missing from {self.directory / file}")
+        return self._handle[name]
+
+    def _switch(self, file: str) -> None:
+        if file == self._open_file:
+            return
+        self.close()
+        path = self.directory / file
+        if not path.is_file():
+            raise ConversionError(f"weight file {path} (named by the index) does not exist")
+        self.files_opened.append(file)
+        try:
+            if self.kind == "safetensors":
+                from safetensors import safe_open
+
+                self._handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                self._keys = set(self._handle.keys())
+            else:
+                self._handle = _torch_load(path)
+        except ConversionError:
+            raise
+        except Exception as exc:  # corrupt or truncated files raise many types
+            raise ConversionError(f"cannot read weight file {path}: {exc}") from exc
+        self._open_file = file
+
+    def close(self) -> None:
+        """Release the open weight file."""
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self._handle, self._open_file = None, None
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """``pytorch_model.bin`` with ``weights_only=True``; memory-mapped when the file is
+    in torch's zip format (anything since torch 1.6), so tensors load on access."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Pre-zip (legacy) serialization cannot be memory-mapped.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def read_hf_config(load_dir: Path) -> dict[str, Any]:
+    """The HF ``config.json`` of ``load_dir`` as a dict."""
+    path = load_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"no config.json in {load_dir}; --load-dir must be an HF model dir")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return data
+
+
+def num_labels(hf: dict[str, Any]) -> int:
+    """HF's ``num_labels``: explicit, else the size of ``id2label``, else its default 2."""
+    if hf.get("num_labels") is not None:
+        return int(hf["num_labels"])
+    if hf.get("id2label"):
+        return len(hf["id2label"])
+    return 2
+
+
+def architecture(hf: dict[str, Any], config_path: Path) -> str | None:
+    """``Qwen2ForCausalLM`` or ``Qwen2ForSequenceClassification`` (num_labels=1) from
+    config.json; ``None`` when config.json names no architecture."""
+    archs = hf.get("architectures") or []
+    if not archs:
+        return None
+    arch = archs[0]
+    if arch == CAUSAL_LM:
+        return arch
+    if arch == SEQ_CLS:
+        labels = num_labels(hf)
+        if labels != 1:
+            raise ConversionError(
+                f"{config_path}: {SEQ_CLS} with num_labels={labels}; megarm's value head is a "
+                "single scalar (num_labels=1). Convert the base Qwen2ForCausalLM instead"
+            )
+        return arch
+    raise ConversionError(
+        f"{config_path}: architecture {arch!r} is not supported; expected {CAUSAL_LM} or "
+        f"{SEQ_CLS} (num_labels=1)"
+    )
+
+
+def build_config(
+    hf: dict[str, Any], config_path: Path, params_dtype: str, divisible_by: int, seed: int
+) -> Any:
+    """megarm's config (TP=1, PP=1) for the model config.json describes."""
+    from megarm.config import ConfigError, load_config
+
+    try:
+        overrides = megarm_model_overrides(hf, str(config_path))
+    except MappingError as exc:
+        raise ConversionError(str(exc)) from exc
+    overrides += [
+        f"model.make_vocab_size_divisible_by={divisible_by}",
+        f"model.params_dtype={params_dtype}",
+        f"training.seed={seed}",
+        # The config only describes the model; keep its checks from tripping over
+        # the data defaults of a tiny model.
+        f"data.seq_length={min(1024, int(hf.get('max_position_embeddings') or 1024))}",
+    ]
+    try:
+        return load_config(None, overrides)
+    except ConfigError as exc:
+        raise ConversionError(f"{config_path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _ordered(selected: list[Entry], ckpt: HFCheckpoint) -> list[Entry]:
+    """Entries sorted by the weight file of their first tensor, so files are read one
+    after another (stable: model order within a file)."""
+    order = {file: i for i, file in enumerate(ckpt.files)}
+    return sorted(selected, key=lambda e: order.get(ckpt.file_of(e.hf[0]), 0))
+
+
+def write_torch_dist(
+    ckpt: HFCheckpoint, cfg: Any, shape: Qwen2Shape, with_score: bool, out: Path, hf: dict
+) -> None:
+    """Fill megarm's model (TP=1, PP=1, one process) and save it with dist_checkpointing."""
+    from megarm import distributed
+    from megarm.config import to_dict
+    from megarm.model.builder import build_model
+    from megarm.testing import free_port
+    from megarm.training.checkpointing import save_checkpoint
+
+    # One process of its own: a converter started by torchrun must still be TP=PP=1.
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    distributed.init(1, 1, seed=cfg.training.seed)
+    try:
+        (model,) = build_model(cfg)
+        state = model.state_dict()
+        spec: Spec = (
+            "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state) else "local"
+        )
+        selected = _ordered(entries(shape.num_layers, with_score, spec), ckpt)
+        filled = set()
+        with torch.no_grad():
+            for name, tensor in hf_to_mcore(ckpt.read, shape, selected, where=ckpt.where):
+                state[name].copy_(tensor)  # casts to the params dtype in place
+                filled.add(name)
+        ckpt.close()
+        unfilled = [k for k, v in state.items() if torch.is_tensor(v) and k not in filled]
+        if unfilled != ([] if with_score else ["value_head.weight"]):
+            raise ConversionError(f"model tensors not filled from the checkpoint: {unfilled}")
+        common = {
+            "iteration": ITERATION,
+            "consumed_samples": 0,
+            "megarm_config": to_dict(cfg),
+            "hf_config": hf,
+        }
+        save_checkpoint(out, ITERATION, [model], common)
+    finally:
+        distributed.teardown()
+
+
+def fresh_value_head(hidden_size: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The value head megarm's model would initialise: N(0, 1/(hidden+1)), seeded."""
+    from megarm.model.reward_model import init_value_head
+
+    weight = torch.empty(1, hidden_size)
+    init_value_head(weight, hidden_size, seed)
+    return weight.to(dtype)
+
+
+def legacy_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron-LM's per-rank directory name (``_YYY`` only with pipeline parallelism)."""
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
+
+
+def write_legacy(
+    ckpt: HFCheckpoint,
+    cfg: Any,
+    shape: Qwen2Shape,
+    with_score: bool,
+    out: Path,
+    tp: int,
+    pp: int,
+    spec: Spec,
+) -> None:
+    """``mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly TP x PP, one stage at a time."""
+    from megarm.config import to_dict
+    from megarm.model.builder import params_dtype
+    from megarm.model.sharding import chunk_layers, shard_state_dict
+
+    dtype = params_dtype(cfg)
+    saved_cfg = to_dict(cfg)
+    saved_cfg["parallel"].update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    root = out / f"iter_{ITERATION:07d}"
+    all_entries = entries(shape.num_layers, with_score, spec)
+    for pp_rank in range(pp):
+        layers = chunk_layers(shape.num_layers, pp_rank, pp)
+        first, last = pp_rank == 0, pp_rank == pp - 1
+        selected = [
+            e
+            for e in all_entries
+            if (e.part == "embedding" and first)
+            or (e.part == "final" and last)
+            or (e.layer is not None and e.layer in layers)
+        ]
+        full = dict(hf_to_mcore(ckpt.read, shape, _ordered(selected, ckpt), dtype, ckpt.where))
+        if last and not with_score:
+            full["value_head.weight"] = fresh_value_head(
+                shape.hidden_size, cfg.training.seed, dtype
+            )
+        for tp_rank in range(tp):
+            shard = shard_state_dict(full, shape.num_layers, tp_rank, tp, pp_rank, pp)
+            rank_dir = root / legacy_rank_dir(tp_rank, pp_rank, pp)
+            rank_dir.mkdir(parents=True)
+            torch.save(
+                {
+                    "model": shard,
+                    "checkpoint_version": 3.0,
+                    "iteration": ITERATION,
+                    "megarm_config": saved_cfg,
+                },
+                rank_dir / "model_optim_rng.pt",
+            )
+            del shard
+        del full
+    ckpt.close()
+    (out / TRACKER).write_text(f"{ITERATION}\n")
+
+
+def copy_side_files(
+    out: Path, load_dir: Path, tokenizer_dir: Path | None, info: dict[str, Any]
+) -> list[str]:
+    """config.json, tokenizer files and megarm_model.json (``info``, completed with the
+    tokenizer files copied) into ``out``; returns the tokenizer files copied."""
+    hf = dict(info["hf_config"])
+    if "rope_theta" not in hf:
+        # transformers 5 writes only rope_parameters.rope_theta; the top-level key
+        # (what transformers 4 and the published Qwen2.5 configs have) keeps readers
+        # of ``model.hf_config=MCORE_DIR`` that look for rope_theta correct.
+        hf["rope_theta"] = info["model"]["rotary_base"]
+        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    else:
+        shutil.copy2(load_dir / "config.json", out / "config.json")
+    source = tokenizer_dir or load_dir
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+            copied.append(name)
+    info["tokenizer_files"] = copied
+    (out / "megarm_model.json").write_text(json.dumps(info, indent=2) + "\n")
+    return copied
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="hf2mcore.py",
+        description="Convert an HF Qwen2/Qwen2.5 checkpoint into a megarm reward-model checkpoint.",
+    )
+    p.add_argument("--load-dir", required=True, help="HF model directory (config.json + weights)")
+    p.add_argument("--save-dir", required=True, help="output directory (must not exist)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP (default 1)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP (default 1)")
+    p.add_argument(
+        "--format",
+        choices=("torch_dist", "legacy"),
+        default="torch_dist",
+        help="torch_dist: loadable at any TP/PP (default); legacy: mp_rank_XX for TP x PP",
+    )
+    p.add_argument(
+        "--params-dtype",
+        choices=tuple(DTYPES),
+        default="bf16",
+        help="dtype of the saved weights (default bf16)",
+    )
+    p.add_argument("--tokenizer-model", help="tokenizer directory to copy (default: --load-dir's)")
+    p.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this (default 128; independent of TP)",
+    )
+    p.add_argument(
+        "--spec",
+        choices=("local", "te"),
+        default="local",
+        help="legacy format only: layer-norm names of megatron's local or TE layer spec "
+        "(torch_dist keys do not depend on the spec)",
+    )
+    p.add_argument("--seed", type=int, default=1234, help="seed of a freshly drawn value head")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
+    return p
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the conversion ``args`` describe; returns what megarm_model.json records."""
+    started = time.perf_counter()
+    load, save = Path(args.load_dir), Path(args.save_dir)
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError(
+            "hf2mcore.py converts in one process; run it with python, not torchrun"
+        )
+    config_path = load / "config.json"
+    hf = read_hf_config(load)
+
+    # Everything config.json can tell is checked before any weight file is opened.
+    arch = architecture(hf, config_path)
+    cfg = build_config(
+        hf, config_path, args.params_dtype, args.make_vocab_size_divisible_by, args.seed
+    )
+    shape = Qwen2Shape.from_megarm(cfg.model)
+    problems = layout_problems(shape, tp, pp)
+    if problems:
+        raise ConversionError(f"{config_path}: " + "; ".join(problems))
+    if save.exists() and not args.overwrite:
+        raise ConversionError(f"--save-dir {save} exists; remove it or pass --overwrite")
+    tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else None
+    if tokenizer_dir is not None and not any(
+        (tokenizer_dir / n).is_file() for n in TOKENIZER_FILES
+    ):
+        raise ConversionError(
+            f"--tokenizer-model {tokenizer_dir} holds none of {', '.join(TOKENIZER_FILES[:3])}; "
+            "pass a Hugging Face tokenizer directory"
+        )
+
+    ckpt = HFCheckpoint(load)
+    names = ckpt.names()
+    if arch is None:
+        arch = SEQ_CLS if "score.weight" in names else CAUSAL_LM
+        log.info("config.json names no architecture; the weights look like %s", arch)
+    with_score = arch == SEQ_CLS
+    selected = entries(shape.num_layers, with_score)
+    wanted = {name for e in selected for name in e.hf}
+    missing = sorted(wanted - set(names))
+    if missing:
+        raise ConversionError(
+            f"{load} lacks {len(missing)} tensor(s) a {arch} with {shape.num_layers} layers has, "
+            f"e.g. {missing[0]}; the weights and config.json disagree"
+        )
+    extra = sorted(n for n in names if n not in wanted and not is_dropped(n))
+    if extra:
+        raise ConversionError(
+            f"{load} has tensor(s) the Qwen2 mapping does not know, e.g. {extra[0]} "
+            f"({len(extra)} in all); is this really a {arch}?"
+        )
+    dropped = [n for n in names if is_dropped(n)]
+    if dropped:
+        log.info("dropping %s (a reward model has no LM head)", ", ".join(dropped))
+    elif arch == CAUSAL_LM:
+        log.info(
+            "no lm_head.weight (tie_word_embeddings=%s): nothing to drop",
+            hf.get("tie_word_embeddings"),
+        )
+
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if args.format == "torch_dist":
+            write_torch_dist(ckpt, cfg, shape, with_score, tmp, hf)
+        else:
+            write_legacy(ckpt, cfg, shape, with_score, tmp, tp, pp, args.spec)
+        head = (
+            "score.weight of the Qwen2ForSequenceClassification input"
+            if with_score
+            else f"fresh N(0, 1/(hidden+1)) draw, seed {args.seed}"
+        )
+        if not with_score:
+            log.info("value head initialised: %s (the LM head is not a reward head)", head)
+        from megarm.config import to_dict
+
+        info = {
+            "format": args.format,
+            "source": str(load.resolve()),
+            "architecture": arch,
+            "value_head": head,
+            "params_dtype": args.params_dtype,
+            "padded_vocab_size": shape.padded_vocab_size,
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "iteration": ITERATION,
+            "model": {k: v for k, v in to_dict(cfg)["model"].items() if k != "hf_config"},
+            "hf_config": hf,
+        }
+        copy_side_files(tmp, load, tokenizer_dir, info)
+        if save.exists():
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info(
+        "wrote %s checkpoint %s in %.1fs (peak RSS %.0f MiB)",
+        args.format,
+        save,
+        time.perf_counter() - started,
+        usage,
+    )
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a bad input or layout)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    # Conversion is pure data movement: keep megarm (and megatron-core) on the CPU
+    # even on a GPU machine.
+    os.environ["MEGARM_DEVICE"] = "cpu"
+    try:
+        convert(args)
+    except (ConversionError, MappingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # dist_checkpointing starts worker processes: nothing may run on import.
+    sys.exit(main())

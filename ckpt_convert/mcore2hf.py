@@ -1,0 +1,358 @@
+"""Export a megarm torch_dist checkpoint as an HF ``Qwen2ForSequenceClassification``.
+
+    python ckpt_convert/mcore2hf.py --load-dir MCORE_DIR --save-dir HF_DIR \\
+        [--iteration N] [--tokenizer-model DIR] [--max-shard-size 5GB]
+
+The checkpoint may have been saved at any TP/PP: it is loaded in one process at
+TP=1, PP=1 (megatron-core's dist_checkpointing reshards on load). The model shape
+comes from the ``megarm_config`` saved with the checkpoint (or a ``config.json`` in
+MCORE_DIR). The output is what ``AutoModelForSequenceClassification.from_pretrained``
+(and vLLM) load with no missing or unexpected keys:
+
+- ``model*.safetensors`` split with huggingface_hub's
+  ``split_torch_state_dict_into_shards`` (``model.safetensors.index.json`` when there
+  is more than one shard, as transformers itself writes them), the padded
+  vocabulary rows stripped and ``score.weight`` = megarm's value head;
+- ``config.json``: a transformers ``Qwen2Config`` with
+  ``architectures: ["Qwen2ForSequenceClassification"]``, ``num_labels=1`` and
+  ``pad_token_id`` (from the tokenizer, else the source config);
+- the tokenizer files (``--tokenizer-model``, else those in MCORE_DIR).
+
+Only one shard of HF tensors exists at a time beside the model itself. Everything
+is written to a temporary directory next to HF_DIR and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as ``python ckpt_convert/mcore2hf.py``: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from ckpt_convert.qwen2_mapping import (
+    MappingError,
+    Qwen2Shape,
+    Spec,
+    entries,
+    hf_shapes,
+    mcore_to_hf,
+)
+
+log = logging.getLogger("mcore2hf")
+
+ARCHITECTURE = "Qwen2ForSequenceClassification"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# HF config keys that describe more than the shape; carried over from a source
+# config.json when there is one (hf2mcore copies it beside the weights).
+CARRIED_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "sliding_window",
+    "max_window_layers",
+    "use_sliding_window",
+    "initializer_range",
+    "attention_dropout",
+)
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def source_hf_config(load: Path, checkpoint: Path) -> dict[str, Any]:
+    """The HF config the model came from, or ``{}``: the config.json beside the
+    checkpoint (hf2mcore copies it there), else the one hf2mcore stored in the
+    checkpoint's common state, else the config.json that the training run's
+    ``model.hf_config`` named (a Trainer checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    if (load / "config.json").is_file():
+        return _read_json(load / "config.json")
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    except Exception:  # noqa: BLE001 - no common state: nothing more to learn
+        return {}
+    if isinstance(common.get("hf_config"), dict):
+        return common["hf_config"]
+    hf_dir = ((common.get("megarm_config") or {}).get("model") or {}).get("hf_config")
+    if hf_dir:
+        path = Path(hf_dir) / "config.json" if Path(hf_dir).is_dir() else Path(hf_dir)
+        if path.is_file():
+            return _read_json(path)
+    return {}
+
+
+def stored_dtype(checkpoint: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (its embedding's)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    for key in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight"):
+        if key in meta and getattr(meta[key], "dtype", None) is not None:
+            return meta[key].dtype
+    return torch.float32
+
+
+def pad_token_id(tokenizer_dir: Path | None, base: dict[str, Any]) -> int | None:
+    """The tokenizer's pad id, else the source config's ``pad_token_id``."""
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        if tokenizer.pad_token_id is not None:
+            return int(tokenizer.pad_token_id)
+    value = base.get("pad_token_id")
+    return int(value) if value is not None else None
+
+
+def tokenizer_source(args: argparse.Namespace, load: Path) -> Path | None:
+    """``--tokenizer-model``, else MCORE_DIR when it holds tokenizer files."""
+    if args.tokenizer_model:
+        path = Path(args.tokenizer_model)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ExportError(
+                f"--tokenizer-model {path} holds none of {', '.join(TOKENIZER_FILES[:3])}"
+            )
+        return path
+    if any((load / name).is_file() for name in TOKENIZER_FILES):
+        return load
+    return None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def hf_config(model: Any, base: dict[str, Any], pad_id: int | None, dtype: torch.dtype) -> Any:
+    """transformers' ``Qwen2Config`` for the exported reward model."""
+    import inspect
+
+    from transformers import Qwen2Config
+
+    from megarm.config import head_dim
+
+    kwargs: dict[str, Any] = {key: base[key] for key in CARRIED_KEYS if key in base}
+    kwargs.update(
+        architectures=[ARCHITECTURE],
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups,
+        max_position_embeddings=model.max_position_embeddings,
+        rope_theta=float(model.rotary_base),
+        rms_norm_eps=model.norm_epsilon,
+        hidden_act="silu",
+        tie_word_embeddings=model.tie_word_embeddings,
+        pad_token_id=pad_id,
+        id2label={0: "LABEL_0"},
+        label2id={"LABEL_0": 0},
+    )
+    # transformers 5 calls it ``dtype``, 4.x ``torch_dtype``.
+    signature = inspect.signature(Qwen2Config.__init__).parameters
+    kwargs["dtype" if "dtype" in signature else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    config = Qwen2Config(**kwargs)
+    if head_dim(model) != model.hidden_size // model.num_attention_heads:
+        # Not a constructor argument of every Qwen2Config; the attention reads the attribute.
+        config.head_dim = head_dim(model)
+    return config
+
+
+def write_weights(
+    state: dict[str, torch.Tensor],
+    shape: Qwen2Shape,
+    spec: Spec,
+    out: Path,
+    dtype: torch.dtype,
+    max_shard_size: str,
+) -> dict[str, Any]:
+    """HF safetensors shards (and the index when there are several) from megarm's full
+    state dict; one shard's tensors are materialised at a time."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    selected = entries(shape.num_layers, with_score=True, spec=spec)
+    # Sizes only (meta tensors): sharding is planned before any tensor is built.
+    planned = {
+        name: torch.empty(size, dtype=dtype, device="meta")
+        for name, size in hf_shapes(shape, with_score=True).items()
+    }
+    split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        wanted = set(names)
+        needed = [e for e in selected if wanted & set(e.hf)]
+        tensors = {
+            name: tensor.to(dtype).contiguous()
+            for name, tensor in mcore_to_hf(state.__getitem__, shape, needed)
+            if name in wanted
+        }
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        del tensors
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"files": list(split.filename_to_tensors), "total_size": split.metadata["total_size"]}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="mcore2hf.py",
+        description="Export a megarm checkpoint as an HF Qwen2ForSequenceClassification.",
+    )
+    p.add_argument("--load-dir", required=True, help="megarm checkpoint (save root or iter dir)")
+    p.add_argument("--save-dir", required=True, help="output HF directory (must not exist)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration (default: latest)")
+    p.add_argument("--tokenizer-model", help="tokenizer directory to copy (default: MCORE_DIR's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
+    p.add_argument(
+        "--params-dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="dtype of the exported weights (auto: as stored in the checkpoint)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
+    return p
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the export ``args`` describe; returns a summary."""
+    from megarm import distributed
+    from megarm.config import ConfigError, load_config
+    from megarm.model.builder import build_model
+    from megarm.score import ScoreError, checkpoint_model_overrides
+    from megarm.testing import free_port
+    from megarm.training.checkpointing import load_model_weights, resolve_checkpoint
+
+    started = time.perf_counter()
+    load, save = Path(args.load_dir), Path(args.save_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ExportError("mcore2hf.py exports in one process; run it with python, not torchrun")
+    if save.exists() and not args.overwrite:
+        raise ExportError(f"--save-dir {save} exists; remove it or pass --overwrite")
+    try:
+        checkpoint = resolve_checkpoint(load, args.iteration)
+        overrides = checkpoint_model_overrides(load, args.iteration)
+    except (FileNotFoundError, ScoreError) as exc:
+        raise ExportError(str(exc)) from exc
+    base = source_hf_config(load, checkpoint)
+    stored = stored_dtype(checkpoint)
+    # Load in the stored dtype: the export is then bit-exact (no round trip).
+    overrides += [f"model.params_dtype={_DTYPE_NAMES.get(stored, 'fp32')}", "training.seed=0"]
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from exc
+    shape = Qwen2Shape.from_megarm(cfg.model)
+    out_dtype = stored if args.params_dtype == "auto" else DTYPES[args.params_dtype]
+    tokenizer_dir = tokenizer_source(args, load)
+    pad_id = pad_token_id(tokenizer_dir, base)
+    if pad_id is None:
+        log.warning(
+            "no pad_token_id (no tokenizer and none in a source config.json): transformers "
+            "then scores only batches of one; pass --tokenizer-model"
+        )
+
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # One process of its own, whatever launched it.
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        distributed.init(1, 1, seed=0)
+        try:
+            (model,) = build_model(cfg)
+            load_model_weights(load, [model], args.iteration)
+            state = model.state_dict()
+            spec: Spec = (
+                "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state) else "local"
+            )
+            weights = write_weights(state, shape, spec, tmp, out_dtype, args.max_shard_size)
+        finally:
+            distributed.teardown()
+        hf_config(cfg.model, base, pad_id, out_dtype).save_pretrained(str(tmp))
+        copied = []
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+                    copied.append(name)
+        if save.exists():
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info(
+        "exported %s (%d shard(s), %s) to %s in %.1fs (peak RSS %.0f MiB)",
+        checkpoint,
+        len(weights["files"]),
+        str(out_dtype).removeprefix("torch."),
+        save,
+        time.perf_counter() - started,
+        peak,
+    )
+    return {"checkpoint": str(checkpoint), "tokenizer_files": copied, **weights}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a bad input)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    # Export is data movement: keep megarm and megatron-core on the CPU.
+    os.environ["MEGARM_DEVICE"] = "cpu"
+    try:
+        export(args)
+    except (ExportError, MappingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # dist_checkpointing starts worker processes: nothing may run on import.
+    sys.exit(main())
