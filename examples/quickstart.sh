@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# The main job on built-in defaults: set up .venv if needed, then train a tiny
-# Qwen2-shaped reward model at tensor-parallel size 2 on CPU (or GPU) through
-# torchrun, on generated preference pairs, and print the loss and accuracy.
+# The main job on built-in defaults, offline on CPU in a few minutes: set up .venv
+# if needed, then run the end-to-end demo (python -m megarm.demo): tokenizer and a
+# tiny Qwen2 HF checkpoint built offline -> synthetic preference pairs ->
+# tools/preprocess_data.py -> ckpt_convert/hf2mcore.py -> training at TP=2 through
+# torchrun -> ckpt_convert/mcore2hf.py -> held-out accuracy from transformers.
 #
-#   bash examples/quickstart.sh [section.key=value ...]
+#   bash examples/quickstart.sh [--work-dir DIR] [section.key=value ...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source tools/setup_env.sh
-
-NPROC="${NPROC:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-echo "[quickstart] torchrun --nproc_per_node $NPROC -m megarm.train --config configs/orm_trainer_tiny.yaml $*"
-start=$(date +%s)
-"$MEGARM_PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" \
-  -m megarm.train --config configs/orm_trainer_tiny.yaml "$@"
-echo "[quickstart] done in $(( $(date +%s) - start ))s; metrics in runs/tiny/metrics.jsonl, TensorBoard in runs/tiny/tensorboard"
+exec "$MEGARM_PY" -m megarm.demo "$@"

@@ -99,6 +99,10 @@ _EXPECTED_WARNINGS = (
     r"Apex is not installed\. Falling back to Torch Norm",
     r"full scope is deprecated.*",
     r"When using async grad allreduce it is recommended.*",
+    # megatron-core 0.16's dist_checkpointing still calls these torch APIs.
+    r"`load_state_dict` is deprecated.*",
+    r"Please use DTensor instead and we are deprecating ShardedTensor.*",
+    r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
 )
 
 
