@@ -8,10 +8,12 @@ that rank's traceback; a hang raises after ``timeout`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import traceback
 from collections.abc import Callable
@@ -38,6 +40,8 @@ def _child(
     env: dict[str, str],
     results: mp.Queue,
 ) -> None:
+    # Own process group: the parent can kill this rank with anything it spawned.
+    os.setpgrp()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -105,6 +109,7 @@ def run_distributed(
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.join()
     return [collected[rank] for rank in range(world_size)]

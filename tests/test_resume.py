@@ -110,8 +110,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
         "training.train_iters=50", "checkpoint.save_interval=1", f"checkpoint.save={ckpt}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Its own session, so the kill takes the checkpoint writer's helper processes too.
     proc = subprocess.Popen([sys.executable, "-m", "megarm.train", *big], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     killed_during = None
     deadline = time.time() + 300
     try:
@@ -119,12 +121,15 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
             tmps = list(ckpt.glob("iter_*.tmp")) if ckpt.is_dir() else []
             tracker = ckpt / "latest_checkpointed_iteration.txt"
             if tmps and tracker.is_file():  # a second save is under way
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 killed_during = tmps[0].name
                 break
             time.sleep(0.002)
     finally:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
     assert killed_during, "never caught a save in progress"
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
