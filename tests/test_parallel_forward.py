@@ -28,12 +28,11 @@ def _reference(overrides: tuple[str, ...]):
 
 def _sharded_rewards(overrides: tuple[str, ...], full: dict[str, torch.Tensor]):
     """Rewards at the layout ``overrides`` sets, through the pipeline schedule."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megarm import distributed
     from megarm.model.builder import build_model
-    from megarm.model.sharding import shard_state_dict
+    from megarm.model.sharding import load_full_state_dict
     from megarm.training.step import forward_step
 
     cfg = tiny_config(*overrides)
@@ -45,19 +44,7 @@ def _sharded_rewards(overrides: tuple[str, ...], full: dict[str, torch.Tensor]):
         seed=cfg.training.seed,
     )
     chunks = build_model(cfg)
-    for vp, chunk in enumerate(chunks):
-        chunk.load_state_dict(
-            shard_state_dict(
-                full,
-                cfg.model.num_layers,
-                ps.get_tensor_model_parallel_rank(),
-                p.tensor_model_parallel_size,
-                ps.get_pipeline_model_parallel_rank(),
-                p.pipeline_model_parallel_size,
-                vp if p.virtual_pipeline_model_parallel_size else None,
-                p.virtual_pipeline_model_parallel_size,
-            )
-        )
+    load_full_state_dict(chunks, full, cfg)
     batch = pair_batch(3, 24, cfg.model.vocab_size, seed=1)
     nmb = 2 if p.virtual_pipeline_model_parallel_size else 1
     outputs = get_forward_backward_func()(

@@ -106,3 +106,26 @@ def shard_state_dict(
             raise KeyError(f"unexpected parameter {name!r} in a reward-model state dict")
         out[local] = split_tp(name, tensor, tp_rank, tp_size).clone()
     return out
+
+
+def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor], cfg) -> None:
+    """Load a full (TP=1, PP=1) state dict into this rank's model chunks, cutting it
+    for this rank's place in megatron-core's parallel groups (``cfg``: MegarmConfig)."""
+    from megatron.core import parallel_state as ps
+
+    p = cfg.parallel
+    vpp = p.virtual_pipeline_model_parallel_size
+    for vp, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        module.load_state_dict(
+            shard_state_dict(
+                full,
+                cfg.model.num_layers,
+                ps.get_tensor_model_parallel_rank(),
+                p.tensor_model_parallel_size,
+                ps.get_pipeline_model_parallel_rank(),
+                p.pipeline_model_parallel_size,
+                vp if vpp else None,
+                vpp,
+            )
+        )

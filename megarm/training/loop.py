@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megarm import platform
 from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.model.builder import build_model, count_parameters, params_dtype
+from megarm.model.sharding import load_full_state_dict
 from megarm.training.checkpointing import Resumed, load_checkpoint, save_checkpoint
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
@@ -296,22 +297,7 @@ class Trainer:
     def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
         """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh
         the optimizer's main parameters (tests and conversions use it)."""
-        from megarm.model.sharding import shard_state_dict
-
-        p = self.cfg.parallel
-        for vp, chunk in enumerate(self.model):
-            chunk.module.load_state_dict(
-                shard_state_dict(
-                    full,
-                    self.cfg.model.num_layers,
-                    ps.get_tensor_model_parallel_rank(),
-                    p.tensor_model_parallel_size,
-                    ps.get_pipeline_model_parallel_rank(),
-                    p.pipeline_model_parallel_size,
-                    vp if p.virtual_pipeline_model_parallel_size else None,
-                    p.virtual_pipeline_model_parallel_size,
-                )
-            )
+        load_full_state_dict(self.model, full, self.cfg)
         self.optimizer.reload_model_params()
 
     def close(self) -> None:
