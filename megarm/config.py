@@ -152,6 +152,11 @@ class DataConfig:
     synthetic_num_pairs: int = 512
     """Number of generated pairs when ``data_path`` is null."""
 
+    packing: bool = False
+    """Pack the chosen and rejected sequences of a micro-batch's pairs into as few
+    rows of ``seq_length`` tokens as possible (positions restart per sequence,
+    attention stays within it), instead of padding every row to the longest."""
+
 
 @dataclass
 class TrainingConfig:
