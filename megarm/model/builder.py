@@ -88,7 +88,9 @@ def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
     megarm's SDPA core attention.
     """
     backend = cfg.model.attention_backend
-    if backend == "auto" and platform.has_transformer_engine():
+    # Packed rows need megarm's block-diagonal mask, which TE's causal attention
+    # would ignore: packing takes the SDPA path until TE's THD format is wired in.
+    if backend == "auto" and platform.has_transformer_engine() and not cfg.data.packing:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.input_layernorm = RMSNorm

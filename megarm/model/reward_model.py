@@ -102,18 +102,23 @@ class RewardModel(MegatronModule):
         position_ids: Tensor,
         attention_mask: Tensor | None,
         reward_index: Tensor | None = None,
+        reward_row: Tensor | None = None,
     ) -> Tensor:
         """Run this stage.
 
         Args:
             input_ids: ``[b, s]`` token ids (read by the first stage only).
-            position_ids: ``[b, s]`` positions.
+            position_ids: ``[b, s]`` positions. When they are not ``arange(s)`` in
+                every row (packed sequences restart at 0) RoPE is applied per token.
             attention_mask: ``[b, 1, s, s]`` bool, True where attention is *blocked*;
                 ``None`` means plain causal attention.
-            reward_index: ``[b]`` position of each row's reward token (last stage).
+            reward_index: ``[n]`` position of each sequence's reward token in its row
+                (last stage).
+            reward_row: ``[n]`` row of each sequence's reward token; ``None`` means
+                ``arange(b)`` (one sequence per row).
 
         Returns:
-            ``[b]`` rewards on the last stage; the hidden states ``[s, b, h]`` for
+            ``[n]`` rewards on the last stage; the hidden states ``[s, b, h]`` for
             the next stage otherwise.
         """
         decoder_input = (
@@ -121,7 +126,7 @@ class RewardModel(MegatronModule):
             if self.pre_process
             else None
         )
-        rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
+        rotary_pos_emb = self.rotary(position_ids, input_ids.shape[1])
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
@@ -129,18 +134,33 @@ class RewardModel(MegatronModule):
         )
         if not self.post_process:
             return hidden
-        return self.rewards(hidden, reward_index)
+        return self.rewards(hidden, reward_index, reward_row)
 
-    def rewards(self, hidden: Tensor, reward_index: Tensor) -> Tensor:
-        """Value head at each row's reward token: ``[s, b, h]`` -> ``[b]`` (fp32)."""
+    def rotary(self, position_ids: Tensor | None, seq_length: int) -> Tensor:
+        """RoPE frequencies: ``[s, 1, 1, d]`` for plain ``arange(s)`` positions (the
+        fast path), else ``[s, b, 1, d]`` gathered per token, which megatron-core's
+        bshd rotary application broadcasts over the batch."""
+        if position_ids is None:
+            return self.rotary_pos_emb(seq_length)
+        plain = torch.arange(seq_length, device=position_ids.device)
+        if torch.equal(position_ids, plain.expand_as(position_ids)):
+            return self.rotary_pos_emb(seq_length)
+        freqs = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [n, 1, 1, d]
+        return freqs[:, 0][position_ids.t().to(freqs.device)]  # [s, b, 1, d]
+
+    def rewards(
+        self, hidden: Tensor, reward_index: Tensor, reward_row: Tensor | None = None
+    ) -> Tensor:
+        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]`` (fp32)."""
         if self.config.sequence_parallel:
             # Each TP rank holds s/TP positions; gather so every rank sees every
             # row's reward token (the backward reduce-scatters the gradient).
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False
             )
-        batch = torch.arange(hidden.shape[1], device=hidden.device)
-        picked = hidden[reward_index, batch]  # [b, h]
+        if reward_row is None:
+            reward_row = torch.arange(hidden.shape[1], device=hidden.device)
+        picked = hidden[reward_index, reward_row]  # [n, h]
         return self.value_head(picked).squeeze(-1).float()
 
 

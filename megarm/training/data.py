@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,13 @@ import torch
 from megarm import platform
 from megarm.config import MegarmConfig
 from megarm.data.blend import parse_data_path
-from megarm.data.dataset import build_data_loader, build_pair_datasets, split_ranges
+from megarm.data.dataset import (
+    PairBatchSampler,
+    build_data_loader,
+    build_pair_datasets,
+    split_ranges,
+)
+from megarm.data.packing import collate_packed
 from megarm.data.synthetic import SyntheticPairs
 from megarm.training.step import PairBatch
 
@@ -74,8 +81,22 @@ class _Range:
 
 
 def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
-    """Collated right-padded rows -> the model's micro-batch on this rank's device."""
+    """Collated right-padded rows -> the model's micro-batch on this rank's device.
+
+    A packed micro-batch (from :func:`megarm.data.packing.collate_packed`) brings its
+    own positions, block-diagonal mask and reward rows."""
     tokens = collated["tokens"]
+    if "reward_row" in collated:
+        packed = PairBatch(
+            tokens=tokens,
+            position_ids=collated["position_ids"],
+            reward_index=collated["reward_index"],
+            margin=collated["margin"],
+            labels=collated["labels"],
+            attention_mask=collated["attention_mask"],
+            reward_row=collated["reward_row"],
+        )
+        return packed.to(platform.device())
     rows, seq = tokens.shape
     batch = PairBatch(
         tokens=tokens,
@@ -97,20 +118,38 @@ def micro_batches(
     shuffle: bool = True,
 ) -> Iterator[PairBatch]:
     """Endless stream of this data-parallel rank's micro-batches, resumable at
-    ``consumed_samples`` (counted over all ranks)."""
-    loader = build_data_loader(
-        dataset,
-        cfg.training.micro_batch_size,
-        pad_id,
-        data_parallel_rank=dp_rank,
-        data_parallel_size=dp_size,
-        consumed_samples=consumed_samples,
-        shuffle=shuffle,
-        seed=cfg.training.seed,
-        # Sequence parallelism scatters the sequence over TP ranks.
-        pad_to_multiple_of=(
-            cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-        ),
-    )
+    ``consumed_samples`` (counted over all ranks). With ``data.packing`` each
+    micro-batch holds the same pairs, packed into rows (:mod:`megarm.data.packing`)."""
+    # Sequence parallelism scatters the sequence over TP ranks.
+    multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+    if cfg.data.packing:
+        sampler = PairBatchSampler(
+            len(dataset),
+            cfg.training.micro_batch_size,
+            dp_rank,
+            dp_size,
+            consumed_samples,
+            shuffle,
+            cfg.training.seed,
+        )
+        collate = partial(
+            collate_packed,
+            pad_token_id=pad_id,
+            seq_length=cfg.data.seq_length,
+            pad_to_multiple_of=multiple,
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    else:
+        loader = build_data_loader(
+            dataset,
+            cfg.training.micro_batch_size,
+            pad_id,
+            data_parallel_rank=dp_rank,
+            data_parallel_size=dp_size,
+            consumed_samples=consumed_samples,
+            shuffle=shuffle,
+            seed=cfg.training.seed,
+            pad_to_multiple_of=multiple,
+        )
     for collated in loader:
         yield to_pair_batch(collated)

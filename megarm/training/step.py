@@ -27,16 +27,20 @@ class PairBatch:
     tokens: Tensor
     """``[2b, s]`` token ids, padded."""
     position_ids: Tensor
-    """``[2b, s]`` positions."""
+    """``[2b, s]`` positions (restarting at 0 for every packed sequence)."""
     reward_index: Tensor
-    """``[2b]`` index of each row's reward token (its rightmost non-pad token)."""
+    """``[2b]`` index of each sequence's reward token (its last token) in its row."""
     margin: Tensor
     """``[b]`` Bradley-Terry margin per pair (zeros when the data has none)."""
     labels: Tensor | None = None
     """``[2b, s]`` response labels (-100 over prompt and padding), kept for an
     auxiliary LM loss."""
     attention_mask: Tensor | None = None
-    """``[2b, 1, s, s]`` bool, True where attention is blocked; ``None`` = causal."""
+    """``[rows, 1, s, s]`` bool, True where attention is blocked; ``None`` = causal."""
+    reward_row: Tensor | None = None
+    """``[2b]`` row holding each sequence's reward token when sequences are packed
+    (``data.packing``; then ``reward_index`` is the position within that row and
+    ``tokens`` has ``rows <= 2b`` rows); ``None``: sequence ``i`` is row ``i``."""
 
     @property
     def num_pairs(self) -> int:
@@ -75,9 +79,21 @@ def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
     return -F.logsigmoid(gap - margin.float()), gap
 
 
+def sequence_lengths(batch: PairBatch) -> Tensor:
+    """``[2b]`` real tokens of each sequence: the position of its reward token + 1
+    (positions restart per packed sequence, so this holds packed or not)."""
+    rows = (
+        torch.arange(batch.reward_index.shape[0], device=batch.reward_index.device)
+        if batch.reward_row is None
+        else batch.reward_row
+    )
+    return batch.position_ids[rows, batch.reward_index] + 1
+
+
 def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean pairwise loss of the micro-batch, plus sums for the step's metrics."""
     losses, gap = pairwise_loss(rewards, batch.margin)
+    lengths = sequence_lengths(batch).float()
     chosen, rejected = rewards.detach().float().chunk(2)
     stats = torch.stack(
         [
@@ -89,8 +105,8 @@ def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tens
             rejected.sum(),
             (rejected * rejected).sum(),
             gap.detach().sum(),
-            (batch.reward_index + 1).sum().float(),
-            ((batch.reward_index + 1).float() ** 2).sum(),
+            lengths.sum(),
+            (lengths**2).sum(),
         ]
     )
     return losses.mean(), {"stats": stats, "rewards": rewards.detach()}
@@ -99,7 +115,13 @@ def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tens
 def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
     """megatron-core forward step: every pipeline stage reads the same micro-batch."""
     batch: PairBatch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, batch.attention_mask, batch.reward_index)
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        batch.attention_mask,
+        batch.reward_index,
+        reward_row=batch.reward_row,
+    )
     return output, partial(loss_func, batch)
 
 
