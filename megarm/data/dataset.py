@@ -18,6 +18,7 @@ Importing it is cheap (no torch, no megatron-core) so the config validator can c
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -49,12 +50,17 @@ def rejects_path(prefix: str) -> str:
     return f"{prefix}_rejects.jsonl"
 
 
-def megatron_indexed_dataset() -> Any:
-    # megatron-core warns at import about TE/apex, which data code never uses.
+def _megatron_datasets_module(name: str) -> Any:
+    # Importing megatron-core takes seconds and warns about TE/apex, which data code
+    # never uses: import on first use, without those warnings.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+        return importlib.import_module(f"megatron.core.datasets.{name}")
+
+
+def megatron_indexed_dataset() -> Any:
+    """``megatron.core.datasets.indexed_dataset`` (imported on first use)."""
+    return _megatron_datasets_module("indexed_dataset")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -73,8 +79,9 @@ class PairDataset:
     """The pairs under one prefix, read with megatron-core's ``IndexedDataset``.
 
     ``pair_dataset[i]`` is a dict of int32 arrays for the four keys plus ``margin``
-    (float; 0.0 when the data has none). ``expected_vocab_sha256`` (or a tokenizer)
-    is checked against ``<prefix>_stats.json`` when given.
+    (float; 0.0 when the data has none). ``expected_vocab_sha256`` (from
+    :func:`megarm.data.tokenizer.vocab_sha256`) is checked against
+    ``<prefix>_stats.json`` when given.
     """
 
     def __init__(
@@ -189,12 +196,7 @@ class BlendedPairDataset:
             raise ValueError("need one weight per dataset")
         if any(len(d) == 0 for d in datasets):
             raise ValueError("cannot blend an empty dataset")
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="Transformer Engine and Apex are not installed"
-            )
-            from megatron.core.datasets import helpers_cpp
-
+        helpers_cpp = _megatron_datasets_module("helpers_cpp")
         normalised = np.asarray(weights, dtype=np.float64)
         normalised /= normalised.sum()
         self.datasets = list(datasets)
