@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = Path("/work/shared/data/hh_rlhf_harmless_1800.jsonl.gz")
+# The project's shared/ folder sits beside the checkout.
+HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_1800.jsonl.gz"
 
 TRL_RUNNER = r'''
 import json, sys, time
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare shared inputs, run both frameworks, print one JSON line each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trl-python", required=True, help="python of a venv with trl installed")
+    parser.add_argument("--input", type=Path, default=HH, help="HH-RLHF jsonl(.gz) pairs")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                          num_labels=1, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     Qwen2ForSequenceClassification(config).save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
-    with gzip.open(HH, "rt") as src, open(work / "pairs.jsonl", "w") as dst:
+    with gzip.open(args.input, "rt") as src, open(work / "pairs.jsonl", "w") as dst:
         for i, line in enumerate(src):
             if i == args.pairs:
                 break

@@ -8,7 +8,7 @@ its longest sequence; with packing (``data.packing``) the ``2b`` sequences are p
 first-fit-decreasing into rows of ``--seq-length`` (:mod:`megarm.data.packing`).
 Prints padded tokens / total tokens for both.
 
-    python tools/packing_stats.py --input /work/shared/data/hh_rlhf_harmless_1800.jsonl.gz
+    python tools/packing_stats.py --input ../shared/data/hh_rlhf_harmless_1800.jsonl.gz
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def padding_stats(
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", default="/work/shared/data/hh_rlhf_harmless_1800.jsonl.gz")
+    p.add_argument(
+        "--input",
+        default=str(Path(__file__).resolve().parents[2] / "shared/data/hh_rlhf_harmless_1800.jsonl.gz"),
+    )
     p.add_argument("--tokenizer-dir", default=None, help="default: build the offline Qwen2.5 one")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=4096)
