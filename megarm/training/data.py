@@ -16,6 +16,7 @@ from megarm.config import MegarmConfig
 from megarm.data.blend import parse_data_path
 from megarm.data.dataset import (
     PairBatchSampler,
+    Subset,
     build_data_loader,
     build_pair_datasets,
     split_ranges,
@@ -46,7 +47,7 @@ def pad_token_id(cfg: MegarmConfig) -> int:
     if cfg.data.data_path:
         stats = Path(parse_data_path(cfg.data.data_path)[0][1] + "_stats.json")
         if stats.is_file():
-            value = json.loads(stats.read_text()).get("pad_token_id")
+            value = (json.loads(stats.read_text()).get("tokenizer") or {}).get("pad_token_id")
             if value is not None:
                 return int(value)
     return 0
@@ -66,18 +67,7 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
         seed=cfg.training.seed,
     )
     (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
-    return Datasets(_Range(pairs, t0, t1), _Range(pairs, v0, v1) if v1 > v0 else None, 0)
-
-
-class _Range:
-    def __init__(self, data: Any, start: int, stop: int) -> None:
-        self.data, self.start, self.stop = data, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.data[self.start + index]
+    return Datasets(Subset(pairs, t0, t1), Subset(pairs, v0, v1) if v1 > v0 else None, 0)
 
 
 def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
