@@ -187,7 +187,8 @@ def test_workers_give_byte_identical_files(tmp_path, preprocess, write_jsonl):
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     one = preprocess(source, "hh_rlhf", "--workers", "1", name="w1")
     two = preprocess(source, "hh_rlhf", "--workers", "2", "--chunk-size", "16", name="w2")
-    assert one.rc == two.rc == 0
+    four = preprocess(source, "hh_rlhf", "--workers", "4", "--chunk-size", "16", name="w4")
+    assert one.rc == two.rc == four.rc == 0
     assert (
         one.stats()["counts"]
         == two.stats()["counts"]
@@ -199,6 +200,7 @@ def test_workers_give_byte_identical_files(tmp_path, preprocess, write_jsonl):
         if name != "data_stats.json":  # holds the arguments and timings
             first = (tmp_path / "w1" / name).read_bytes()
             assert first == (tmp_path / "w2" / name).read_bytes(), name
+            assert first == (tmp_path / "w4" / name).read_bytes(), name
 
 
 def test_every_reject_reason_is_counted_and_listed(preprocess, read_indexed):
