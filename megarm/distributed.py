@@ -101,6 +101,17 @@ def init(
     return launch
 
 
+def init_from_config(cfg) -> LaunchEnv:  # noqa: ANN001 - a megarm.config.MegarmConfig
+    """:func:`init` with the layout and seed of a resolved config."""
+    p = cfg.parallel
+    return init(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+        seed=cfg.training.seed,
+    )
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy, torch and megatron-core's model-parallel RNG tracker.
 
@@ -142,5 +153,14 @@ def distributed(
             virtual_pipeline_model_parallel_size,
             seed,
         )
+    finally:
+        teardown()
+
+
+@contextlib.contextmanager
+def distributed_from_config(cfg) -> Iterator[LaunchEnv]:  # noqa: ANN001
+    """:func:`distributed` with the layout and seed of a resolved config."""
+    try:
+        yield init_from_config(cfg)
     finally:
         teardown()

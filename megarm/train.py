@@ -34,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from megarm.training.loop import Trainer
 
     p = cfg.parallel
-    with distributed.distributed(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.virtual_pipeline_model_parallel_size,
-        seed=cfg.training.seed,
-    ) as launch:
+    with distributed.distributed_from_config(cfg) as launch:
         trainer = Trainer(cfg)
         if launch.rank == 0:
             from megarm import platform

@@ -22,8 +22,7 @@ def _train_and_save(save_dir: str, overrides: tuple[str, ...]):
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*BASE, f"checkpoint.save={save_dir}", *overrides)
-    p = cfg.parallel
-    distributed.init(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     trainer.train()
     return _rewards(trainer)
@@ -34,8 +33,7 @@ def _load_and_score(load_dir: str, overrides: tuple[str, ...]):
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*BASE, f"checkpoint.load={load_dir}", *overrides)
-    p = cfg.parallel
-    distributed.init(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     return _rewards(trainer)
 

@@ -22,8 +22,7 @@ def _held_bytes(overrides: tuple[str, ...]):
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*SHAPE, *overrides)
-    p = cfg.parallel
-    distributed.init(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     trainer.train()  # one step, so the optimizer state exists
     weights = sum(x.numel() * x.element_size() for m in trainer.model for x in m.module.parameters())

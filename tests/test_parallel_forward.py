@@ -37,12 +37,7 @@ def _sharded_rewards(overrides: tuple[str, ...], full: dict[str, torch.Tensor]):
 
     cfg = tiny_config(*overrides)
     p = cfg.parallel
-    distributed.init(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.virtual_pipeline_model_parallel_size,
-        seed=cfg.training.seed,
-    )
+    distributed.init_from_config(cfg)
     chunks = build_model(cfg)
     load_full_state_dict(chunks, full, cfg)
     batch = pair_batch(3, 24, cfg.model.vocab_size, seed=1)

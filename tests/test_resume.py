@@ -33,9 +33,7 @@ def _run(overrides: tuple[str, ...]):
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*BASE, *overrides)
-    p = cfg.parallel
-    distributed.init(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                     seed=cfg.training.seed)
+    distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     start = trainer.iteration
     trainer.train()

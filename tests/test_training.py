@@ -37,13 +37,7 @@ def _train(overrides: tuple[str, ...], full: dict[str, torch.Tensor] | None):
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*BASE, *overrides)
-    p = cfg.parallel
-    distributed.init(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.virtual_pipeline_model_parallel_size,
-        seed=cfg.training.seed,
-    )
+    distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     hand_loss = None
     if full is None:  # the reference run: make the weights, and a hand-computed loss

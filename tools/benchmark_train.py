@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from megarm.training.loop import Trainer
 
     p = cfg.parallel
-    with distributed.distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                 p.virtual_pipeline_model_parallel_size, cfg.training.seed) as env:
+    with distributed.distributed_from_config(cfg) as env:
         trainer = Trainer(cfg)
         trainer.evaluate = lambda: None  # type: ignore[method-assign]
         trainer.train()
