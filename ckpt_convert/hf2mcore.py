@@ -35,23 +35,23 @@ Next to the weights the save directory gets the HF ``config.json`` (so
 conversion. Everything is written to a temporary directory beside MCORE_DIR and
 renamed into place only when complete.
 
-Memory: weights stream from disk one tensor (one q/k/v or gate/up group) at a time,
-one weight file open at a time, so the HF side never costs more than a few tensors.
-``torch_dist`` holds the whole megarm model (in ``--params-dtype``), and
-megatron-core's saver additionally clones every tensor it writes as a view (the
-gate/up halves of each ``linear_fc1``), so the peak is about 1.5-2x the model in
-``--params-dtype``, not one shard. ``legacy`` holds one pipeline stage twice (its
-full tensors and the TP shards being written).
+Memory: weights stream from disk one model tensor (one q/k/v or gate/up group) at a
+time, one weight file open (memory-mapped) at a time. ``torch_dist`` never builds the
+model: the model exists on the meta device only, and each tensor is read,
+transformed, written to the checkpoint and freed before the next
+(:mod:`ckpt_convert.torch_dist_stream`), so the peak is about the largest HF shard
+plus one layer. ``legacy`` holds one rank's ``model_optim_rng.pt`` (the model / (TP x
+PP)) plus one full tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import time
@@ -313,40 +313,51 @@ def _ordered(selected: list[Entry], ckpt: HFCheckpoint) -> list[Entry]:
 def write_torch_dist(
     ckpt: HFCheckpoint, cfg: Any, shape: Qwen2Shape, with_score: bool, out: Path, hf: dict
 ) -> None:
-    """Fill megarm's model (TP=1, PP=1, one process) and save it with dist_checkpointing."""
+    """Stream the HF tensors into a torch_dist checkpoint, one model tensor at a time.
+
+    The model exists only on the meta device (for megatron-core's checkpoint keys,
+    shapes and chunk layout); each tensor is read from the HF files, transformed,
+    written and freed before the next (see :mod:`ckpt_convert.torch_dist_stream`).
+    """
+    from ckpt_convert.torch_dist_stream import meta_sharded_state_dict, save_streaming
     from megarm import distributed
     from megarm.config import to_dict
-    from megarm.model.builder import build_model
+    from megarm.model.builder import params_dtype
     from megarm.testing import free_port
-    from megarm.training.checkpointing import save_checkpoint
+    from megarm.training.checkpointing import iteration_dir
 
     # One process of its own: a converter started by torchrun must still be TP=PP=1.
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
     distributed.init(1, 1, seed=cfg.training.seed)
     try:
-        (model,) = build_model(cfg)
-        state = model.state_dict()
-        spec: Spec = (
-            "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state) else "local"
-        )
-        selected = _ordered(entries(shape.num_layers, with_score, spec), ckpt)
-        filled = set()
-        with torch.no_grad():
-            for name, tensor in hf_to_mcore(ckpt.read, shape, selected, where=ckpt.where):
-                state[name].copy_(tensor)  # casts to the params dtype in place
-                filled.add(name)
-        ckpt.close()
-        unfilled = [k for k, v in state.items() if torch.is_tensor(v) and k not in filled]
-        if unfilled != ([] if with_score else ["value_head.weight"]):
-            raise ConversionError(f"model tensors not filled from the checkpoint: {unfilled}")
+        sharded = meta_sharded_state_dict(cfg)
+        dtype = params_dtype(cfg)
+        by_name = {e.mcore: e for e in entries(shape.num_layers, with_score, "local")}
+        # Tensors in the order their HF files hold them: one weight file open at a time.
+        order = [e.mcore for e in _ordered(list(by_name.values()), ckpt)]
+        if not with_score:
+            order.append("value_head.weight")
+
+        def produce(name: str) -> torch.Tensor:
+            if name == "value_head.weight" and not with_score:
+                return fresh_value_head(shape.hidden_size, cfg.training.seed, dtype)
+            ((_, tensor),) = hf_to_mcore(ckpt.read, shape, [by_name[name]], dtype, ckpt.where)
+            return tensor
+
         common = {
             "iteration": ITERATION,
             "consumed_samples": 0,
             "megarm_config": to_dict(cfg),
             "hf_config": hf,
+            "checkpoint_layout": [1, 1, 1],  # (PP, TP, DP) it was written at
         }
-        save_checkpoint(out, ITERATION, [model], common)
+        final = iteration_dir(out, ITERATION)
+        final.mkdir(parents=True)
+        written = save_streaming(final, sharded, produce, order, common)
+        ckpt.close()
+        (out / TRACKER).write_text(f"{ITERATION}\n")
+        log.info("streamed %.2f GB of %s weights", written / 1e9, str(dtype).removeprefix("torch."))
     finally:
         distributed.teardown()
 
@@ -375,7 +386,9 @@ def write_legacy(
     pp: int,
     spec: Spec,
 ) -> None:
-    """``mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly TP x PP, one stage at a time."""
+    """``mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly TP x PP, one rank file at a
+    time: each full tensor is read, cut to the rank's slice and freed, so memory holds
+    one rank's file plus one full tensor (the stage's HF tensors are read TP times)."""
     from megarm.config import to_dict
     from megarm.model.builder import params_dtype
     from megarm.model.sharding import chunk_layers, shard_state_dict
@@ -388,20 +401,27 @@ def write_legacy(
     for pp_rank in range(pp):
         layers = chunk_layers(shape.num_layers, pp_rank, pp)
         first, last = pp_rank == 0, pp_rank == pp - 1
-        selected = [
-            e
-            for e in all_entries
-            if (e.part == "embedding" and first)
-            or (e.part == "final" and last)
-            or (e.layer is not None and e.layer in layers)
-        ]
-        full = dict(hf_to_mcore(ckpt.read, shape, _ordered(selected, ckpt), dtype, ckpt.where))
-        if last and not with_score:
-            full["value_head.weight"] = fresh_value_head(
-                shape.hidden_size, cfg.training.seed, dtype
-            )
+        selected = _ordered(
+            [
+                e
+                for e in all_entries
+                if (e.part == "embedding" and first)
+                or (e.part == "final" and last)
+                or (e.layer is not None and e.layer in layers)
+            ],
+            ckpt,
+        )
         for tp_rank in range(tp):
-            shard = shard_state_dict(full, shape.num_layers, tp_rank, tp, pp_rank, pp)
+            shard: dict[str, torch.Tensor] = {}
+            stream = hf_to_mcore(ckpt.read, shape, selected, dtype, ckpt.where)
+            if last and not with_score:
+                head = fresh_value_head(shape.hidden_size, cfg.training.seed, dtype)
+                stream = itertools.chain(stream, [("value_head.weight", head)])
+            for name, full in stream:
+                shard.update(
+                    shard_state_dict({name: full}, shape.num_layers, tp_rank, tp, pp_rank, pp)
+                )
+                del full
             rank_dir = root / legacy_rank_dir(tp_rank, pp_rank, pp)
             rank_dir.mkdir(parents=True)
             torch.save(
@@ -414,7 +434,7 @@ def write_legacy(
                 rank_dir / "model_optim_rng.pt",
             )
             del shard
-        del full
+            log.info("wrote %s", rank_dir.relative_to(out))
     ckpt.close()
     (out / TRACKER).write_text(f"{ITERATION}\n")
 
@@ -588,7 +608,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from megarm.testing import peak_rss_bytes
+
+    usage = peak_rss_bytes() / 2**20
     log.info(
         "wrote %s checkpoint %s in %.1fs (peak RSS %.0f MiB)",
         args.format,

@@ -18,7 +18,8 @@ MCORE_DIR). The output is what ``AutoModelForSequenceClassification.from_pretrai
   ``pad_token_id`` (from the tokenizer, else the source config);
 - the tokenizer files (``--tokenizer-model``, else those in MCORE_DIR).
 
-Only one shard of HF tensors exists at a time beside the model itself. Everything
+Memory holds one output shard: the megarm tensors a shard needs are read from the
+checkpoint (megatron-core's loader, any saved TP/PP) just before it is written. Everything
 is written to a temporary directory next to HF_DIR and renamed when complete.
 """
 
@@ -31,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ import torch
 from ckpt_convert.qwen2_mapping import (
     MappingError,
     Qwen2Shape,
-    Spec,
     entries,
     hf_shapes,
     mcore_to_hf,
@@ -193,35 +193,37 @@ def hf_config(model: Any, base: dict[str, Any], pad_id: int | None, dtype: torch
 
 
 def write_weights(
-    state: dict[str, torch.Tensor],
+    load: Callable[[list[str]], dict[str, torch.Tensor]],
     shape: Qwen2Shape,
-    spec: Spec,
     out: Path,
     dtype: torch.dtype,
     max_shard_size: str,
 ) -> dict[str, Any]:
-    """HF safetensors shards (and the index when there are several) from megarm's full
-    state dict; one shard's tensors are materialised at a time."""
+    """HF safetensors shards (and the index when there are several). Shards are
+    planned from shapes alone; then, shard by shard, ``load(names)`` reads just the
+    megarm tensors (state-dict names) that shard needs, so memory holds one shard."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    selected = entries(shape.num_layers, with_score=True, spec=spec)
-    # Sizes only (meta tensors): sharding is planned before any tensor is built.
+    selected = entries(shape.num_layers, with_score=True, spec="local")
     planned = {
         name: torch.empty(size, dtype=dtype, device="meta")
         for name, size in hf_shapes(shape, with_score=True).items()
     }
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
+    for number, (filename, names) in enumerate(split.filename_to_tensors.items(), 1):
         wanted = set(names)
         needed = [e for e in selected if wanted & set(e.hf)]
+        state = load([e.mcore for e in needed])
         tensors = {
             name: tensor.to(dtype).contiguous()
             for name, tensor in mcore_to_hf(state.__getitem__, shape, needed)
             if name in wanted
         }
+        del state
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         del tensors
+        log.info("wrote %s (%d/%d)", filename, number, len(split.filename_to_tensors))
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -254,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """Run the export ``args`` describe; returns a summary."""
+    from ckpt_convert.torch_dist_stream import load_tensors, meta_sharded_state_dict
     from megarm import distributed
     from megarm.config import ConfigError, load_config
-    from megarm.model.builder import build_model
     from megarm.score import ScoreError, checkpoint_model_overrides
     from megarm.testing import free_port
-    from megarm.training.checkpointing import load_model_weights, resolve_checkpoint
+    from megarm.training.checkpointing import check_shapes, resolve_checkpoint
 
     started = time.perf_counter()
     load, save = Path(args.load_dir), Path(args.save_dir)
@@ -301,13 +303,15 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     try:
         distributed.init(1, 1, seed=0)
         try:
-            (model,) = build_model(cfg)
-            load_model_weights(load, [model], args.iteration)
-            state = model.state_dict()
-            spec: Spec = (
-                "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state) else "local"
+            sharded = meta_sharded_state_dict(cfg)
+            check_shapes(checkpoint, sharded)  # names a mismatched tensor before any read
+            weights = write_weights(
+                lambda names: load_tensors(checkpoint, sharded, names),
+                shape,
+                tmp,
+                out_dtype,
+                args.max_shard_size,
             )
-            weights = write_weights(state, shape, spec, tmp, out_dtype, args.max_shard_size)
         finally:
             distributed.teardown()
         hf_config(cfg.model, base, pad_id, out_dtype).save_pretrained(str(tmp))
@@ -323,9 +327,9 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    import resource
+    from megarm.testing import peak_rss_bytes
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2**20
     log.info(
         "exported %s (%d shard(s), %s) to %s in %.1fs (peak RSS %.0f MiB)",
         checkpoint,

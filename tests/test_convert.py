@@ -631,3 +631,67 @@ def test_score_pair_accuracy_equals_transformers(seq_model, tmp_path):
         correct_hf += want[0] > want[1]
         correct_megarm += got["chosen_reward"] > got["rejected_reward"]
     assert correct_megarm == correct_hf
+
+
+# --------------------------------------------------------------------------- memory
+
+# A ~1 GB fp32 model in 100 MB shards: 16 layers of 61 MB, a small vocabulary so no
+# single tensor dominates. Converting it whole would cost over 1 GB above the
+# libraries' own footprint; streaming costs about one shard plus one layer.
+BIG = dict(
+    hidden_size=1024,
+    num_layers=16,
+    ffn_hidden_size=4096,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_shard_size="100MB",
+)
+MEMORY_BUDGET = 400 * 2**20
+BASELINE = (
+    "import torch, transformers, safetensors, megatron.core.dist_checkpointing;"
+    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, ckpt_convert.torch_dist_stream"
+)
+
+
+@pytest.mark.slow
+def test_conversion_memory_is_one_shard_not_the_model(tmp_path):
+    from safetensors import safe_open
+
+    from ckpt_convert.random_qwen2 import write_random_qwen2
+    from megarm.testing import measure_peak_rss
+
+    info = write_random_qwen2(tmp_path / "hf", **BIG)
+    assert info["total_bytes"] > 0.95e9 and info["largest_shard_bytes"] < 110e6
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    script = REPO / "ckpt_convert"
+    base, _, _ = measure_peak_rss(["-c", BASELINE], env=env)
+    to_mcore, _, _ = measure_peak_rss(
+        [str(script / "hf2mcore.py"), "--load-dir", str(tmp_path / "hf"),
+         "--save-dir", str(tmp_path / "mcore"), "--params-dtype", "fp32"],
+        env=env,
+    )
+    to_hf, _, _ = measure_peak_rss(
+        [str(script / "mcore2hf.py"), "--load-dir", str(tmp_path / "mcore"),
+         "--save-dir", str(tmp_path / "back"), "--max-shard-size", "100MB"],
+        env=env,
+    )
+    mib = 2**20
+    assert to_mcore - base < MEMORY_BUDGET, (
+        f"hf2mcore peak {to_mcore / mib:.0f} MiB, baseline {base / mib:.0f} MiB, "
+        f"model {info['total_bytes'] / mib:.0f} MiB"
+    )
+    assert to_hf - base < MEMORY_BUDGET, (
+        f"mcore2hf peak {to_hf / mib:.0f} MiB, baseline {base / mib:.0f} MiB"
+    )
+    # And the streamed round trip is exact (every tensor but the dropped LM head).
+    back = load_hf_tensors(tmp_path / "back")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    compared = 0
+    for name, file in index["weight_map"].items():
+        if name == "lm_head.weight":
+            continue
+        with safe_open(str(tmp_path / "hf" / file), framework="pt") as handle:
+            assert torch.equal(handle.get_tensor(name), back[name]), name
+        compared += 1
+    assert compared == len(back) - 1  # all but score.weight (the fresh value head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -112,25 +113,37 @@ def block_spec(
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
-def build_model(cfg: MegarmConfig) -> list[RewardModel]:
-    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size``)."""
+def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardModel]:
+    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size``).
+
+    ``device="meta"`` builds them without allocating weights (the converters use
+    that for the sharded state dict's keys and shapes); the default is the
+    platform's device.
+    """
     config = transformer_config(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    target = torch.device(device) if device is not None else platform.device()
+    on_meta = torch.device("meta") if target.type == "meta" else contextlib.nullcontext()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = RewardModel(
-            config=config,
-            layer_spec=block_spec(cfg, config, stage),
-            vocab_size=padded_vocab_size(cfg.model),
-            max_sequence_length=cfg.model.max_position_embeddings,
-            rotary_base=cfg.model.rotary_base,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            head_init_seed=cfg.training.seed,
-            vp_stage=stage,
-        )
-        model.to(platform.device())
+        with on_meta:
+            model = RewardModel(
+                config=config,
+                layer_spec=block_spec(cfg, config, stage),
+                vocab_size=padded_vocab_size(cfg.model),
+                max_sequence_length=cfg.model.max_position_embeddings,
+                rotary_base=cfg.model.rotary_base,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                head_init_seed=cfg.training.seed,
+                vp_stage=stage,
+            )
+        model.to(target)
         chunks.append(model)
     return chunks
 
