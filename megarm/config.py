@@ -157,6 +157,14 @@ class DataConfig:
     rows of ``seq_length`` tokens as possible (positions restart per sequence,
     attention stays within it), instead of padding every row to the longest."""
 
+    packed_format: Literal["auto", "rows", "thd"] = "auto"
+    """How packed sequences reach attention. ``rows``: rows of ``seq_length`` tokens
+    with a dense block-diagonal causal mask (any attention backend). ``thd``: all of
+    a micro-batch's sequences in one stream with ``cu_seqlens`` (megatron-core's
+    THD format; transformer-engine's fused varlen attention, or megarm's SDPA), no
+    mask tensor and no row padding. ``auto``: ``thd`` when transformer-engine is the
+    attention backend, else ``rows``."""
+
 
 @dataclass
 class TrainingConfig:
@@ -695,6 +703,13 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
         bad(
             "parallel.pipeline_model_parallel_size",
             f"{what} must divide the {m.num_layers} layers; allowed PP: {_divisors(m.num_layers)}",
+        )
+    if d.packing and d.packed_format == "thd" and m.attention_backend == "unfused":
+        bad(
+            "data.packed_format",
+            "thd needs an attention that reads cu_seqlens (transformer-engine or sdpa); "
+            "megatron-core's unfused attention does not: set model.attention_backend=auto or "
+            "data.packed_format=rows",
         )
     if vpp is not None and (vpp < 1 or pp < 2):
         bad("parallel.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size >= 2 and a value >= 1")

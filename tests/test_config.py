@@ -791,3 +791,11 @@ def test_hf_config_rope_parameters_of_transformers_5(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(None, [f"model.hf_config={hf}"])
     assert "yarn" in str(exc.value)
+
+
+def test_thd_packing_needs_an_attention_that_reads_cu_seqlens():
+    issue = only_issue("data.packing=true", "data.packed_format=thd", "model.attention_backend=unfused")
+    assert issue.key == "data.packed_format"
+    assert "data.packed_format=rows" in issue.message
+    assert issues_of("data.packing=true", "data.packed_format=thd") == []
+    assert issues_of("data.packing=true", "data.packed_format=rows", "model.attention_backend=unfused") == []

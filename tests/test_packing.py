@@ -11,6 +11,8 @@ import torch
 from megarm.data.packing import (
     block_causal_mask,
     collate_packed,
+    collate_thd,
+    cu_seqlens,
     pack_lengths,
     packed_position_ids,
     padding_fraction,
@@ -100,6 +102,28 @@ def test_padding_fraction():
     assert padding_fraction(lengths, len(rows), row_width(rows, lengths)) == pytest.approx(4 / 30)
 
 
+def test_thd_stream_layout_and_segment_mask():
+    from megarm.model.attention import segment_mask
+
+    samples = [_pair([1, 2, 3], [4, 5]), _pair([6], [7, 8, 9, 10], margin=0.5)]
+    out = collate_thd(samples, pad_token_id=0, pad_to_multiple_of=4)
+    # chosen 0, chosen 1, rejected 0, rejected 1 end to end: 3+1+2+4 = 10 -> 12.
+    assert out["tokens"].tolist() == [[1, 2, 3, 6, 4, 5, 7, 8, 9, 10, 0, 0]]
+    assert out["labels"].tolist() == [[1, 2, 3, 6, 4, 5, 7, 8, 9, 10, -100, -100]]
+    assert out["cu_seqlens"].dtype == torch.int32
+    assert out["cu_seqlens"].tolist() == [0, 3, 4, 6, 10, 12]  # the pad tail is a segment
+    assert out["max_seqlen"] == 4
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 1, 2, 3, 0, 1]]
+    assert out["reward_index"].tolist() == [2, 3, 5, 9]
+    assert out["reward_row"].tolist() == [0, 0, 0, 0]
+    assert out["margin"].tolist() == [0.0, 0.5]
+    assert cu_seqlens([3, 1], 4).tolist() == [0, 3, 4]  # no tail when it fits exactly
+    # The SDPA mask from cu_seqlens is the rows layout's block-causal mask.
+    segments = np.repeat(np.arange(5), np.diff(out["cu_seqlens"].numpy()))[None]
+    expected = block_causal_mask(segments)
+    assert torch.equal(segment_mask(out["cu_seqlens"], 12), expected)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -119,7 +143,12 @@ def _forward_equal():
     data = SyntheticPairs(8, 250, 16, seed=3)  # lengths <= 16: rows of 32 pack
     samples = [data[i] for i in range(4)]
     results = []
-    for collated in (collate_pairs(samples, 0), collate_packed(samples, 0, 32)):
+    layouts = (
+        collate_pairs(samples, 0),
+        collate_packed(samples, 0, 32),
+        collate_thd(samples, 0, pad_to_multiple_of=8),
+    )
+    for collated in layouts:
         batch = to_pair_batch(collated)
         with torch.no_grad():
             rewards, loss_fn = forward_step(iter([batch]), model)
@@ -135,12 +164,13 @@ def _forward_equal():
 
 
 def test_packed_forward_equals_padded():
-    ((padded, packed),) = run_distributed(_forward_equal, 1)
-    assert packed[3] < padded[3]  # fewer rows
-    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-5)
-    assert abs(float(packed[1]) - float(padded[1])) < 1e-5
-    # Metrics count the same real tokens (tokens and tokens_sq are the last two).
-    torch.testing.assert_close(packed[2][-2:], padded[2][-2:])
+    ((padded, *packed_layouts),) = run_distributed(_forward_equal, 1)
+    for packed in packed_layouts:  # rows with a dense mask, then one THD stream
+        assert packed[3] < padded[3]  # fewer rows
+        torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-5)
+        assert abs(float(packed[1]) - float(padded[1])) < 1e-5
+        # Metrics count the same real tokens (tokens and tokens_sq are the last two).
+        torch.testing.assert_close(packed[2][-2:], padded[2][-2:])
 
 
 # --------------------------------------------------------------------------- training
@@ -165,13 +195,32 @@ PACKED = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["rows", "thd"])
 @pytest.mark.parametrize("world, overrides", PACKED)
-def test_packed_training_equals_padded(reference, world, overrides):
+def test_packed_training_equals_padded(reference, world, overrides, layout):
     expected, full = reference
-    results = run_distributed(_train, world, ("data.packing=true", *overrides), full)
+    packing = ("data.packing=true", f"data.packed_format={layout}")
+    results = run_distributed(_train, world, (*packing, *overrides), full)
     for history, _, _ in results:
         first, ref = history[0], expected[0]
         assert math.isclose(first["loss"], ref["loss"], rel_tol=1e-6)
         assert math.isclose(first["grad_norm"], ref["grad_norm"], rel_tol=1e-6)
         for got, want in zip(history, expected, strict=True):
             assert abs(got["loss"] - want["loss"]) < 1e-5
+
+
+def test_auto_layout_is_thd_exactly_where_transformer_engine_runs_attention(monkeypatch):
+    from megarm import platform
+    from megarm.model import builder
+
+    for te, backend, expected in [
+        (True, "auto", "thd"),
+        (False, "auto", "rows"),
+        (True, "sdpa", "rows"),
+    ]:
+        monkeypatch.setattr(platform, "has_transformer_engine", lambda te=te: te)
+        cfg = tiny_config("data.packing=true", f"model.attention_backend={backend}")
+        assert builder.packed_format(cfg) == expected
+    cfg = tiny_config("data.packing=true", "data.packed_format=thd")
+    assert builder.packed_format(cfg) == "thd"
+    assert builder.packed_format(tiny_config()) is None

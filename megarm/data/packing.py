@@ -17,6 +17,11 @@ first-fit-decreasing into rows of at most ``seq_length`` tokens:
 The mask is a dense ``[rows, 1, s, s]`` bool tensor (True = blocked, megatron-core's
 convention): ``rows * s * s`` bytes, e.g. 16 MiB per row at ``s = 4096``.
 
+:func:`collate_thd` is the other layout (``data.packed_format: thd``): all ``2b``
+sequences end to end in one stream with ``cu_seqlens`` boundaries, megatron-core's
+THD format, which transformer-engine's varlen attention (and megarm's SDPA) read
+directly: no mask tensor and no padding between rows.
+
 Pure numpy / torch; no megatron-core import.
 """
 
@@ -156,6 +161,65 @@ def collate_packed(
         "attention_mask": block_causal_mask(segment_ids(rows, lengths, width)),
         "reward_index": reward_index,
         "reward_row": reward_row,
+        "lengths": torch.tensor(lengths, dtype=torch.long),
+        "margin": torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32),
+    }
+
+
+def cu_seqlens(lengths: Sequence[int], total: int) -> np.ndarray:
+    """``[n + 1]`` int32 cumulative boundaries of ``lengths`` laid end to end, plus one
+    more segment for the alignment padding up to ``total`` when there is any (it
+    attends only to itself and is never read)."""
+    ends = np.cumsum([0, *lengths], dtype=np.int64)
+    if total < ends[-1]:
+        raise ValueError(f"{int(ends[-1])} tokens do not fit in a stream of {total}")
+    if total > ends[-1]:
+        ends = np.append(ends, total)
+    return ends.astype(np.int32)
+
+
+def collate_thd(
+    samples: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, Any]:
+    """Micro-batch of ``b`` pairs as one stream: the ``2b`` sequences end to end
+    (megatron-core's THD layout, batch dimension 1), padded only to a multiple of
+    ``pad_to_multiple_of`` (the TP size under sequence parallelism).
+
+    Returns ``tokens``, ``labels``, ``position_ids`` ``[1, T]`` (positions restart
+    per sequence), ``cu_seqlens`` ``[n + 1]`` int32 and ``max_seqlen`` (attention
+    stays within each segment), ``reward_index`` ``[2b]`` (each sequence's last
+    token; chosen of pairs ``0..b-1`` first, then rejected), ``reward_row`` (zeros),
+    ``lengths`` ``[2b]`` and ``margin`` ``[b]``.
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("collate_thd needs at least one pair")
+    seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
+    label_seqs = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+    lengths = [len(x) for x in seqs]
+    if min(lengths) < 1:
+        raise ValueError(f"cannot pack empty sequences: lengths {lengths}")
+    used = sum(lengths)
+    total = -(-used // pad_to_multiple_of) * pad_to_multiple_of
+    tokens = np.full(total, pad_token_id, dtype=np.int64)
+    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
+    tokens[:used] = np.concatenate([np.asarray(x, dtype=np.int64) for x in seqs])
+    labels[:used] = np.concatenate([np.asarray(x, dtype=np.int64) for x in label_seqs])
+    bounds = cu_seqlens(lengths, total)
+    positions = np.concatenate(
+        [np.arange(int(n), dtype=np.int64) for n in np.diff(bounds.astype(np.int64))]
+    )
+    return {
+        "tokens": torch.from_numpy(tokens)[None],
+        "labels": torch.from_numpy(labels)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seqlens": torch.from_numpy(bounds),
+        "max_seqlen": int(np.diff(bounds).max()),
+        "reward_index": torch.from_numpy(bounds[1 : len(seqs) + 1].astype(np.int64) - 1),
+        "reward_row": torch.zeros(len(seqs), dtype=torch.long),
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "margin": torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32),
     }

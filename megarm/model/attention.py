@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
@@ -26,7 +27,9 @@ class SDPAttention(MegatronModule):
     Inputs are ``[s, b, heads_per_rank, d]`` (query) and ``[s, b, groups_per_rank, d]``
     (key, value); the output is ``[s, b, heads_per_rank * d]``. ``attention_mask`` is
     megatron's convention: bool, True where attention is blocked, or ``None`` for
-    causal attention.
+    causal attention. With THD ``packed_seq_params`` the inputs are ``[t, n, d]``
+    (megatron-core drops the batch dimension) and attention is causal within each
+    ``cu_seqlens`` segment; the output is ``[t, heads_per_rank * d]``.
     """
 
     def __init__(
@@ -61,8 +64,15 @@ class SDPAttention(MegatronModule):
         packed_seq_params=None,
     ) -> Tensor:
         """Attention over ``[s, b, n, d]`` inputs; returns ``[s, b, n * d]``."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes neither packed_seq_params nor attention_bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not take attention_bias")
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
+            # [t, n, d] -> [t, 1, n, d] with the segments' block-causal mask.
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = segment_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
+            return self.forward(query, key, value, attention_mask, attn_mask_type).squeeze(1)
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -90,6 +100,17 @@ class SDPAttention(MegatronModule):
             )
         # [b, n, s, d] -> [s, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def segment_mask(cu_seqlens: Tensor, total: int) -> Tensor:
+    """``[1, 1, t, t]`` bool, True where blocked: a query attends to earlier keys of
+    its own ``cu_seqlens`` segment only (block-diagonal causal)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, the stream has {total} tokens")
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    future = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).triu(1)
+    return ((segment[:, None] != segment[None, :]) | future)[None, None]
 
 
 def sdpa_supported() -> bool:

@@ -81,22 +81,36 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
     )
 
 
+def _te_attention(cfg: MegarmConfig) -> bool:
+    return cfg.model.attention_backend == "auto" and platform.has_transformer_engine()
+
+
+def packed_format(cfg: MegarmConfig) -> str | None:
+    """How packed micro-batches are laid out (``None`` without ``data.packing``):
+    ``thd`` (one stream + cu_seqlens) or ``rows`` (rows + dense block mask).
+    ``auto`` picks ``thd`` where transformer-engine's varlen attention runs it."""
+    if not cfg.data.packing:
+        return None
+    if cfg.data.packed_format != "auto":
+        return cfg.data.packed_format
+    return "thd" if _te_attention(cfg) else "rows"
+
+
 def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
     """The transformer layer spec: TE when importable on CUDA, local otherwise.
 
     The local spec uses megarm's RMSNorm (sequence-parallel capable) and, unless
     ``model.attention_backend`` asks for megatron-core's unfused attention,
-    megarm's SDPA core attention.
+    megarm's SDPA core attention. Packed ``rows`` need megarm's dense block mask,
+    which TE's causal attention would ignore, so they take the local spec; packed
+    ``thd`` runs on TE (cu_seqlens) as well as on SDPA.
     """
-    backend = cfg.model.attention_backend
-    # Packed rows need megarm's block-diagonal mask, which TE's causal attention
-    # would ignore: packing takes the SDPA path until TE's THD format is wired in.
-    if backend == "auto" and platform.has_transformer_engine() and not cfg.data.packing:
+    if _te_attention(cfg) and packed_format(cfg) != "rows":
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    if backend in ("auto", "sdpa"):
+    if cfg.model.attention_backend in ("auto", "sdpa"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

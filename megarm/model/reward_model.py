@@ -18,6 +18,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -103,6 +104,7 @@ class RewardModel(MegatronModule):
         attention_mask: Tensor | None,
         reward_index: Tensor | None = None,
         reward_row: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         """Run this stage.
 
@@ -116,6 +118,9 @@ class RewardModel(MegatronModule):
                 (last stage).
             reward_row: ``[n]`` row of each sequence's reward token; ``None`` means
                 ``arange(b)`` (one sequence per row).
+            packed_seq_params: THD packing (``b == 1``, sequences end to end,
+                ``cu_seqlens``): attention and RoPE restart at every boundary;
+                ``attention_mask`` is then ``None``.
 
         Returns:
             ``[n]`` rewards on the last stage; the hidden states ``[s, b, h]`` for
@@ -126,11 +131,16 @@ class RewardModel(MegatronModule):
             if self.pre_process
             else None
         )
-        rotary_pos_emb = self.rotary(position_ids, input_ids.shape[1])
+        if packed_seq_params is not None:
+            # megatron-core applies RoPE per cu_seqlens segment from position 0.
+            rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q)
+        else:
+            rotary_pos_emb = self.rotary(position_ids, input_ids.shape[1])
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
         )
         if not self.post_process:
             return hidden

@@ -21,8 +21,9 @@ from megarm.data.dataset import (
     build_pair_datasets,
     split_ranges,
 )
-from megarm.data.packing import collate_packed
+from megarm.data.packing import collate_packed, collate_thd
 from megarm.data.synthetic import SyntheticPairs
+from megarm.model.builder import packed_format
 from megarm.training.step import PairBatch
 
 
@@ -73,8 +74,9 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
 def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
     """Collated right-padded rows -> the model's micro-batch on this rank's device.
 
-    A packed micro-batch (from :func:`megarm.data.packing.collate_packed`) brings its
-    own positions, block-diagonal mask and reward rows."""
+    A packed micro-batch (:func:`megarm.data.packing.collate_packed` or
+    :func:`~megarm.data.packing.collate_thd`) brings its own positions, reward rows
+    and block-diagonal mask or ``cu_seqlens``."""
     tokens = collated["tokens"]
     if "reward_row" in collated:
         packed = PairBatch(
@@ -83,8 +85,10 @@ def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
             reward_index=collated["reward_index"],
             margin=collated["margin"],
             labels=collated["labels"],
-            attention_mask=collated["attention_mask"],
+            attention_mask=collated.get("attention_mask"),
             reward_row=collated["reward_row"],
+            cu_seqlens=collated.get("cu_seqlens"),
+            max_seqlen=collated.get("max_seqlen"),
         )
         return packed.to(platform.device())
     rows, seq = tokens.shape
@@ -109,10 +113,12 @@ def micro_batches(
 ) -> Iterator[PairBatch]:
     """Endless stream of this data-parallel rank's micro-batches, resumable at
     ``consumed_samples`` (counted over all ranks). With ``data.packing`` each
-    micro-batch holds the same pairs, packed into rows (:mod:`megarm.data.packing`)."""
+    micro-batch holds the same pairs, packed into rows or one THD stream
+    (:mod:`megarm.data.packing`, :func:`megarm.model.builder.packed_format`)."""
     # Sequence parallelism scatters the sequence over TP ranks.
     multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-    if cfg.data.packing:
+    layout = packed_format(cfg)
+    if layout is not None:
         sampler = PairBatchSampler(
             len(dataset),
             cfg.training.micro_batch_size,
@@ -122,12 +128,15 @@ def micro_batches(
             shuffle,
             cfg.training.seed,
         )
-        collate = partial(
-            collate_packed,
-            pad_token_id=pad_id,
-            seq_length=cfg.data.seq_length,
-            pad_to_multiple_of=multiple,
-        )
+        if layout == "thd":
+            collate = partial(collate_thd, pad_token_id=pad_id, pad_to_multiple_of=multiple)
+        else:
+            collate = partial(
+                collate_packed,
+                pad_token_id=pad_id,
+                seq_length=cfg.data.seq_length,
+                pad_to_multiple_of=multiple,
+            )
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     else:
         loader = build_data_loader(

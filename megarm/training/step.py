@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 
@@ -41,6 +42,23 @@ class PairBatch:
     """``[2b]`` row holding each sequence's reward token when sequences are packed
     (``data.packing``; then ``reward_index`` is the position within that row and
     ``tokens`` has ``rows <= 2b`` rows); ``None``: sequence ``i`` is row ``i``."""
+    cu_seqlens: Tensor | None = None
+    """``[n + 1]`` int32 segment boundaries of a THD-packed micro-batch (one row
+    holding every sequence end to end); ``None`` for the other layouts."""
+    max_seqlen: int | None = None
+    """Longest segment of a THD-packed micro-batch."""
+
+    def packed_seq_params(self) -> PackedSeqParams | None:
+        """megatron-core's THD description of this micro-batch, or ``None``."""
+        if self.cu_seqlens is None:
+            return None
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
     @property
     def num_pairs(self) -> int:
@@ -121,6 +139,7 @@ def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         batch.attention_mask,
         batch.reward_index,
         reward_row=batch.reward_row,
+        packed_seq_params=batch.packed_seq_params(),
     )
     return output, partial(loss_func, batch)
 
