@@ -65,6 +65,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from ckpt_convert import cli
 from ckpt_convert.qwen2_mapping import (
     Entry,
     MappingError,
@@ -83,18 +84,6 @@ CAUSAL_LM = "Qwen2ForCausalLM"
 SEQ_CLS = "Qwen2ForSequenceClassification"
 ITERATION = 0
 TRACKER = "latest_checkpointed_iteration.txt"
-# Files a Hugging Face tokenizer directory may hold; copied next to the weights.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ConversionError(RuntimeError):
@@ -453,12 +442,7 @@ def copy_side_files(
         (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     else:
         shutil.copy2(load_dir / "config.json", out / "config.json")
-    source = tokenizer_dir or load_dir
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-            copied.append(name)
+    copied = cli.copy_tokenizer(tokenizer_dir or load_dir, out)
     info["tokenizer_files"] = copied
     (out / "megarm_model.json").write_text(json.dumps(info, indent=2) + "\n")
     return copied
@@ -485,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--params-dtype",
-        choices=tuple(DTYPES),
+        choices=tuple(cli.DTYPES),
         default="bf16",
         help="dtype of the saved weights (default bf16)",
     )
@@ -532,11 +516,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if save.exists() and not args.overwrite:
         raise ConversionError(f"--save-dir {save} exists; remove it or pass --overwrite")
     tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else None
-    if tokenizer_dir is not None and not any(
-        (tokenizer_dir / n).is_file() for n in TOKENIZER_FILES
-    ):
+    if tokenizer_dir is not None and not cli.has_tokenizer(tokenizer_dir):
         raise ConversionError(
-            f"--tokenizer-model {tokenizer_dir} holds none of {', '.join(TOKENIZER_FILES[:3])}; "
+            f"--tokenizer-model {tokenizer_dir} holds none of "
+            f"{', '.join(cli.TOKENIZER_FILES[:3])}; "
             "pass a Hugging Face tokenizer directory"
         )
 
@@ -623,18 +606,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input or layout)."""
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    # Conversion is pure data movement: keep megarm (and megatron-core) on the CPU
-    # even on a GPU machine.
-    os.environ["MEGARM_DEVICE"] = "cpu"
-    try:
-        convert(args)
-    except (ConversionError, MappingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(log, build_parser(), convert, (ConversionError, MappingError), argv)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from ckpt_convert import cli
 from ckpt_convert.qwen2_mapping import (
     MappingError,
     Qwen2Shape,
@@ -53,18 +54,7 @@ from ckpt_convert.qwen2_mapping import (
 log = logging.getLogger("mcore2hf")
 
 ARCHITECTURE = "Qwen2ForSequenceClassification"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_DTYPE_NAMES = {v: k for k, v in cli.DTYPES.items()}
 # HF config keys that describe more than the shape; carried over from a source
 # config.json when there is one (hf2mcore copies it beside the weights).
 CARRIED_KEYS = (
@@ -143,12 +133,12 @@ def tokenizer_source(args: argparse.Namespace, load: Path) -> Path | None:
     """``--tokenizer-model``, else MCORE_DIR when it holds tokenizer files."""
     if args.tokenizer_model:
         path = Path(args.tokenizer_model)
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        if not cli.has_tokenizer(path):
             raise ExportError(
-                f"--tokenizer-model {path} holds none of {', '.join(TOKENIZER_FILES[:3])}"
+                f"--tokenizer-model {path} holds none of {', '.join(cli.TOKENIZER_FILES[:3])}"
             )
         return path
-    if any((load / name).is_file() for name in TOKENIZER_FILES):
+    if cli.has_tokenizer(load):
         return load
     return None
 
@@ -246,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
     p.add_argument(
         "--params-dtype",
-        choices=("auto", *DTYPES),
+        choices=("auto", *cli.DTYPES),
         default="auto",
         help="dtype of the exported weights (auto: as stored in the checkpoint)",
     )
@@ -259,9 +249,12 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     from ckpt_convert.torch_dist_stream import load_tensors, meta_sharded_state_dict
     from megarm import distributed
     from megarm.config import ConfigError, load_config
-    from megarm.score import ScoreError, checkpoint_model_overrides
     from megarm.testing import free_port
-    from megarm.training.checkpointing import check_shapes, resolve_checkpoint
+    from megarm.training.checkpointing import (
+        check_shapes,
+        checkpoint_model_overrides,
+        resolve_checkpoint,
+    )
 
     started = time.perf_counter()
     load, save = Path(args.load_dir), Path(args.save_dir)
@@ -272,7 +265,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     try:
         checkpoint = resolve_checkpoint(load, args.iteration)
         overrides = checkpoint_model_overrides(load, args.iteration)
-    except (FileNotFoundError, ScoreError) as exc:
+    except FileNotFoundError as exc:
         raise ExportError(str(exc)) from exc
     base = source_hf_config(load, checkpoint)
     stored = stored_dtype(checkpoint)
@@ -283,7 +276,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     except ConfigError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from exc
     shape = Qwen2Shape.from_megarm(cfg.model)
-    out_dtype = stored if args.params_dtype == "auto" else DTYPES[args.params_dtype]
+    out_dtype = stored if args.params_dtype == "auto" else cli.DTYPES[args.params_dtype]
     tokenizer_dir = tokenizer_source(args, load)
     pad_id = pad_token_id(tokenizer_dir, base)
     if pad_id is None:
@@ -315,12 +308,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             distributed.teardown()
         hf_config(cfg.model, base, pad_id, out_dtype).save_pretrained(str(tmp))
-        copied = []
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
-                    copied.append(name)
+        copied = cli.copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else []
         if save.exists():
             shutil.rmtree(save)
         os.replace(tmp, save)
@@ -344,17 +332,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    # Export is data movement: keep megarm and megatron-core on the CPU.
-    os.environ["MEGARM_DEVICE"] = "cpu"
-    try:
-        export(args)
-    except (ExportError, MappingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(log, build_parser(), export, (ExportError, MappingError), argv)
 
 
 if __name__ == "__main__":

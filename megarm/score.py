@@ -53,40 +53,6 @@ class ScoreError(RuntimeError):
 # --------------------------------------------------------------------------- checkpoint
 
 
-def checkpoint_model_overrides(load: str | Path, step: int | None = None) -> list[str]:
-    """``model.*`` overrides that rebuild the model a megarm checkpoint holds.
-
-    Read from the ``megarm_config`` common state that megarm (the Trainer and
-    ckpt_convert/hf2mcore.py) saves with every torch_dist checkpoint; for a checkpoint
-    without it, from a ``config.json`` in ``load`` (``model.hf_config``). Parallel
-    settings are not taken over: the caller picks its own layout.
-    """
-    from megatron.core import dist_checkpointing
-
-    from megarm.training.checkpointing import resolve_checkpoint
-
-    path = resolve_checkpoint(load, step)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception:  # noqa: BLE001 - a checkpoint without common state: use config.json
-        common = {}
-    saved = common.get("megarm_config") if isinstance(common, dict) else None
-    if saved and isinstance(saved.get("model"), dict):
-        return [
-            f"model.{key}={json.dumps(value)}"
-            for key, value in saved["model"].items()
-            # The shape is already resolved; the HF dir it came from may be gone.
-            if key != "hf_config"
-        ]
-    config_json = Path(load) / "config.json"
-    if config_json.is_file():
-        return [f"model.hf_config={Path(load)}"]
-    raise ScoreError(
-        f"{path} carries no megarm_config and {config_json} does not exist: cannot tell the "
-        "model's shape. Copy the HF config.json of the model into the checkpoint directory"
-    )
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -385,13 +351,16 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
     from megarm import distributed
     from megarm.config import ConfigError, check, load_config
     from megarm.model.builder import build_model
-    from megarm.training.checkpointing import load_model_weights
+    from megarm.training.checkpointing import checkpoint_model_overrides, load_model_weights
 
     world = distributed.world_size_from_environ()
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.micro_batch_size < 1:
         raise ScoreError("--micro-batch-size must be >= 1")
-    overrides = checkpoint_model_overrides(args.load, args.iteration)
+    try:
+        overrides = checkpoint_model_overrides(args.load, args.iteration)
+    except FileNotFoundError as exc:
+        raise ScoreError(str(exc)) from exc
     overrides += [
         f"model.params_dtype={args.params_dtype}",
         f"parallel.tensor_model_parallel_size={tp}",

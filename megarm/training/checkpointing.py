@@ -10,6 +10,7 @@ reading a byte of weights, and works at any TP/PP (dist_checkpointing reshards).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -67,6 +68,36 @@ def resolve_checkpoint(load: str | Path, step: int | None = None) -> Path:
         return candidates[-1]
     raise FileNotFoundError(
         f"checkpoint.load={load}: no {TRACKER}, iter_* directory or torch_dist checkpoint there"
+    )
+
+
+def checkpoint_model_overrides(load: str | Path, step: int | None = None) -> list[str]:
+    """``model.*`` overrides that rebuild the model a megarm checkpoint holds.
+
+    Read from the ``megarm_config`` common state that megarm (the Trainer and
+    ckpt_convert/hf2mcore.py) saves with every torch_dist checkpoint; for a checkpoint
+    without it, from a ``config.json`` in ``load`` (``model.hf_config``). Parallel
+    settings are not taken over: the caller picks its own layout.
+    """
+    path = resolve_checkpoint(load, step)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception:  # noqa: BLE001 - a checkpoint without common state: use config.json
+        common = {}
+    saved = common.get("megarm_config") if isinstance(common, dict) else None
+    if saved and isinstance(saved.get("model"), dict):
+        return [
+            f"model.{key}={json.dumps(value)}"
+            for key, value in saved["model"].items()
+            # The shape is already resolved; the HF dir it came from may be gone.
+            if key != "hf_config"
+        ]
+    config_json = Path(load) / "config.json"
+    if config_json.is_file():
+        return [f"model.hf_config={Path(load)}"]
+    raise FileNotFoundError(
+        f"{path} carries no megarm_config and {config_json} does not exist: cannot tell the "
+        "model's shape. Copy the HF config.json of the model into the checkpoint directory"
     )
 
 

@@ -1,0 +1,66 @@
+"""What both converters' command lines share: the tokenizer files they carry, the
+dtype names, and the entry-point wrapper (CPU only, logging, exit status 2 with a
+one-line ``error:`` for a bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Files a Hugging Face tokenizer directory may hold; copied next to the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds any Hugging Face tokenizer file."""
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files of ``source`` into ``out``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def run(
+    log: logging.Logger,
+    parser: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace], Any],
+    errors: tuple[type[BaseException], ...],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv``, run ``body`` on the CPU; 0, or 2 with ``error: ...`` for ``errors``."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    args = parser.parse_args(argv)
+    # Conversion is data movement: keep megarm (and megatron-core) on the CPU even
+    # on a GPU machine.
+    os.environ["MEGARM_DEVICE"] = "cpu"
+    try:
+        body(args)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
