@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                args.steps, args.warmup, args.batch, work / "trl_out"])
     print(done.stdout.strip().splitlines()[-1], flush=True)
 
-    for packing in ("false", "true"):
+    for packing, layout in (("false", "auto"), ("true", "rows"), ("true", "thd")):
+        label = f"megarm packing={packing}" + (f" ({layout})" if packing == "true" else "")
         done = sh([py, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                    "tools/benchmark_train.py", "--warmup", str(args.warmup),
-                   "--label", f"megarm packing={packing}",
+                   "--label", label, f"data.packed_format={layout}",
                    f"model.hf_config={work / 'mcore'}", f"checkpoint.load={work / 'mcore'}",
                    "checkpoint.finetune=true", f"data.data_path={work / 'hh'}",
                    "data.split=100,0,0", "data.seq_length=1024", f"data.packing={packing}",
