@@ -113,21 +113,11 @@ class Formatter:
         # As preprocessing does: no BOS/EOS added, the template carries the specials.
         return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
-    def _fit(self, prompt: list[int], longest: int) -> list[int]:
-        """Cut the prompt's first tokens so the longest response fits (preprocessing's
-        default ``left`` truncation); the assistant header is never cut."""
-        from megarm.data.handlers import RecordError
-
-        if self.seq_length is None or len(prompt) + longest <= self.seq_length:
-            return prompt
-        keep = self.seq_length - longest
-        if keep < self.header_len:
-            raise RecordError("too_long", f"response of {longest} tokens does not fit --seq-length")
-        return prompt[len(prompt) - keep :]
-
     def __call__(self, index: int, payload: bytes | dict[str, Any]) -> Item:
-        """Format one raw record (a jsonl line or a dict)."""
+        """Format one raw record (a jsonl line or a dict); a prompt too long for
+        ``seq_length`` is cut from the left, as preprocessing's default does."""
         from megarm.data.handlers import RecordError
+        from megarm.data.preprocess import fit_prompt
 
         try:
             record = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
@@ -156,7 +146,9 @@ class Formatter:
                 prompt_text = self.template.prompt(pair.prompt)
                 responses = [pair.chosen, pair.rejected]
             ids = self._encode([prompt_text] + [self.template.response(r) for r in responses])
-            prompt = self._fit(ids[0], max(len(r) for r in ids[1:]))
+            prompt, _ = fit_prompt(
+                ids[0], max(len(r) for r in ids[1:]), self.seq_length, self.header_len
+            )
             rows = [prompt + response for response in ids[1:]]
             return Item(index, "single" if single else "pair", rows)
         except RecordError as exc:

@@ -211,23 +211,31 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _fit(job: _Job, prompt: list[int], longest: int) -> tuple[list[int], bool]:
-    """The prompt cut so ``prompt + longest response`` fits ``seq_length``.
+def fit_prompt(
+    prompt: list[int],
+    longest: int,
+    seq_length: int | None,
+    header_len: int,
+    truncation: str = "left",
+) -> tuple[list[int], bool]:
+    """The prompt cut so ``prompt + longest response`` fits ``seq_length``, and
+    whether it was cut (preprocessing and ``megarm.score`` share this rule).
 
-    Chosen and rejected share the one cut prompt, so they are compared on the same
-    context. Raises ``RecordError("too_long")`` when even the assistant header does not fit.
+    ``left`` drops the prompt's first tokens, ``right`` its last tokens before the
+    assistant header (``header_len`` tokens, never cut), ``drop`` refuses. Chosen and
+    rejected share the one cut prompt, so they are compared on the same context.
+    Raises ``RecordError("too_long")`` when even the assistant header does not fit.
     """
-    limit = job.seq_length
-    if limit is None or len(prompt) + longest <= limit:
+    if seq_length is None or len(prompt) + longest <= seq_length:
         return prompt, False
-    detail = f"prompt {len(prompt)} + response {longest} tokens > --seq-length {limit}"
-    keep = limit - longest
-    if job.truncation == "drop" or keep < job.header_len:
+    detail = f"prompt {len(prompt)} + response {longest} tokens > --seq-length {seq_length}"
+    keep = seq_length - longest
+    if truncation == "drop" or keep < header_len:
         raise RecordError("too_long", detail)
-    if job.truncation == "left":
+    if truncation == "left":
         return prompt[len(prompt) - keep :], True
-    head = keep - job.header_len  # "right": keep the start, and always the header
-    return prompt[:head] + prompt[len(prompt) - job.header_len :], True
+    head = keep - header_len  # "right": keep the start, and always the header
+    return prompt[:head] + prompt[len(prompt) - header_len :], True
 
 
 def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
@@ -261,7 +269,13 @@ def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
         for k, (i, pair) in enumerate(todo):
             chosen, rejected = ids[n + k], ids[2 * n + k]
             try:
-                prompt, truncated = _fit(job, ids[k], max(len(chosen), len(rejected)))
+                prompt, truncated = fit_prompt(
+                    ids[k],
+                    max(len(chosen), len(rejected)),
+                    job.seq_length,
+                    job.header_len,
+                    job.truncation,
+                )
             except RecordError as exc:
                 results[i] = ("reject", exc.reason, exc.detail)
                 continue

@@ -408,3 +408,19 @@ def test_shipped_dataset_configs_parse(config):
     assert args.output_prefix.startswith("data/processed/")
     expected_margin = config.stem in ("ultrafeedback_binarized", "helpsteer2")
     assert handler.has_margin == expected_margin
+
+
+def test_fit_prompt_rules_shared_with_scoring():
+    from megarm.data.handlers import RecordError
+    from megarm.data.preprocess import fit_prompt
+
+    prompt = [1, 2, 3, 4, 5, 90, 91]  # the last 2 tokens are the assistant header
+    assert fit_prompt(prompt, 3, None, 2) == (prompt, False)
+    assert fit_prompt(prompt, 3, 10, 2) == (prompt, False)
+    assert fit_prompt(prompt, 4, 10, 2) == ([2, 3, 4, 5, 90, 91], True)  # left
+    assert fit_prompt(prompt, 4, 10, 2, "right") == ([1, 2, 3, 4, 90, 91], True)
+    with pytest.raises(RecordError) as exc:
+        fit_prompt(prompt, 4, 10, 2, "drop")
+    assert exc.value.reason == "too_long"
+    with pytest.raises(RecordError):  # even the header does not fit
+        fit_prompt(prompt, 9, 10, 2)
