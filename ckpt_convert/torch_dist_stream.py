@@ -162,6 +162,9 @@ def save_streaming(
     """
     tensors = {k: v for k, v in sharded.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)}
     objects = [v for v in sharded.values() if isinstance(v, ShardedObject)]
+    other = [k for k, v in sharded.items() if not isinstance(v, ShardedTensor | ShardedTensorFactory | ShardedObject)]
+    if other:  # nothing may be left out of the checkpoint silently
+        raise TypeError(f"cannot stream sharded state dict entries {other[:3]} (not tensors or objects)")
     missing = [name for name in tensors if name not in set(order)]
     unknown = [name for name in order if name not in tensors]
     if missing or unknown:
@@ -222,7 +225,11 @@ def save_streaming(
         return shard.data.reshape(item.tensor_data.chunk.sizes)
 
     planner = _StreamingPlanner(items, resolve)
-    writer = FileSystemWriter(str(out), single_file_per_rank=False, thread_count=1)
+    # per_thread_copy_ahead=0: DCP's serial CPU loader. Its overlapping loader (the
+    # default wherever CUDA is available) would start a CUDA context in a CPU tool.
+    writer = FileSystemWriter(
+        str(out), single_file_per_rank=False, thread_count=1, per_thread_copy_ahead=0
+    )
     dcp_save({}, storage_writer=writer, planner=planner)  # the one-rank process group
     progress.close()
     cache.clear()

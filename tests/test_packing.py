@@ -102,8 +102,12 @@ def test_padding_fraction():
     assert padding_fraction(lengths, len(rows), row_width(rows, lengths)) == pytest.approx(4 / 30)
 
 
-def test_thd_stream_layout_and_segment_mask():
-    from megarm.model.attention import segment_mask
+def test_thd_stream_layout_and_sdpa_segments():
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megarm.model.attention import SDPAttention
+    from megarm.model.builder import transformer_config
 
     samples = [_pair([1, 2, 3], [4, 5]), _pair([6], [7, 8, 9, 10], margin=0.5)]
     out = collate_thd(samples, pad_token_id=0, pad_to_multiple_of=4)
@@ -118,10 +122,20 @@ def test_thd_stream_layout_and_segment_mask():
     assert out["reward_row"].tolist() == [0, 0, 0, 0]
     assert out["margin"].tolist() == [0.0, 0.5]
     assert cu_seqlens([3, 1], 4).tolist() == [0, 3, 4]  # no tail when it fits exactly
-    # The SDPA mask from cu_seqlens is the rows layout's block-causal mask.
-    segments = np.repeat(np.arange(5), np.diff(out["cu_seqlens"].numpy()))[None]
-    expected = block_causal_mask(segments)
-    assert torch.equal(segment_mask(out["cu_seqlens"], 12), expected)
+    # SDPA over cu_seqlens segments == SDPA with the rows layout's block-causal mask
+    # on the same stream (GQA: 4 query heads, 2 KV heads).
+    attention = SDPAttention(transformer_config(tiny_config()), 1, AttnMaskType.causal, "self")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 4, 16, generator=gen)
+    k, v = (torch.randn(12, 2, 16, generator=gen) for _ in range(2))
+    cu = out["cu_seqlens"]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=4, max_seqlen_kv=4)
+    thd = attention(q, k, v, None, packed_seq_params=params)
+    segments = np.repeat(np.arange(5), np.diff(cu.numpy()))[None]
+    dense = attention(q[:, None], k[:, None], v[:, None], block_causal_mask(segments))
+    assert thd.shape == (12, 64)
+    torch.testing.assert_close(thd, dense[:, 0], rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- model

@@ -69,10 +69,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
                 raise ValueError(f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
-            # [t, n, d] -> [t, 1, n, d] with the segments' block-causal mask.
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-            attention_mask = segment_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
-            return self.forward(query, key, value, attention_mask, attn_mask_type).squeeze(1)
+            return self._segments(query, key, value, packed_seq_params.cu_seqlens_q)
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -101,16 +98,22 @@ class SDPAttention(MegatronModule):
         # [b, n, s, d] -> [s, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
-
-def segment_mask(cu_seqlens: Tensor, total: int) -> Tensor:
-    """``[1, 1, t, t]`` bool, True where blocked: a query attends to earlier keys of
-    its own ``cu_seqlens`` segment only (block-diagonal causal)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    if int(cu_seqlens[-1]) != total:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, the stream has {total} tokens")
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-    future = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).triu(1)
-    return ((segment[:, None] != segment[None, :]) | future)[None, None]
+    def _segments(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """THD ``[t, n, d]`` -> ``[t, n * d]``: causal attention within each
+        ``cu_seqlens`` segment, one SDPA call per segment (cost sum(s_i^2), and the
+        flash kernel stays usable; a dense t x t block mask would cost t^2)."""
+        if int(cu_seqlens[-1]) != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens ends at {int(cu_seqlens[-1])}, the stream has {query.shape[0]} tokens"
+            )
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        parts = [
+            self.forward(q[:, None], k[:, None], v[:, None], None, AttnMaskType.causal)[:, 0]
+            for q, k, v in zip(
+                query.split(lengths), key.split(lengths), value.split(lengths), strict=True
+            )
+        ]
+        return torch.cat(parts)
 
 
 def sdpa_supported() -> bool:
