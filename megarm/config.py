@@ -162,8 +162,9 @@ class DataConfig:
     with a dense block-diagonal causal mask (any attention backend). ``thd``: all of
     a micro-batch's sequences in one stream with ``cu_seqlens`` (megatron-core's
     THD format; transformer-engine's fused varlen attention, or megarm's SDPA), no
-    mask tensor and no row padding. ``auto``: ``thd`` when transformer-engine is the
-    attention backend, else ``rows``."""
+    mask tensor and no row padding; SDPA attends segment by segment, so attention
+    costs sum(s_i^2) instead of rows*s^2. ``auto``: ``thd``, except ``rows`` with
+    ``model.attention_backend: unfused`` (it cannot read cu_seqlens)."""
 
 
 @dataclass

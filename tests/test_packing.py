@@ -198,6 +198,7 @@ def reference():
 
 PACKED = [
     pytest.param(1, (), id="tp1-pp1"),
+    pytest.param(1, ("model.recompute_granularity=full",), id="full-recompute"),
     pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
     pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
     pytest.param(
@@ -223,18 +224,19 @@ def test_packed_training_equals_padded(reference, world, overrides, layout):
             assert abs(got["loss"] - want["loss"]) < 1e-5
 
 
-def test_auto_layout_is_thd_exactly_where_transformer_engine_runs_attention(monkeypatch):
+def test_auto_layout_is_thd_wherever_attention_reads_cu_seqlens(monkeypatch):
     from megarm import platform
     from megarm.model import builder
 
     for te, backend, expected in [
         (True, "auto", "thd"),
-        (False, "auto", "rows"),
-        (True, "sdpa", "rows"),
+        (False, "auto", "thd"),
+        (False, "sdpa", "thd"),
+        (False, "unfused", "rows"),
     ]:
         monkeypatch.setattr(platform, "has_transformer_engine", lambda te=te: te)
         cfg = tiny_config("data.packing=true", f"model.attention_backend={backend}")
         assert builder.packed_format(cfg) == expected
-    cfg = tiny_config("data.packing=true", "data.packed_format=thd")
-    assert builder.packed_format(cfg) == "thd"
+    cfg = tiny_config("data.packing=true", "data.packed_format=rows")
+    assert builder.packed_format(cfg) == "rows"
     assert builder.packed_format(tiny_config()) is None

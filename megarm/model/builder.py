@@ -88,12 +88,13 @@ def _te_attention(cfg: MegarmConfig) -> bool:
 def packed_format(cfg: MegarmConfig) -> str | None:
     """How packed micro-batches are laid out (``None`` without ``data.packing``):
     ``thd`` (one stream + cu_seqlens) or ``rows`` (rows + dense block mask).
-    ``auto`` picks ``thd`` where transformer-engine's varlen attention runs it."""
+    ``auto`` picks ``thd`` whenever the attention reads cu_seqlens (transformer-
+    engine or megarm's SDPA), ``rows`` for megatron-core's unfused attention."""
     if not cfg.data.packing:
         return None
     if cfg.data.packed_format != "auto":
         return cfg.data.packed_format
-    return "thd" if _te_attention(cfg) else "rows"
+    return "rows" if cfg.model.attention_backend == "unfused" else "thd"
 
 
 def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
