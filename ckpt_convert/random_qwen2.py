@@ -17,6 +17,13 @@ import torch
 
 from ckpt_convert.qwen2_mapping import Qwen2Shape, hf_shapes
 
+# Python code importing what the converters import: the memory baseline their
+# peak RSS is compared with (tools/benchmark_convert.py and the memory test).
+CONVERTER_IMPORTS = (
+    "import torch, transformers, safetensors, megatron.core.dist_checkpointing;"
+    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, ckpt_convert.torch_dist_stream"
+)
+
 
 def write_random_qwen2(
     path: Path,

@@ -165,7 +165,8 @@ def save_streaming(
     other = [k for k, v in sharded.items() if not isinstance(v, ShardedTensor | ShardedTensorFactory | ShardedObject)]
     if other:  # nothing may be left out of the checkpoint silently
         raise TypeError(f"cannot stream sharded state dict entries {other[:3]} (not tensors or objects)")
-    missing = [name for name in tensors if name not in set(order)]
+    ordered = set(order)
+    missing = [name for name in tensors if name not in ordered]
     unknown = [name for name in order if name not in tensors]
     if missing or unknown:
         raise ValueError(

@@ -153,9 +153,9 @@ class DataConfig:
     """Number of generated pairs when ``data_path`` is null."""
 
     packing: bool = False
-    """Pack the chosen and rejected sequences of a micro-batch's pairs into as few
-    rows of ``seq_length`` tokens as possible (positions restart per sequence,
-    attention stays within it), instead of padding every row to the longest."""
+    """Pack the chosen and rejected sequences of a micro-batch's pairs together
+    (positions restart per sequence, attention stays within it) instead of padding
+    every sequence to the longest; ``packed_format`` says how."""
 
     packed_format: Literal["auto", "rows", "thd"] = "auto"
     """How packed sequences reach attention. ``rows``: rows of ``seq_length`` tokens

@@ -648,24 +648,20 @@ BIG = dict(
     max_shard_size="100MB",
 )
 MEMORY_BUDGET = 400 * 2**20
-BASELINE = (
-    "import torch, transformers, safetensors, megatron.core.dist_checkpointing;"
-    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, ckpt_convert.torch_dist_stream"
-)
 
 
 @pytest.mark.slow
 def test_conversion_memory_is_one_shard_not_the_model(tmp_path):
     from safetensors import safe_open
 
-    from ckpt_convert.random_qwen2 import write_random_qwen2
+    from ckpt_convert.random_qwen2 import CONVERTER_IMPORTS, write_random_qwen2
     from megarm.testing import measure_peak_rss
 
     info = write_random_qwen2(tmp_path / "hf", **BIG)
     assert info["total_bytes"] > 0.95e9 and info["largest_shard_bytes"] < 110e6
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     script = REPO / "ckpt_convert"
-    base, _, _ = measure_peak_rss(["-c", BASELINE], env=env)
+    base, _, _ = measure_peak_rss(["-c", CONVERTER_IMPORTS], env=env)
     to_mcore, _, _ = measure_peak_rss(
         [str(script / "hf2mcore.py"), "--load-dir", str(tmp_path / "hf"),
          "--save-dir", str(tmp_path / "mcore"), "--params-dtype", "fp32"],

@@ -27,10 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
 
 
-BASELINE = (
-    "import torch, transformers, safetensors, megatron.core.dist_checkpointing;"
-    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, ckpt_convert.torch_dist_stream"
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from ckpt_convert.random_qwen2 import CONVERTER_IMPORTS
     from megarm.testing import measure_peak_rss
 
     work = Path(args.workdir)
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     convert = str(REPO / "ckpt_convert" / "hf2mcore.py")
     export = str(REPO / "ckpt_convert" / "mcore2hf.py")
     runs = [
-        ("import-only baseline", ["-c", BASELINE]),
+        ("import-only baseline", ["-c", CONVERTER_IMPORTS]),
         (
             f"hf2mcore.py torch_dist, {args.dtype}",
             [convert, "--load-dir", str(work / "hf"), "--save-dir", str(work / "mcore"),

@@ -116,6 +116,20 @@ def padding_fraction(lengths: Sequence[int], rows: int, width: int) -> float:
     return (total - int(sum(lengths))) / total if total else 0.0
 
 
+def _sequences(samples: Sequence[dict[str, Any]]) -> tuple[list, list, list[int]]:
+    """Token ids, labels and lengths of a micro-batch's ``2b`` sequences: chosen of
+    pairs ``0..b-1`` first, then rejected (the order rewards and the loss use)."""
+    seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
+    labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+    return seqs, labels, [len(x) for x in seqs]
+
+
+def _margins(samples: Sequence[dict[str, Any]]) -> Any:
+    import torch
+
+    return torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
+
+
 def collate_packed(
     samples: Sequence[dict[str, Any]],
     pad_token_id: int,
@@ -134,9 +148,7 @@ def collate_packed(
 
     if not samples:
         raise ValueError("collate_packed needs at least one pair")
-    seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
-    label_seqs = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
-    lengths = [len(x) for x in seqs]
+    seqs, label_seqs, lengths = _sequences(samples)
     rows = pack_lengths(lengths, seq_length)
     width = row_width(rows, lengths, pad_to_multiple_of)
     tokens = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -162,7 +174,7 @@ def collate_packed(
         "reward_index": reward_index,
         "reward_row": reward_row,
         "lengths": torch.tensor(lengths, dtype=torch.long),
-        "margin": torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32),
+        "margin": _margins(samples),
     }
 
 
@@ -197,9 +209,7 @@ def collate_thd(
 
     if not samples:
         raise ValueError("collate_thd needs at least one pair")
-    seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
-    label_seqs = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
-    lengths = [len(x) for x in seqs]
+    seqs, label_seqs, lengths = _sequences(samples)
     if min(lengths) < 1:
         raise ValueError(f"cannot pack empty sequences: lengths {lengths}")
     used = sum(lengths)
@@ -221,5 +231,5 @@ def collate_thd(
         "reward_index": torch.from_numpy(bounds[1 : len(seqs) + 1].astype(np.int64) - 1),
         "reward_row": torch.zeros(len(seqs), dtype=torch.long),
         "lengths": torch.tensor(lengths, dtype=torch.long),
-        "margin": torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32),
+        "margin": _margins(samples),
     }
