@@ -7,8 +7,23 @@
 # because an unpinned torch would pull a multi-GB CUDA build. With CUDA it builds
 # the venv on top of the system site-packages so the user's own torch is kept.
 # A stamp file records what was installed; a second run skips finished steps.
-set -euo pipefail
+#
+# Sourced, it installs in a child bash and only exports into the caller's shell:
+# the caller's options (set -e, -u, pipefail) and variables are left as they were,
+# and a failed install returns non-zero instead of closing the caller's shell.
 
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+  if "${BASH:-bash}" "${BASH_SOURCE[0]}"; then
+    MEGARM_PY="${MEGARM_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv}/bin/python"
+    export MEGARM_PY
+    export PATH="$(dirname "$MEGARM_PY"):$PATH"
+    return 0
+  fi
+  printf '[setup] failed; the environment is unchanged\n' >&2
+  return 1
+fi
+
+set -euo pipefail
 MEGARM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGARM_VENV:-$MEGARM_ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -53,5 +68,3 @@ else
   log "done in $(( $(date +%s) - start ))s"
 fi
 
-export MEGARM_PY="$VENV/bin/python"
-export PATH="$VENV/bin:$PATH"
