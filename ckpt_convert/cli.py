@@ -44,6 +44,27 @@ def copy_tokenizer(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def save_dir_problem(load_dir: str | Path, save_dir: str | Path) -> str | None:
+    """Why ``save_dir`` must not be written when reading ``load_dir``, or ``None``.
+
+    Writing (and ``--overwrite`` removing) a directory that is, contains or lies
+    inside the input would destroy the input; symlinks are resolved first.
+    """
+    load, save = Path(load_dir).resolve(), Path(save_dir).resolve()
+    if save == load:
+        relation = "is"
+    elif load in save.parents:
+        relation = "lies inside"
+    elif save in load.parents:
+        relation = "contains"
+    else:
+        return None
+    return (
+        f"--save-dir {save_dir} {relation} --load-dir {load_dir} ({load}); writing it would "
+        "destroy the input: choose a directory outside it"
+    )
+
+
 def run(
     log: logging.Logger,
     parser: argparse.ArgumentParser,

@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Run the conversion ``args`` describe; returns what megarm_model.json records."""
+    if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
+        raise ConversionError(problem)
     started = time.perf_counter()
     load, save = Path(args.load_dir), Path(args.save_dir)
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size

@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """Run the export ``args`` describe; returns a summary."""
+    if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
+        raise ExportError(problem)
     from ckpt_convert.torch_dist_stream import load_tensors, meta_sharded_state_dict
     from megarm import distributed
     from megarm.config import ConfigError, load_config
