@@ -739,9 +739,23 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
             f"{d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}",
         )
 
+    # NaN compares false with everything, so it would slip past the range checks below.
+    for section, cls in SECTIONS.items():
+        for key, tp in _hints(cls).items():
+            value = getattr(getattr(cfg, section), key)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{section}.{key}", f"must be a finite number, got {value}")
+    for key, value in [("lr", o.lr), ("min_lr", o.min_lr), ("weight_decay", o.weight_decay)]:
+        if value < 0:
+            bad(f"optimizer.{key}", f"must be >= 0, got {value}")
+    if o.adam_eps <= 0:
+        bad("optimizer.adam_eps", f"must be > 0, got {o.adam_eps}")
+    for key, value in [("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)]:
+        if not 0 <= value < 1:
+            bad(f"optimizer.{key}", f"must be within [0, 1), got {value}")
     if not 0 <= o.lr_warmup_fraction <= 1:
         bad("optimizer.lr_warmup_fraction", f"must be within [0, 1], got {o.lr_warmup_fraction}")
-    if o.min_lr > o.lr:
+    if 0 <= o.lr < o.min_lr:
         bad("optimizer.min_lr", f"{o.min_lr} is above lr {o.lr}")
     if o.clip_grad < 0:
         bad("optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
