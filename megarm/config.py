@@ -741,7 +741,7 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
 
     # NaN compares false with everything, so it would slip past the range checks below.
     for section, cls in SECTIONS.items():
-        for key, tp in _hints(cls).items():
+        for key in _hints(cls):
             value = getattr(getattr(cfg, section), key)
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f"{section}.{key}", f"must be a finite number, got {value}")
