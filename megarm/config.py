@@ -772,8 +772,12 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
                 f"{m.recompute_num_layers} must divide the {per_stage} layers of a pipeline "
                 "stage with recompute_method uniform",
             )
-    if p.use_distributed_optimizer and m.params_dtype == "fp16":
-        bad("parallel.use_distributed_optimizer", "fp16 is not supported with it; use bf16")
+    if m.params_dtype == "fp16":
+        bad(
+            "model.params_dtype",
+            "fp16 is not supported (it needs dynamic loss scaling, which megarm does not "
+            "run); use bf16 (fp32 main weights, same speed on Ampere and later GPUs) or fp32",
+        )
 
     for key, value in [
         ("data.tokenizer_name_or_path", d.tokenizer_name_or_path),

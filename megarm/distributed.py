@@ -1,9 +1,18 @@
-"""Process groups and seeding for one megarm process.
+"""Process groups, seeding, and every collective megarm itself calls.
 
 Reads torchrun's environment, starts torch.distributed (NCCL on CUDA, gloo on
 CPU), lays out megatron-core's tensor / pipeline / data parallel groups, and seeds
 every RNG so a run is reproducible. :func:`distributed` wraps it all in a context
 manager whose ``finally`` tears the groups down again.
+
+Host values (metrics, flags, counters, Python objects) are reduced here and only
+here (:func:`all_reduce_host`, :func:`any_rank`, :func:`all_gather_objects`,
+:func:`gather_objects`, :func:`barrier`), on a gloo group over all ranks: NCCL has
+no CPU backend, so a CPU tensor all-reduced on the default NCCL group raises, and
+moving a handful of floats to the GPU for the reduction would cost a blocking copy
+each way. Device tensors of the model stay megatron-core's business (its groups).
+A test walks the sources so that no other module calls torch.distributed's
+collectives directly.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import torch
 import torch.distributed as dist
 
 from megarm import platform
+
+# The gloo group host values are reduced on (None: the default group, when it is
+# gloo itself). Set by init(), cleared by teardown().
+_HOST_GROUP: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ def init(
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    _init_host_group()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -130,12 +144,87 @@ def set_seed(seed: int) -> None:
 
 def teardown() -> None:
     """Destroy megatron-core's groups and the default process group."""
+    global _HOST_GROUP
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- host collectives
+
+
+def _init_host_group() -> None:
+    """Create the gloo group for host values (every rank calls this in the same order)."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        _HOST_GROUP = None  # the default group already reduces CPU tensors
+    else:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The process group host values are reduced on (``None`` = the default group)."""
+    return _HOST_GROUP
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce_host(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce a host tensor over all ranks (``op``: sum, max or min); returns a CPU
+    tensor. A device tensor is brought to the host first (one copy, at the caller's
+    chosen point of the step, never inside it)."""
+    values = values.detach().cpu().clone()
+    if _active():
+        dist.all_reduce(values, op=_OPS[op], group=_HOST_GROUP)
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    return bool(all_reduce_host(torch.tensor([float(flag)]), "max").item())
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), by rank, on every rank."""
+    if not _active():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_HOST_GROUP)
+    return out
+
+
+def gather_objects(obj: object, dst: int = 0) -> list[object] | None:
+    """Every rank's ``obj`` by rank on rank ``dst``; ``None`` elsewhere."""
+    if not _active():
+        return [obj]
+    rank = dist.get_rank()
+    out: list[object] | None = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(obj, out, dst=dst, group=_HOST_GROUP)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_HOST_GROUP)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (on the host group: no device work is implied)."""
+    if _active():
+        dist.barrier(group=_HOST_GROUP)
 
 
 @contextlib.contextmanager

@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(h["iteration_time"] for h in timed)
         tokens = sum(h["tokens"] for h in timed)
         flops = sum(training_flops(cfg, h["tokens"], h["tokens_sq"]) for h in timed)
-        peak_mem = torch.tensor([float(platform.max_memory_allocated())])
-        torch.distributed.all_reduce(peak_mem, op=torch.distributed.ReduceOp.MAX)
+        peak_mem = distributed.all_reduce_host(
+            torch.tensor([float(platform.max_memory_allocated())]), "max"
+        )
         result = {
             "label": args.label,
             "world_size": env.world_size,

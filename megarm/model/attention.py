@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+
+@dataclass
+class PackedSegments(PackedSeqParams):
+    """megatron-core's THD ``PackedSeqParams`` plus the segment lengths as host ints,
+    which the collate step knows: :class:`SDPAttention` splits the stream with them
+    instead of reading ``cu_seqlens`` back from the GPU in every layer."""
+
+    seq_lengths: tuple[int, ...] | None = None
 
 
 class SDPAttention(MegatronModule):
@@ -69,7 +80,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
                 raise ValueError(f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
-            return self._segments(query, key, value, packed_seq_params.cu_seqlens_q)
+            return self._segments(query, key, value, packed_seq_params)
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -98,19 +109,28 @@ class SDPAttention(MegatronModule):
         # [b, n, s, d] -> [s, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
-    def _segments(self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def _segments(self, query: Tensor, key: Tensor, value: Tensor, packed: PackedSeqParams) -> Tensor:
         """THD ``[t, n, d]`` -> ``[t, n * d]``: causal attention within each
         ``cu_seqlens`` segment, one SDPA call per segment (cost sum(s_i^2), and the
-        flash kernel stays usable; a dense t x t block mask would cost t^2)."""
-        if int(cu_seqlens[-1]) != query.shape[0]:
+        flash kernel stays usable; a dense t x t block mask would cost t^2). The
+        lengths come from :class:`PackedSegments` when the caller has them on the
+        host; otherwise they are read from ``cu_seqlens`` (a device sync)."""
+        lengths = getattr(packed, "seq_lengths", None)
+        if lengths is None:
+            cu_seqlens = packed.cu_seqlens_q
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if sum(lengths) != query.shape[0]:
             raise ValueError(
-                f"cu_seqlens ends at {int(cu_seqlens[-1])}, the stream has {query.shape[0]} tokens"
+                f"the packed segments hold {sum(lengths)} tokens, the stream has "
+                f"{query.shape[0]}"
             )
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         parts = [
             self.forward(q[:, None], k[:, None], v[:, None], None, AttnMaskType.causal)[:, 0]
             for q, k, v in zip(
-                query.split(lengths), key.split(lengths), value.split(lengths), strict=True
+                query.split(list(lengths)),
+                key.split(list(lengths)),
+                value.split(list(lengths)),
+                strict=True,
             )
         ]
         return torch.cat(parts)

@@ -67,8 +67,13 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=not platform.is_cuda(),
         bias_activation_fusion=platform.is_cuda(),
-        apply_rope_fusion=False,
-        masked_softmax_fusion=platform.has_transformer_engine(),
+        # transformer-engine's fused RoPE (bshd and THD) needs no host sync per layer;
+        # it takes [s, 1, 1, d] frequencies, which packed rows (per-token positions,
+        # local spec) do not have.
+        apply_rope_fusion=platform.has_transformer_engine() and packed_format(cfg) != "rows",
+        # The fused softmax of megatron-core's unfused attention is apex's CUDA
+        # extension: TE alone does not make it importable.
+        masked_softmax_fusion=platform.has_fused_softmax(),
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
         recompute_num_layers=(

@@ -105,6 +105,8 @@ class RewardModel(MegatronModule):
         reward_index: Tensor | None = None,
         reward_row: Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        plain_positions: bool | None = None,
+        max_position: int | None = None,
     ) -> Tensor:
         """Run this stage.
 
@@ -121,6 +123,11 @@ class RewardModel(MegatronModule):
             packed_seq_params: THD packing (``b == 1``, sequences end to end,
                 ``cu_seqlens``): attention and RoPE restart at every boundary;
                 ``attention_mask`` is then ``None``.
+            plain_positions: the caller knows every row's positions are
+                ``arange(s)`` (True) or restart per packed sequence (False, with
+                ``max_position`` their largest value); ``None``: look at
+                ``position_ids`` (one device sync). Training passes both.
+            max_position: largest position id when ``plain_positions`` is False.
 
         Returns:
             ``[n]`` rewards on the last stage; the hidden states ``[s, b, h]`` for
@@ -135,7 +142,9 @@ class RewardModel(MegatronModule):
             # megatron-core applies RoPE per cu_seqlens segment from position 0.
             rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q)
         else:
-            rotary_pos_emb = self.rotary(position_ids, input_ids.shape[1])
+            rotary_pos_emb = self.rotary(
+                position_ids, input_ids.shape[1], plain_positions, max_position
+            )
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
@@ -146,22 +155,39 @@ class RewardModel(MegatronModule):
             return hidden
         return self.rewards(hidden, reward_index, reward_row)
 
-    def rotary(self, position_ids: Tensor | None, seq_length: int) -> Tensor:
+    def rotary(
+        self,
+        position_ids: Tensor | None,
+        seq_length: int,
+        plain: bool | None = None,
+        max_position: int | None = None,
+    ) -> Tensor:
         """RoPE frequencies: ``[s, 1, 1, d]`` for plain ``arange(s)`` positions (the
         fast path), else ``[s, b, 1, d]`` gathered per token, which megatron-core's
-        bshd rotary application broadcasts over the batch."""
+        bshd rotary application broadcasts over the batch. ``plain`` and
+        ``max_position`` (host values from the collate step) spare the two device
+        syncs of finding them out."""
         if position_ids is None:
             return self.rotary_pos_emb(seq_length)
-        plain = torch.arange(seq_length, device=position_ids.device)
-        if torch.equal(position_ids, plain.expand_as(position_ids)):
+        if plain is None:
+            arange = torch.arange(seq_length, device=position_ids.device)
+            plain = torch.equal(position_ids, arange.expand_as(position_ids))
+        if plain:
             return self.rotary_pos_emb(seq_length)
-        freqs = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [n, 1, 1, d]
+        if max_position is None:
+            max_position = int(position_ids.max())
+        freqs = self.rotary_pos_emb(max_position + 1)  # [n, 1, 1, d]
         return freqs[:, 0][position_ids.t().to(freqs.device)]  # [s, b, 1, d]
 
     def rewards(
         self, hidden: Tensor, reward_index: Tensor, reward_row: Tensor | None = None
     ) -> Tensor:
-        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]`` (fp32)."""
+        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]``.
+
+        The head runs in fp32 whatever the parameter dtype: a bf16 product would
+        round every reward to 8 mantissa bits (steps of ~0.03 at |r| 4-8), creating
+        ties in pairwise accuracy and a coarse loss.
+        """
         if self.config.sequence_parallel:
             # Each TP rank holds s/TP positions; gather so every rank sees every
             # row's reward token (the backward reduce-scatters the gradient).
@@ -171,7 +197,8 @@ class RewardModel(MegatronModule):
         if reward_row is None:
             reward_row = torch.arange(hidden.shape[1], device=hidden.device)
         picked = hidden[reward_index, reward_row]  # [n, h]
-        return self.value_head(picked).squeeze(-1).float()
+        weight = self.value_head.weight
+        return torch.nn.functional.linear(picked.float(), weight.float()).squeeze(-1)
 
 
 def init_value_head(weight: Tensor, hidden_size: int, seed: int) -> None:

@@ -9,6 +9,7 @@ format and tests that place known weights on every layout.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -108,24 +109,68 @@ def shard_state_dict(
     return out
 
 
+class StateDictMismatchError(ValueError):
+    """A state dict does not fit the model (names missing or unexpected)."""
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict[str, Any]) -> None:
+    """``module.load_state_dict`` that is strict about weights but not about
+    ``_extra_state`` entries: transformer-engine modules have extra state (FP8
+    metadata) that megatron-core's sharded state dict leaves out, so a checkpoint
+    never holds it and the module keeps its own."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise StateDictMismatchError(
+            "the checkpoint does not fit the model: "
+            + (f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} " if missing else "")
+            + (f"unexpected {unexpected[:3]}" if unexpected else "")
+        )
+
+
+# megatron-core's local layer spec names -> transformer-engine spec names (TE fuses
+# the layer norms into the following linear layer).
+TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def spec_names(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` with local-spec layer-norm names renamed to TE's (or back) where
+    the module (its state-dict names ``wanted``) uses the other spelling."""
+    out = {}
+    for name, tensor in state.items():
+        if name not in wanted:
+            for local, te in TE_NAMES.items():
+                if name.endswith(local) and name[: -len(local)] + te in wanted:
+                    name = name[: -len(local)] + te
+                elif name.endswith(te) and name[: -len(te)] + local in wanted:
+                    name = name[: -len(te)] + local
+        out[name] = tensor
+    return out
+
+
 def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor], cfg) -> None:
     """Load a full (TP=1, PP=1) state dict into this rank's model chunks, cutting it
-    for this rank's place in megatron-core's parallel groups (``cfg``: MegarmConfig)."""
+    for this rank's place in megatron-core's parallel groups (``cfg``: MegarmConfig).
+    Layer-norm names of either layer spec are accepted; ``_extra_state`` entries
+    (transformer-engine) are the module's own."""
     from megatron.core import parallel_state as ps
+
 
     p = cfg.parallel
     vpp = p.virtual_pipeline_model_parallel_size
     for vp, chunk in enumerate(chunks):
         module = getattr(chunk, "module", chunk)
-        module.load_state_dict(
-            shard_state_dict(
-                full,
-                cfg.model.num_layers,
-                ps.get_tensor_model_parallel_rank(),
-                p.tensor_model_parallel_size,
-                ps.get_pipeline_model_parallel_rank(),
-                p.pipeline_model_parallel_size,
-                vp if vpp else None,
-                vpp,
-            )
+        shard = shard_state_dict(
+            full,
+            cfg.model.num_layers,
+            ps.get_tensor_model_parallel_rank(),
+            p.tensor_model_parallel_size,
+            ps.get_pipeline_model_parallel_rank(),
+            p.pipeline_model_parallel_size,
+            vp if vpp else None,
+            vpp,
         )
+        load_state_dict_strict(module, spec_names(shard, set(module.state_dict())))

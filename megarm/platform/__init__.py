@@ -1,10 +1,13 @@
 """Device facts: the only place in megarm that knows about CPU versus CUDA.
 
-Everything else asks this module for the device, the process-group backend, the
-parameter dtype and the layer spec flavour, and calls :func:`activate` once per
-process before touching megatron-core. On CUDA ``activate`` does nothing; without
-CUDA it installs :mod:`megarm.platform.cpu_compat`, which lets megatron-core's
-CUDA-only code paths run on CPU with gloo.
+Everything else asks this module which device a rank computes on, the
+process-group backend, which optional kernels exist (transformer-engine, apex's
+fused softmax), where batches are staged (pinned memory) and what the device
+holds in memory; and calls :func:`activate` once per process before touching
+megatron-core. On CUDA ``activate`` sets the environment megatron-core's overlap
+needs; without CUDA it installs :mod:`megarm.platform.cpu_compat`, which lets
+megatron-core's CUDA-only code paths run on CPU with gloo. (The parameter dtype
+and the layer spec are chosen from these facts in :mod:`megarm.model.builder`.)
 """
 
 from __future__ import annotations
@@ -19,16 +22,23 @@ import torch
 from megarm.platform import cpu_compat, mcore_fixes
 
 __all__ = [
+    "DeviceError",
     "activate",
     "device",
     "dist_backend",
     "has_apex",
+    "has_fused_softmax",
     "has_transformer_engine",
     "is_cuda",
     "max_memory_allocated",
+    "pin_memory",
     "set_local_device",
     "synchronize",
 ]
+
+
+class DeviceError(RuntimeError):
+    """This process cannot be placed on a device as launched; the message says why."""
 
 
 @lru_cache(maxsize=1)
@@ -51,14 +61,39 @@ def device() -> torch.device:
 
 
 def dist_backend() -> str:
-    """torch.distributed backend: NCCL on CUDA, gloo on CPU."""
+    """torch.distributed backend: NCCL on CUDA, gloo on CPU.
+
+    ``MEGARM_DIST_BACKEND=gloo`` runs CUDA ranks over gloo instead, which lets several
+    ranks share one GPU (tests and checks of TP/PP on a one-GPU machine; NCCL refuses
+    two ranks on one device).
+    """
+    forced = os.environ.get("MEGARM_DIST_BACKEND", "").lower()
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            raise DeviceError(f"MEGARM_DIST_BACKEND={forced!r}: use 'gloo' or 'nccl'")
+        return forced
     return "nccl" if is_cuda() else "gloo"
 
 
 def set_local_device(local_rank: int) -> None:
-    """Bind this process to its GPU (no-op on CPU)."""
-    if is_cuda():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    """Bind this process to its GPU (no-op on CPU).
+
+    A local rank without a GPU of its own is an error under NCCL ("Duplicate GPU
+    detected" otherwise, after minutes of start-up); under gloo
+    (``MEGARM_DIST_BACKEND=gloo``) ranks may share GPUs round-robin.
+    """
+    if not is_cuda():
+        return
+    count = torch.cuda.device_count()
+    if local_rank >= count and dist_backend() == "nccl":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceError(
+            f"local rank {local_rank} has no GPU of its own: this node shows {count} GPU(s)"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f"; launch at most {count} process(es) per node (torchrun --nproc_per_node "
+            f"{count}), or set MEGARM_DIST_BACKEND=gloo to share GPUs in a test"
+        )
+    torch.cuda.set_device(local_rank % count)
 
 
 @lru_cache(maxsize=1)
@@ -77,6 +112,26 @@ def has_transformer_engine() -> bool:
 def has_apex() -> bool:
     """apex is importable (used for fused kernels when the user built it)."""
     return is_cuda() and importlib.util.find_spec("apex") is not None
+
+
+# megatron-core's FusedScaleMaskSoftmax imports these CUDA extensions, which apex
+# builds; transformer-engine does not ship them.
+_SOFTMAX_EXTENSIONS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")
+
+
+@lru_cache(maxsize=1)
+def has_fused_softmax() -> bool:
+    """The fused masked-softmax CUDA extensions megatron-core's unfused attention can
+    use are importable (not merely transformer-engine: TE lacks them)."""
+    return is_cuda() and all(
+        importlib.util.find_spec(name) is not None for name in _SOFTMAX_EXTENSIONS
+    )
+
+
+def pin_memory() -> bool:
+    """Stage batches in page-locked host memory (CUDA): the copy to the device is
+    then asynchronous and overlaps compute."""
+    return is_cuda()
 
 
 def synchronize() -> None:
@@ -98,7 +153,6 @@ _EXPECTED_WARNINGS = (
     r"Transformer Engine and Apex are not installed.*",
     r"Apex is not installed\. Falling back to Torch Norm",
     r"full scope is deprecated.*",
-    r"When using async grad allreduce it is recommended.*",
     # megatron-core 0.16's dist_checkpointing still calls these torch APIs.
     r"`load_state_dict` is deprecated.*",
     r"Please use DTensor instead and we are deprecating ShardedTensor.*",
@@ -112,14 +166,28 @@ def quiet_expected_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def cuda_environment() -> None:
+    """Environment megatron-core's CUDA paths expect, set before CUDA starts.
+
+    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` makes the GPU run kernels in launch order,
+    which megatron-core's tensor-parallel communication overlap (sequence parallel,
+    async grad all-reduce) relies on; megatron-core warns without it. A value the
+    user set is kept.
+    """
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def activate() -> None:
     """Prepare this process for megatron-core. Idempotent.
 
-    On CPU this installs the compatibility layer; everywhere it quiets the
-    warnings about optional kernels and, when apex / TE are absent, fixes the
-    distributed optimizer's checkpoint loading (:mod:`megarm.platform.mcore_fixes`).
+    On CUDA this sets :func:`cuda_environment`; on CPU it installs the
+    compatibility layer; everywhere it quiets the warnings about optional kernels
+    and, when apex / TE are absent, fixes the distributed optimizer's checkpoint
+    loading (:mod:`megarm.platform.mcore_fixes`).
     """
     quiet_expected_warnings()
-    if not is_cuda():
+    if is_cuda():
+        cuda_environment()
+    else:
         cpu_compat.install()
     mcore_fixes.install()

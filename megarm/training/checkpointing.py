@@ -26,7 +26,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
-from megarm import platform
+from megarm import distributed, platform
+from megarm.model.sharding import load_state_dict_strict
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state in a format that reshards over TP, PP and DP
@@ -181,7 +182,7 @@ def _load_model_state(model: list[torch.nn.Module], state: dict[str, Any]) -> No
     chunks = [getattr(m, "module", m) for m in model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks, strict=True):
-        chunk.load_state_dict(state[key], strict=True)
+        load_state_dict_strict(chunk, state[key])
 
 
 def layout() -> tuple[int, int, int]:
@@ -344,5 +345,4 @@ def _init_optimizer_state(optimizer: Any) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from megarm import platform
-from megarm.config import MegarmConfig
+from megarm.config import ConfigError, ConfigIssue, MegarmConfig
 from megarm.data.blend import parse_data_path
 from megarm.data.dataset import (
     PairBatchSampler,
     Subset,
-    build_data_loader,
     build_pair_datasets,
+    collate_pairs,
     split_ranges,
 )
 from megarm.data.packing import collate_packed, collate_thd
@@ -72,14 +72,18 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
 
 
 def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
-    """Collated right-padded rows -> the model's micro-batch on this rank's device.
+    """Collated right-padded rows -> the model's micro-batch, still on the host.
 
     A packed micro-batch (:func:`megarm.data.packing.collate_packed` or
     :func:`~megarm.data.packing.collate_thd`) brings its own positions, reward rows
-    and block-diagonal mask or ``cu_seqlens``."""
+    and block-diagonal mask or ``cu_seqlens``. What the model must know about the
+    layout (largest position, THD segment lengths) is read here, from host tensors,
+    so the step never reads it back from the device; ``forward_step`` moves the
+    batch to the device (asynchronously from pinned memory on CUDA)."""
     tokens = collated["tokens"]
     if "reward_row" in collated:
-        packed = PairBatch(
+        cu = collated.get("cu_seqlens")
+        return PairBatch(
             tokens=tokens,
             position_ids=collated["position_ids"],
             reward_index=collated["reward_index"],
@@ -118,37 +122,29 @@ def micro_batches(
     # Sequence parallelism scatters the sequence over TP ranks.
     multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
     layout = packed_format(cfg)
-    if layout is not None:
-        sampler = PairBatchSampler(
-            len(dataset),
-            cfg.training.micro_batch_size,
-            dp_rank,
-            dp_size,
-            consumed_samples,
-            shuffle,
-            cfg.training.seed,
-        )
-        if layout == "thd":
-            collate = partial(collate_thd, pad_token_id=pad_id, pad_to_multiple_of=multiple)
-        else:
-            collate = partial(
-                collate_packed,
-                pad_token_id=pad_id,
-                seq_length=cfg.data.seq_length,
-                pad_to_multiple_of=multiple,
-            )
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-    else:
-        loader = build_data_loader(
-            dataset,
-            cfg.training.micro_batch_size,
-            pad_id,
-            data_parallel_rank=dp_rank,
-            data_parallel_size=dp_size,
-            consumed_samples=consumed_samples,
-            shuffle=shuffle,
-            seed=cfg.training.seed,
+    if layout == "thd":
+        collate = partial(collate_thd, pad_token_id=pad_id, pad_to_multiple_of=multiple)
+    elif layout == "rows":
+        collate = partial(
+            collate_packed,
+            pad_token_id=pad_id,
+            seq_length=cfg.data.seq_length,
             pad_to_multiple_of=multiple,
         )
+    else:
+        collate = partial(collate_pairs, pad_token_id=pad_id, pad_to_multiple_of=multiple)
+    sampler = PairBatchSampler(
+        len(dataset),
+        cfg.training.micro_batch_size,
+        dp_rank,
+        dp_size,
+        consumed_samples,
+        shuffle,
+        cfg.training.seed,
+    )
+    # Pinned host memory (CUDA) lets forward_step's copy to the device run async.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=platform.pin_memory()
+    )
     for collated in loader:
         yield to_pair_batch(collated)

@@ -15,7 +15,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -28,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarm import platform
 from megarm.config import MegarmConfig, to_dict, to_yaml
+from megarm.distributed import all_gather_objects, any_rank
 from megarm.model.builder import build_model, count_parameters, params_dtype
 from megarm.model.sharding import load_full_state_dict
 from megarm.training.checkpointing import Resumed, load_checkpoint, save_checkpoint
@@ -234,9 +234,7 @@ class Trainer:
                 chosen, rejected = out["rewards"].float().cpu().chunk(2)
                 mine[0] += chosen.tolist()
                 mine[1] += rejected.tolist()
-        gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, mine)
+        gathered = all_gather_objects(mine)
         if self.is_logging_rank:
             record = {
                 "iteration": self.iteration,
@@ -287,12 +285,10 @@ class Trainer:
             or bool(t.exit_interval and self.iteration % t.exit_interval == 0)
             or bool(t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins)
         )
-        flag = torch.tensor([float(local)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.is_logging_rank:
+        stop = any_rank(local)
+        if stop and self.is_logging_rank:
             print(f"exiting at iteration {self.iteration} (signal or exit condition)", flush=True)
-        return bool(flag.item())
+        return stop
 
     def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
         """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh

@@ -17,8 +17,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
+
+from megarm.distributed import all_reduce_host
+from megarm.model.attention import PackedSegments
 
 
 @dataclass
@@ -47,17 +49,25 @@ class PairBatch:
     holding every sequence end to end); ``None`` for the other layouts."""
     max_seqlen: int | None = None
     """Longest segment of a THD-packed micro-batch."""
+    seq_lengths: tuple[int, ...] | None = None
+    """Host copy of the THD segment lengths (``diff(cu_seqlens)``), so attention
+    splits the stream without reading ``cu_seqlens`` back from the device."""
+    max_position: int | None = None
+    """Largest position id when positions restart per packed sequence (packed
+    rows); ``None``: every row is ``arange(s)``. A host int, so the model picks its
+    RoPE path without a device sync."""
 
-    def packed_seq_params(self) -> PackedSeqParams | None:
+    def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
         if self.cu_seqlens is None:
             return None
-        return PackedSeqParams(
+        return PackedSegments(
             qkv_format="thd",
             cu_seqlens_q=self.cu_seqlens,
             cu_seqlens_kv=self.cu_seqlens,
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
+            seq_lengths=self.seq_lengths,
         )
 
     @property
@@ -66,7 +76,7 @@ class PairBatch:
         return self.margin.shape[0]
 
     def to(self, device: torch.device) -> PairBatch:
-        """Move every tensor to ``device``."""
+        """Move every tensor to ``device`` (asynchronously from pinned memory)."""
         moved = {
             f.name: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
             for f in fields(self)
@@ -91,7 +101,7 @@ STAT_KEYS = (
 
 
 def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-pair Bradley-Terry loss and reward gap from ``[2b]`` rewards."""
+    """Per-pair Bradley-Terry loss and reward gap from ``[2b]`` rewards (in fp32)."""
     chosen, rejected = rewards.float().chunk(2)
     gap = chosen - rejected
     return -F.logsigmoid(gap - margin.float()), gap
@@ -111,18 +121,20 @@ def sequence_lengths(batch: PairBatch) -> Tensor:
 def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean pairwise loss of the micro-batch, plus sums for the step's metrics."""
     losses, gap = pairwise_loss(rewards, batch.margin)
-    lengths = sequence_lengths(batch).float()
-    chosen, rejected = rewards.detach().float().chunk(2)
+    # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
+    lengths = sequence_lengths(batch).double()
+    chosen, rejected = rewards.detach().double().chunk(2)
     stats = torch.stack(
         [
-            losses.detach().sum(),
-            (gap.detach() > 0).float().sum(),
-            torch.tensor(float(batch.num_pairs), device=rewards.device),
+            losses.detach().double().sum(),
+            (gap.detach() > 0).double().sum(),
+            # A fill on the device; torch.tensor(n, device=cuda) would be a blocking copy.
+            torch.full((), float(batch.num_pairs), dtype=torch.float64, device=rewards.device),
             chosen.sum(),
             (chosen * chosen).sum(),
             rejected.sum(),
             (rejected * rejected).sum(),
-            gap.detach().sum(),
+            gap.detach().double().sum(),
             lengths.sum(),
             (lengths**2).sum(),
         ]
@@ -131,8 +143,13 @@ def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tens
 
 
 def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
-    """megatron-core forward step: every pipeline stage reads the same micro-batch."""
+    """megatron-core forward step: every pipeline stage reads the same micro-batch.
+
+    Batches arrive on the host (pinned on CUDA) and move to the model's device here,
+    asynchronously, one micro-batch at a time.
+    """
     batch: PairBatch = next(data_iterator)
+    batch = batch.to(next(model.parameters()).device)
     output = model(
         batch.tokens,
         batch.position_ids,
@@ -140,6 +157,8 @@ def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         batch.reward_index,
         reward_row=batch.reward_row,
         packed_seq_params=batch.packed_seq_params(),
+        plain_positions=batch.max_position is None,
+        max_position=batch.max_position,
     )
     return output, partial(loss_func, batch)
 
@@ -149,17 +168,14 @@ def reduce_stats(outputs: list[dict[str, Tensor]], contribute: bool = True) -> d
 
     ``outputs`` is what the schedule returned on this rank. Exactly one rank per
     data-parallel replica must ``contribute`` (TP rank 0 of the last pipeline
-    stage); the others add zeros, so every rank ends with the same numbers.
+    stage); the others add zeros, so every rank ends with the same numbers. The
+    sums leave the device in one copy, after the schedule, and are reduced on the
+    host group (:func:`megarm.distributed.all_reduce_host`).
     """
-    import torch.distributed as dist
-
     total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
-    if contribute:
-        for out in outputs:
-            total += out["stats"].detach().to("cpu", torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    s = dict(zip(STAT_KEYS, total.tolist(), strict=True))
+    if contribute and outputs:
+        total += torch.stack([out["stats"].detach() for out in outputs]).sum(0).cpu()
+    s = dict(zip(STAT_KEYS, all_reduce_host(total).tolist(), strict=True))
     n = max(s["pairs"], 1.0)
     chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
     return {
