@@ -563,7 +563,8 @@ SINGLES = [{"prompt": "Tell me a joke.", "response": "A pun walks into a bar."}]
 
 def _reference_rows(tokenizer, record: dict) -> list[list[int]]:
     """Token rows built independently of megarm: the tokenizer's own chat template
-    for the prompt, then the response and <|im_end|>, tokenized separately."""
+    for the prompt, then the response and ``<|im_end|>\\n`` (the end of the template's
+    assistant turn), tokenized separately."""
     prompt = record["prompt"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -574,7 +575,8 @@ def _reference_rows(tokenizer, record: dict) -> list[list[int]]:
         else [record[k] for k in ("chosen", "rejected")]
     )
     return [
-        head + tokenizer(r + "<|im_end|>", add_special_tokens=False)["input_ids"] for r in responses
+        head + tokenizer(r + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        for r in responses
     ]
 
 

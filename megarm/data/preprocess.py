@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,7 +48,13 @@ from megarm.data.handlers import (
     get_handler,
 )
 from megarm.data.readers import InputError, RawRecord, iter_records, record_unit, resolve_inputs
-from megarm.data.templates import PROMPT_TYPES, Template, TemplateError, get_template
+from megarm.data.templates import (
+    PROMPT_TYPES,
+    Template,
+    TemplateError,
+    get_template,
+    reward_convention,
+)
 from megarm.data.tokenizer import HF_TOKENIZER_TYPES, TokenizerError, load_tokenizer, vocab_sha256
 
 TRUNCATION_POLICIES = ("left", "right", "drop")
@@ -334,6 +340,23 @@ def _results(job: _Job, chunks: Iterator[list[RawRecord]], workers: int) -> Iter
         pool.join()
 
 
+def encode_records(
+    records: Iterable[RawRecord],
+    handler: Handler,
+    template: Template,
+    tokenizer: Any,
+    seq_length: int | None = None,
+    truncation: str = "left",
+) -> Iterator[tuple[RawRecord, tuple]]:
+    """Preprocessing's record encoder in this process (``megarm.score`` and
+    ``megarm.evaluate`` use it): ``(raw record, result)`` in input order, each result
+    ``("ok", prompt, chosen, rejected, margin, truncated)`` or ``("reject", reason,
+    detail)``, exactly as a preprocessing run computes it."""
+    header_len = len(tokenizer.encode(template.header, add_special_tokens=False))
+    job = _Job(handler, template, tokenizer, seq_length, truncation, header_len)
+    return _results(job, _chunks(iter(records), 128), 1)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -566,6 +589,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "name": template.name,
                 "end_of_turn": template.end_of_turn,
                 "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
+                # Where the reward is read; training records it in its checkpoints.
+                "reward_convention": reward_convention(template, tokenizer),
             },
             "inputs": [str(path) for path in files],
             "counts": counts,

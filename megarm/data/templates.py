@@ -1,12 +1,20 @@
-"""Chat formatting: prompt messages -> prompt text, and the end-of-turn marker.
+"""Chat formatting: prompt messages -> prompt text, and how every response ends.
 
 A reward model reads its score at one fixed token, so every template defines:
 
 - ``prompt(messages)``: the templated conversation plus the assistant header (the
   generation prompt), e.g. ``...<|im_start|>assistant\\n``;
-- ``end_of_turn``: the text appended to every response (``<|im_end|>`` for ChatML),
-  which must be a single token of the tokenizer: the reward is read there;
+- ``end_of_turn``: the end-of-turn marker (``<|im_end|>`` for ChatML), which must be
+  a single token of the tokenizer;
+- ``response_end``: the text appended to every response: exactly what the chat
+  template writes after an assistant message (``<|im_end|>\\n`` for ChatML). A
+  sequence then ends where ``tokenizer.apply_chat_template(messages)`` ends, which is
+  what RewardBench, TRL and vLLM's chat path feed a reward model; the reward is read
+  at its last token (:func:`reward_convention` records which one);
 - ``header``: the assistant header every prompt ends with; truncation never cuts it.
+
+:meth:`Template.split_text` puts a chat-formatted text from a client (ending at
+``<|im_end|>``, at ``<|im_end|>\\n``, with padding, or cut off) into that form.
 """
 
 from __future__ import annotations
@@ -27,26 +35,62 @@ class TemplateError(ValueError):
 
 
 class Template:
-    """Base class: subclasses set ``name``, ``header``, ``end_of_turn`` and ``prompt``."""
+    """Base class: subclasses set ``name``, ``header``, ``end_of_turn``,
+    ``response_end`` and ``prompt``."""
 
     name: str
     header: str
     end_of_turn: str
+    response_end: str
 
     def prompt(self, messages: Messages) -> str:
         """The templated ``messages`` followed by the assistant header."""
         raise NotImplementedError
 
     def response(self, text: str) -> str:
-        """The response text as it is tokenized: ``text`` + end-of-turn marker."""
-        return text + self.end_of_turn
+        """The response text as it is tokenized: ``text`` + :attr:`response_end`."""
+        return text + self.response_end
 
+    def split_text(
+        self, text: str, prompt: str | None = None, trailing: tuple[str, ...] = ()
+    ) -> tuple[str, str]:
+        """A chat-formatted conversation as a client sends it -> ``(prompt text,
+        response text)`` in this template's form (the response ending with
+        :attr:`response_end`), as :meth:`prompt` and :meth:`response` would write them.
+
+        Trailing ``trailing`` tokens (padding) and whatever follows the last
+        end-of-turn marker are dropped; a response with no end-of-turn marker (cut
+        off by a length limit) gets one. The prompt is ``prompt`` when ``text``
+        starts with it, else everything up to the last assistant header.
+        """
+        body = text
+        while True:  # padding, possibly several tokens, possibly after whitespace
+            stripped = body.rstrip()
+            token = next((t for t in trailing if t and stripped.endswith(t)), None)
+            if token is None:
+                break
+            body = stripped[: -len(token)]
+        if body.rstrip().endswith(self.end_of_turn):
+            body = body.rstrip()[: -len(self.end_of_turn)]
+        if prompt and body.startswith(prompt):
+            cut = len(prompt)
+        else:
+            at = body.rfind(self.header)
+            if at < 0:
+                raise RecordError(
+                    "malformed_record",
+                    f"the text has no assistant header {self.header!r}; send the conversation "
+                    "as chat messages or as text formatted with the model's chat template",
+                )
+            cut = at + len(self.header)
+        return body[:cut], self.response(body[cut:])
 
 class ChatMLTemplate(Template):
     """``<|im_start|>role\\n...<|im_end|>\\n``; ``qwen`` adds Qwen's default system prompt."""
 
     header = "<|im_start|>assistant\n"
     end_of_turn = "<|im_end|>"
+    response_end = "<|im_end|>\n"
 
     def __init__(self, name: str = "chatml", default_system: str | None = None) -> None:
         self.name = name
@@ -68,6 +112,7 @@ class Llama3Template(Template):
     name = "llama3"
     header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
     end_of_turn = "<|eot_id|>"
+    response_end = "<|eot_id|>"
 
     def prompt(self, messages: Messages) -> str:
         # Llama 3's own template trims every message's content.
@@ -90,7 +135,7 @@ class PlainTemplate(Template):
     _labels = {"system": "System", "user": "User", "assistant": "Assistant"}
 
     def __init__(self, eos_token: str) -> None:
-        self.end_of_turn = eos_token
+        self.end_of_turn = self.response_end = eos_token
 
     def prompt(self, messages: Messages) -> str:
         turns = [f"{self._labels[m['role']]}: {m['content']}\n\n" for m in messages]
@@ -101,8 +146,9 @@ class HFChatTemplate(Template):
     """The tokenizer's own Jinja chat template (``--prompt-type auto``).
 
     The assistant header and end-of-turn text are found by rendering probe
-    conversations once: header = (with generation prompt) - (without), end-of-turn =
-    what the template writes right after an assistant message, minus whitespace.
+    conversations once: header = (with generation prompt) - (without), response end =
+    what the template writes right after an assistant message (``<|im_end|>\\n`` for
+    Qwen), end-of-turn = the response end minus trailing whitespace.
     """
 
     name = "auto"
@@ -127,8 +173,9 @@ class HFChatTemplate(Template):
         full = self._render(
             probe_user + [{"role": "assistant", "content": sentinel}], generation_prompt=False
         )
-        end = full.split(sentinel, 1)[1].rstrip() if sentinel in full else ""
-        self.end_of_turn = end or (tokenizer.eos_token or "")
+        tail = full.split(sentinel, 1)[1] if sentinel in full else ""
+        self.end_of_turn = tail.rstrip() or (tokenizer.eos_token or "")
+        self.response_end = tail if tail.rstrip() else self.end_of_turn
         if not self.end_of_turn:
             raise TemplateError(
                 f"cannot tell the end-of-turn token of {tokenizer.name_or_path!r}: its chat "
@@ -149,11 +196,13 @@ class HFChatTemplate(Template):
             raise RecordError("malformed_record", f"the chat template refused it: {exc}") from exc
 
 
-def get_template(prompt_type: str, tokenizer: Any) -> Template:
+def get_template(prompt_type: str, tokenizer: Any, response_end: str | None = None) -> Template:
     """The template for ``--prompt-type``, checked against ``tokenizer``.
 
-    Raises ``TemplateError`` when the end-of-turn marker is not a single token of the
-    tokenizer (the reward would be read at an unstable position).
+    ``response_end`` overrides what responses end with (a checkpoint's recorded
+    :func:`reward_convention`, or ``--sequence-end``); it must start with the
+    end-of-turn marker. Raises ``TemplateError`` when the end-of-turn marker is not a
+    single token of the tokenizer (the reward would be read at an unstable position).
     """
     if prompt_type == "auto":
         template: Template = HFChatTemplate(tokenizer)
@@ -179,4 +228,25 @@ def get_template(prompt_type: str, tokenizer: Any) -> Template:
             f"for tokenizer {tokenizer.name_or_path!r}, not one; use --prompt-type auto or the "
             "template that matches this tokenizer"
         )
+    if response_end is not None:
+        if not response_end.startswith(template.end_of_turn):
+            raise TemplateError(
+                f"sequence end {response_end!r} does not start with the {template.name} "
+                f"end-of-turn marker {template.end_of_turn!r}; pass one that does"
+            )
+        template.response_end = response_end
     return template
+
+
+def reward_convention(template: Template, tokenizer: Any) -> dict[str, Any]:
+    """Where the reward is read, as recorded in stats.json, checkpoints and exports:
+    every sequence ends with ``sequence_end`` (the end of ``apply_chat_template``'s
+    output for an assistant turn, unless overridden) and the reward is the value at
+    its last token, ``reward_token_id``."""
+    ids = tokenizer.encode(template.response_end, add_special_tokens=False)
+    return {
+        "sequence_end": template.response_end,
+        "end_of_turn": template.end_of_turn,
+        "reward_token_id": int(ids[-1]),
+        "reward_position": "last token",
+    }

@@ -20,7 +20,7 @@ def test_chatml_and_qwen(qwen_tokenizer, qwen_system):
     )
     chatml = get_template("chatml", qwen_tokenizer)
     assert chatml.prompt(CONVERSATION) == turns
-    assert chatml.response("4") == "4<|im_end|>"
+    assert chatml.response("4") == "4<|im_end|>\n"  # as the chat template ends a turn
     qwen = get_template("qwen", qwen_tokenizer)
     assert qwen.prompt(CONVERSATION) == qwen_system + turns
     with_system = [{"role": "system", "content": "Terse."}, *CONVERSATION]
@@ -30,6 +30,7 @@ def test_chatml_and_qwen(qwen_tokenizer, qwen_system):
 def test_auto_equals_qwen_on_qwen_tokenizer(qwen_tokenizer):
     auto, qwen = get_template("auto", qwen_tokenizer), get_template("qwen", qwen_tokenizer)
     assert (auto.header, auto.end_of_turn) == ("<|im_start|>assistant\n", "<|im_end|>")
+    assert auto.response_end == qwen.response_end == "<|im_end|>\n"
     for messages in (CONVERSATION, [{"role": "system", "content": "S"}, *CONVERSATION]):
         assert auto.prompt(messages) == qwen.prompt(messages)
 

@@ -143,10 +143,11 @@ def test_written_ids_decode_to_the_templated_text(
         for side, response in (("chosen", chosen), ("rejected", rejected)):
             ids = pairs[f"{side}_input_ids"][i]
             labels = pairs[f"{side}_labels"][i]
-            assert qwen_tokenizer.decode(ids) == prompt + response + "<|im_end|>"
-            assert ids[prompt_len - 3 : prompt_len] == HEADER and ids[-1] == IM_END
+            # Each response ends as the chat template ends a turn: <|im_end|>\n.
+            assert qwen_tokenizer.decode(ids) == prompt + response + "<|im_end|>\n"
+            assert ids[prompt_len - 3 : prompt_len] == HEADER and ids[-2:] == [IM_END, 198]
             assert labels == [-100] * prompt_len + ids[prompt_len:]
-            assert qwen_tokenizer.decode(ids[prompt_len:]) == response + "<|im_end|>"
+            assert qwen_tokenizer.decode(ids[prompt_len:]) == response + "<|im_end|>\n"
     margins = [m for *_, m in expected]
     files = run.files()
     if margins[0] is None:
@@ -295,11 +296,11 @@ def test_truncation_policies(preprocess, qwen_tokenizer):
     ]
     full = qwen_tokenizer.encode(QWEN_SYS + chatml(("user", long_prompt)), add_special_tokens=False)
     yes, no_way = (
-        qwen_tokenizer.encode(t + "<|im_end|>", add_special_tokens=False)
+        qwen_tokenizer.encode(t + "<|im_end|>\n", add_special_tokens=False)
         for t in ("Yes.", "No way.")
     )
     keep = 40 - max(len(yes), len(no_way))  # both sides share one prompt cut to this
-    assert (len(full), len(yes), len(no_way), keep) == (129, 3, 4, 36)
+    assert (len(full), len(yes), len(no_way), keep) == (129, 4, 5, 35)
 
     left = preprocess(
         rows, "hh_rlhf", "--seq-length", "40", "--max-reject-fraction", "0.5", name="left"
