@@ -59,6 +59,16 @@ def _losses(world: int, *overrides: str) -> tuple[int, list[float]]:
             ),
             id="tp2-pp2-distopt",
         ),
+        # bf16 parameters, fp32 main weights and Adam state restored exactly.
+        pytest.param(
+            2,
+            ("parallel.tensor_model_parallel_size=2", "parallel.use_distributed_optimizer=true",
+             "model.params_dtype=bf16"),
+            id="bf16-tp2-distopt",
+        ),
+        pytest.param(
+            2, ("parallel.pipeline_model_parallel_size=2", "model.params_dtype=bf16"), id="bf16-pp2"
+        ),
     ],
 )
 def test_stop_and_resume_is_bitwise_identical(tmp_path, world, layout):

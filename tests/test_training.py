@@ -149,3 +149,23 @@ def test_two_rank_run_from_shipped_config_learns(tmp_path):
     assert list((log_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (log_dir / "config.yaml").is_file()
     assert "[train] iteration" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "world, overrides",
+    [
+        pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+        pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
+    ],
+)
+def test_bf16_trains_like_fp32(reference, world, overrides):
+    """bf16 parameters with fp32 main weights (megatron-core's mixed-precision
+    optimizer, the GPU default) from the same weights as the fp32 TP=1 run."""
+    expected, full, _ = reference
+    results = run_distributed(_train, world, (*overrides, "model.params_dtype=bf16"), full)
+    history = results[-1][0]
+    first, ref = history[0]["loss"], expected[0]["loss"]
+    assert math.isclose(first, ref, rel_tol=1e-2)
+    for got, want in zip(history, expected, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=2e-2)
+    assert history[-1]["loss"] < history[0]["loss"]
