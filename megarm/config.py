@@ -39,7 +39,8 @@ class ModelConfig:
 
     hf_config: str | None = None
     """HuggingFace model directory (or its config.json). When set, the shape fields
-    below are read from it; fields also given explicitly keep the explicit value."""
+    below are read from it. A shape field the YAML also sets must agree with it (else
+    an error names both values); one set on the command line wins, with a note."""
 
     num_layers: int = 2
     """Number of transformer layers (HF ``num_hidden_layers``)."""
@@ -138,7 +139,13 @@ class DataConfig:
 
     data_path: str | None = None
     """Prefix of files written by tools/preprocess_data.py, or a Megatron-style blend
-    ``"0.7 /data/a 0.3 /data/b"``. ``null`` trains on generated synthetic pairs."""
+    ``"0.7 /data/a 0.3 /data/b"``. ``null`` trains on generated synthetic pairs (for a
+    model of 100M+ parameters only with ``allow_synthetic``)."""
+
+    allow_synthetic: bool = False
+    """Let a model of 100M+ parameters (every shipped Qwen2.5 size) train on synthetic
+    pairs (``data_path: null``), e.g. for a benchmark or smoke test. Smaller models
+    always may; without this a real-size model must name its data."""
 
     split: str = "98,2,0"
     """Train/validation/test weights, split deterministically in file order."""
@@ -254,6 +261,11 @@ class CheckpointConfig:
     keep_last: int | None = None
     """Keep only the newest N checkpoints (older ones removed after a newer one is complete)."""
 
+    allow_random_init: bool = False
+    """Let a model of 100M+ parameters (every shipped Qwen2.5 size) start from random
+    weights (``load: null``), e.g. for a benchmark or smoke test. Smaller models always
+    may; without this a real-size model must load converted weights or a run."""
+
 
 @dataclass
 class LoggingConfig:
@@ -264,6 +276,23 @@ class LoggingConfig:
 
     tensorboard: bool = True
     """Write TensorBoard scalars under ``<log_dir>/tensorboard``."""
+
+    wandb_project: str | None = None
+    """Weights & Biases project: when set, the metrics also go to W&B (the optional
+    ``wandb`` package: ``pip install 'megarm[wandb]'``). ``null``: no W&B."""
+
+    wandb_entity: str | None = None
+    """W&B team or user owning the project (``null``: your default entity)."""
+
+    wandb_name: str | None = None
+    """W&B run name (``null``: W&B picks one)."""
+
+    wandb_dir: str | None = None
+    """Directory for W&B's local files (``null``: ``<log_dir>``, else W&B's default)."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode; ``offline`` writes runs to sync later with ``wandb sync``. ``null``:
+    the ``WANDB_MODE`` environment variable, else online."""
 
 
 @dataclass
@@ -500,8 +529,9 @@ def load_config(
     """Build the config from defaults, an optional YAML file and overrides.
 
     Raises :class:`ConfigError` listing every unknown key and wrong type. Model
-    shape fields are then filled from ``model.hf_config`` when it is set (explicit
-    keys win). :func:`resolve` also runs the cross-field checks.
+    shape fields are then filled from ``model.hf_config`` when it is set (a YAML key
+    that disagrees with it is an error; a command-line override wins, with a note).
+    :func:`resolve` also runs the cross-field checks.
     """
     cfg, issues = _load(path, overrides)
     if issues:
@@ -527,7 +557,8 @@ def _load(
 ) -> tuple[MegarmConfig, list[ConfigIssue]]:
     cfg = MegarmConfig()
     issues: list[ConfigIssue] = []
-    explicit: set[str] = set()
+    # Keys set explicitly -> where: the YAML's path, or COMMAND_LINE (which wins).
+    explicit: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -549,7 +580,7 @@ def _load(
                 continue
             for key, value in body.items():
                 if _apply(cfg, str(section), str(key), value, issues):
-                    explicit.add(f"{section}.{key}")
+                    explicit[f"{section}.{key}"] = str(path)
     for text in overrides or []:
         try:
             section, key, value = parse_override(text)
@@ -557,7 +588,7 @@ def _load(
             issues.extend(exc.issues)
             continue
         if _apply(cfg, section, key, value, issues):
-            explicit.add(f"{section}.{key}")
+            explicit[f"{section}.{key}"] = COMMAND_LINE
     if cfg.model.hf_config:
         try:
             _fill_from_hf(cfg, explicit)
@@ -588,7 +619,26 @@ def read_hf_config(hf_config: str) -> dict[str, Any]:
     return data
 
 
-def _fill_from_hf(cfg: MegarmConfig, explicit: set[str]) -> None:
+COMMAND_LINE = "the command line"
+
+
+def _note(message: str) -> None:
+    """Tell the user something the run decided, once per job (rank 0 or no torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"megarm.config: {message}", file=sys.stderr, flush=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _fill_from_hf(cfg: MegarmConfig, explicit: dict[str, str]) -> None:
+    """Shape keys from ``model.hf_config``. A key the YAML also gives must agree with
+    it (a silent mismatch once trained and exported a wrong ``rope_theta``); one given
+    on the command line wins, and the run says so."""
+    hf_path = hf_config_path(cfg.model.hf_config)  # type: ignore[arg-type]
     hf = dict(read_hf_config(cfg.model.hf_config))  # type: ignore[arg-type]
     # HF: a config without num_key_value_heads has one KV head per query head.
     hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
@@ -609,9 +659,36 @@ def _fill_from_hf(cfg: MegarmConfig, explicit: set[str]) -> None:
             "model.hf_config",
             "use_sliding_window=true is not supported; megarm attends over the whole sequence",
         ))
+    hints = _hints(ModelConfig)
     for hf_key, ours in HF_CONFIG_KEYS.items():
-        if hf_key in hf and f"model.{ours}" not in explicit and hf[hf_key] is not None:
-            _apply(cfg, "model", ours, hf[hf_key], issues)
+        value = hf.get(hf_key)
+        if value is None:
+            continue
+        source = explicit.get(f"model.{ours}")
+        # An explicit kv_channels: null means "derive it", which the HF value does.
+        if source is None or (ours == "kv_channels" and cfg.model.kv_channels is None):
+            _apply(cfg, "model", ours, value, issues)
+            continue
+        try:
+            theirs = _coerce(value, hints[ours])
+        except _BadValue:
+            _apply(MegarmConfig(), "model", ours, value, issues)  # records the type issue
+            continue
+        mine = getattr(cfg.model, ours)
+        if _same(mine, theirs):
+            continue
+        if source == COMMAND_LINE:
+            _note(
+                f"model.{ours}={mine!r} from the command line overrides {hf_key}={value!r} "
+                f"of model.hf_config {hf_path}"
+            )
+        else:
+            issues.append(ConfigIssue(
+                f"model.{ours}",
+                f"{source} sets {mine!r} but model.hf_config {hf_path} has {hf_key}={value!r}; "
+                f"remove model.{ours} from {source} to take the checkpoint's value, or choose "
+                f"one on the command line (model.{ours}=...)",
+            ))
     if hf.get("model_type") not in (None, "qwen2"):
         issues.append(
             ConfigIssue(
@@ -786,7 +863,9 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
         if value and not Path(value).exists():
             bad(key, f"path does not exist: {value}")
     if d.data_path:
-        issues.extend(_validate_data_path(d))
+        issues.extend(_validate_data_path(d, m))
+    issues.extend(_start_problems(cfg))
+    issues.extend(_wandb_problems(cfg.logging))
     try:
         weights = [float(x) for x in d.split.replace("/", ",").split(",")]
         if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or weights[0] <= 0:
@@ -802,15 +881,78 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
     return issues
 
 
-def _validate_data_path(d: DataConfig) -> list[ConfigIssue]:
-    """Check every prefix of ``data_path`` has its packed files."""
+# From this size on a model is "real": synthetic pairs and random weights are then a
+# mistake unless asked for (every shipped Qwen2.5 config is above, tiny/demo far below).
+REAL_MODEL_PARAMETERS = 100_000_000
+
+
+def approx_parameters(model: ModelConfig) -> int:
+    """Embedding plus matmul weights of the trunk and value head (norms and biases,
+    a fraction of a percent, left out)."""
+    d, h = head_dim(model), model.hidden_size
+    attention = h * (2 * model.num_attention_heads + 2 * model.num_query_groups) * d
+    return padded_vocab_size(model) * h + model.num_layers * (attention + 3 * h * model.ffn_hidden_size) + h
+
+
+def _start_problems(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """A real-size model must name its data and its starting weights."""
+    size = approx_parameters(cfg.model)
+    if size < REAL_MODEL_PARAMETERS:
+        return []
+    what = f"this {size / 1e9:.2f}B-parameter model"
+    issues = []
+    if not cfg.data.data_path and not cfg.data.allow_synthetic:
+        issues.append(ConfigIssue(
+            "data.data_path",
+            f"null would train {what} on generated synthetic pairs; set it to the "
+            "--output-prefix of tools/preprocess_data.py (or data.allow_synthetic=true "
+            "for a benchmark or smoke test)",
+        ))
+    if not cfg.checkpoint.load and not cfg.checkpoint.allow_random_init:
+        issues.append(ConfigIssue(
+            "checkpoint.load",
+            f"null would start {what} from random weights; set it to a checkpoint "
+            "converted with ckpt_convert/hf2mcore.py or saved by a run (or "
+            "checkpoint.allow_random_init=true for a benchmark or smoke test)",
+        ))
+    return issues
+
+
+def _wandb_problems(log: LoggingConfig) -> list[ConfigIssue]:
+    """W&B is optional: asked for, it must be installed (checked without importing it)."""
+    if not log.wandb_project:
+        stray = [k for k in ("wandb_entity", "wandb_name", "wandb_dir", "wandb_mode")
+                 if getattr(log, k) is not None]
+        return [ConfigIssue(f"logging.{k}", "has no effect without logging.wandb_project")
+                for k in stray]
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return [ConfigIssue(
+            "logging.wandb_project",
+            "W&B logging needs the wandb package: pip install 'megarm[wandb]' (or pip "
+            "install wandb), or set logging.wandb_project=null",
+        )]
+    return []
+
+
+def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:
+    """Check every prefix of ``data_path`` has its packed files, that they agree with
+    each other and stats.json, fit data.seq_length and the model's vocabulary
+    (:mod:`megarm.data.integrity`: the .idx files and sizes only, numpy)."""
     from megarm.data.blend import parse_data_path, prefix_problems
+    from megarm.data.integrity import prefix_issues
 
     try:
         blend = parse_data_path(d.data_path)  # type: ignore[arg-type]
     except ValueError as exc:
         return [ConfigIssue("data.data_path", str(exc))]
-    return [ConfigIssue("data.data_path", msg) for _, prefix in blend for msg in prefix_problems(prefix)]
+    issues = [ConfigIssue("data.data_path", msg) for _, prefix in blend for msg in prefix_problems(prefix)]
+    if not issues:
+        for _, prefix in blend:
+            found = prefix_issues(prefix, d.seq_length, m.vocab_size, m.max_position_embeddings)
+            issues += [ConfigIssue(key, msg) for key, msg in found]
+    return issues
 
 
 def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:

@@ -564,14 +564,12 @@ def test_hf_head_dim_fills_kv_channels(tmp_path):
     assert load_config(None, [f"model.hf_config={hf}"]).model.kv_channels == 32
 
 
-def test_explicit_shape_key_wins_over_hf_config(tmp_path):
+def test_command_line_shape_key_wins_over_hf_config(tmp_path):
     hf = write_hf(tmp_path)
     cfg = load_config(None, [f"model.hf_config={hf}", "model.num_layers=6"])
     assert cfg.model.num_layers == 6
     assert cfg.model.hidden_size == 96  # the rest still comes from config.json
-    path = write_yaml(tmp_path, f"model:\n  hf_config: {hf}\n  hidden_size: 48\n")
-    cfg = load_config(path)
-    assert cfg.model.hidden_size == 48 and cfg.model.num_layers == 3
+    # A YAML that disagrees with config.json is refused: tests/test_config_sources.py
 
 
 def test_non_qwen2_model_type_is_an_error(tmp_path):

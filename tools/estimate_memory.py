@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
-        cfg = resolve(args.config, args.overrides, args.world_size)
+        # Sizing a run needs no data or weights: a real-size config may leave them null.
+        sizing = ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"]
+        cfg = resolve(args.config, [*sizing, *args.overrides], args.world_size)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
