@@ -2,12 +2,17 @@
 
 The config validator calls this before any process starts, so it only looks at
 file names: ``<prefix>_packed_<key>_document.{bin,idx}`` (MindSpeed-RL's layout).
+A prefix's files are the ones its ``<prefix>_stats.json`` lists (a finished
+preprocessing run owns exactly those); only without stats.json (data from another
+tool) are they found by glob, with a warning.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import re
+import warnings
 from pathlib import Path
 
 REQUIRED_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -38,21 +43,51 @@ def parse_data_path(data_path: str | list[str]) -> list[tuple[float, str]]:
     return [(w / total, prefix) for w, prefix in pairs]
 
 
+def listed_files(prefix: str) -> list[str] | None:
+    """The file names ``<prefix>_stats.json`` lists, or ``None`` without a stats.json
+    (or one from a version that did not list them). Raises ``ValueError`` for a
+    stats.json that is not valid JSON."""
+    path = Path(f"{prefix}_stats.json")
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a valid stats.json ({exc}); re-run "
+                         "tools/preprocess_data.py --overwrite for this prefix") from exc
+    return [str(name) for name in files] if isinstance(files, list) else None
+
+
 def packed_files(prefix: str) -> dict[str, str]:
     """Map each packed key (``chosen_input_ids``, ..., ``margin``) to its file path
-    without extension, found by glob."""
+    without extension: the ``.idx`` files stats.json lists, else (no stats.json) every
+    one found by glob, with a warning that stale files would be read too."""
     found: dict[str, str] = {}
-    for path in sorted(glob.glob(glob.escape(prefix) + "_packed_*_document*.idx")):
-        stem = path[: -len(".idx")]
+    names = listed_files(prefix)
+    if names is not None:
+        parent = Path(prefix).parent
+        stems = [str(parent / name)[: -len(".idx")] for name in names if name.endswith(".idx")]
+    else:
+        stems = [p[: -len(".idx")] for p in glob.glob(glob.escape(prefix) + "_packed_*_document*.idx")]
+        if stems:
+            warnings.warn(
+                f"{prefix}_stats.json is missing: reading every {prefix}_packed_*_document "
+                "file found, including any left by an earlier run",
+                stacklevel=2,
+            )
+    for stem in sorted(stems):
         match = PACKED_RE.search(stem[len(prefix):])
-        if match:
+        if stem.startswith(prefix) and match:
             found[match.group(1)] = stem
     return found
 
 
 def prefix_problems(prefix: str) -> list[str]:
     """Messages for a prefix whose packed files are missing or incomplete."""
-    files = packed_files(prefix)
+    try:
+        files = packed_files(prefix)
+    except ValueError as exc:
+        return [str(exc)]
     if not files:
         parent = Path(prefix).parent
         hint = "" if parent.is_dir() else f" (directory {parent} does not exist)"
@@ -64,6 +99,7 @@ def prefix_problems(prefix: str) -> list[str]:
     for key in REQUIRED_KEYS:
         if key not in files:
             problems.append(f"{prefix}: missing {prefix}_packed_{key}_document.idx")
-        elif not Path(files[key] + ".bin").is_file():
-            problems.append(f"{prefix}: missing {files[key]}.bin")
+    for stem in files.values():  # stats.json may list files that are gone
+        problems += [f"{prefix}: missing {stem}{ext}" for ext in (".idx", ".bin")
+                     if not Path(stem + ext).is_file()]
     return problems

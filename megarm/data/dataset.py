@@ -90,18 +90,15 @@ class PairDataset:
         problems = prefix_problems(prefix)
         if problems:
             raise FileNotFoundError("; ".join(problems))
+        from megarm.data.integrity import check_files
+
+        check_files(prefix)  # sizes and counts agree, before megatron-core maps them
         indexed = megatron_indexed_dataset()
         self.prefix = prefix
         found = packed_files(prefix)
         keys = PAIR_KEYS + ((MARGIN_KEY,) if MARGIN_KEY in found else ())
         self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in keys}
-        counts = {key: len(ds) for key, ds in self.files.items()}
-        if len(set(counts.values())) != 1:
-            raise ValueError(
-                f"{prefix!r}: the packed files hold different numbers of pairs {counts}; they "
-                "come from different runs, re-run tools/preprocess_data.py"
-            )
-        self.size = counts[PAIR_KEYS[0]]
+        self.size = len(self.files[PAIR_KEYS[0]])
         self.has_margin = MARGIN_KEY in self.files
         if expected_vocab_sha256 is not None:
             check_vocab(prefix, expected_vocab_sha256)

@@ -7,12 +7,17 @@ worker processes that run the handler, the chat template and the fast tokenizer
 
 Everything is written under ``<prefix>.tmp-<pid>_...`` names and renamed only once
 the run is complete and accepted, so a killed or failed run leaves no final files.
+An existing output prefix is replaced only with ``--overwrite``; a finished run owns
+exactly the files its ``<prefix>_stats.json`` lists (stale siblings are removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import errno
+import glob
 import json
 import multiprocessing
 import os
@@ -26,10 +31,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
+from megarm.data.blend import PACKED_RE
 from megarm.data.dataset import (
     IGNORE_INDEX,
     MARGIN_KEY,
@@ -91,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument(
-        "--seq-length", type=int, default=None, help="max tokens per sequence (default: no limit)"
+        "--seq-length",
+        type=int,
+        default=None,
+        help="max tokens per sequence (default: the smaller of max_position_embeddings in a "
+        "config.json beside the tokenizer and the tokenizer's model_max_length)",
     )
     p.add_argument(
         "--truncation",
@@ -114,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-interval", type=int, default=1000, help="progress line every K records")
     p.add_argument("--chunk-size", type=int, default=128, help="records per worker task")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an existing --output-prefix (refused without it)",
+    )
     return p
 
 
@@ -360,6 +375,49 @@ def encode_records(
 # --------------------------------------------------------------------------- output
 
 
+def existing_outputs(prefix: str) -> list[str]:
+    """The final files of an earlier run under ``prefix``: its stats.json, rejects and
+    every ``<prefix>_packed_<key>_document.{bin,idx}`` (whatever the key)."""
+    found = [path for path in (stats_path(prefix), rejects_path(prefix)) if os.path.exists(path)]
+    for path in sorted(glob.glob(glob.escape(prefix) + "_packed_*_document.*")):
+        rest = path[len(prefix) :]
+        if path.endswith((".bin", ".idx")) and PACKED_RE.fullmatch(rest[:-4]) is not None:
+            found.append(path)
+    return found
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error(exc: OSError, prefix: str) -> PreprocessError | None:
+    """The one-line error for a failed write under ``prefix`` (``None``: not a write
+    problem, e.g. an unreadable input)."""
+    where = os.path.dirname(os.path.abspath(prefix))
+    name = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in _NO_SPACE:
+        return PreprocessError(
+            f"no space left on {where} (or a file-size limit) while writing the output"
+            f"{name}: {exc.strerror}; nothing was written. Free space or choose another "
+            "--output-prefix"
+        )
+    if exc.errno in _NOT_WRITABLE and (
+        exc.filename is None or os.path.abspath(str(exc.filename)).startswith(where)
+    ):
+        return PreprocessError(
+            f"--output-prefix {prefix}: cannot write to {where}{name}: {exc.strerror}; choose "
+            "a writable --output-prefix"
+        )
+    return None
+
+
+def _raise_write_error(exc: OSError, prefix: str) -> NoReturn:
+    error = write_error(exc, prefix)
+    if error is None:
+        raise exc
+    raise error from exc
+
+
 class _Outputs:
     """The temporary files of one run and their promotion to final names."""
 
@@ -370,14 +428,21 @@ class _Outputs:
         self.keys = PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
         self.paths: list[tuple[str, str]] = []  # (temporary, final)
         self.builders = {}
+        self.rejects = None
+        self.stats = (stats_path(self.tmp_prefix), stats_path(prefix))
         for key in self.keys:
             tmp, final = packed_path(self.tmp_prefix, key), packed_path(prefix, key)
             self.paths += [(tmp + ".bin", final + ".bin"), (tmp + ".idx", final + ".idx")]
-            dtype = np.float32 if key == MARGIN_KEY else np.int32
-            self.builders[key] = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
         self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
-        self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
-        self.stats = (stats_path(self.tmp_prefix), stats_path(prefix))
+        try:
+            for key in self.keys:
+                dtype = np.float32 if key == MARGIN_KEY else np.int32
+                tmp = packed_path(self.tmp_prefix, key) + ".bin"
+                self.builders[key] = IndexedDatasetBuilder(tmp, dtype=dtype)
+            self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
+        except BaseException:
+            self.discard()  # the files opened so far
+            raise
 
     def add(
         self, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, margin: float | None
@@ -402,22 +467,31 @@ class _Outputs:
 
     def publish(self, stats: dict[str, Any]) -> None:
         """Write stats.json and rename everything to final names, stats.json last so
-        its presence means the set is complete."""
+        its presence means the set is complete. Files of an earlier run under the
+        prefix that this run does not write (e.g. an old ``_margin``) are removed, so
+        the prefix holds exactly what stats.json lists."""
         tmp_stats, final_stats = self.stats
         Path(tmp_stats).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
         if os.path.exists(final_stats):
             os.remove(final_stats)
+        ours = {final for _, final in self.paths}
+        for stale in existing_outputs(self.prefix):
+            if stale not in ours and stale != final_stats:
+                os.remove(stale)
         for tmp, final in self.paths:
             os.replace(tmp, final)
         os.replace(tmp_stats, final_stats)
 
     def discard(self) -> None:
-        """Remove every temporary file (on failure or interruption)."""
-        for builder in self.builders.values():
-            builder.data_file.close()
-        self.rejects.close()
+        """Remove every temporary file (on failure or interruption). Closing may fail
+        again (the disk that was full still is); the files are removed regardless."""
+        handles = [builder.data_file for builder in self.builders.values()]
+        for handle in [*handles, self.rejects]:
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()
         for tmp, _ in [*self.paths, self.stats]:
-            if os.path.exists(tmp):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
 
@@ -478,8 +552,40 @@ def megarm_version() -> str:
 # --------------------------------------------------------------------------- pipeline
 
 
+# transformers' model_max_length when a tokenizer sets none (int(1e30)); anything this
+# large is not a limit.
+_UNSET_MAX_LENGTH = 1_000_000
+
+
+def default_seq_length(tokenizer_dir: str, tokenizer: Any) -> tuple[int | None, str]:
+    """``--seq-length`` when none is given, and where it came from: the smaller of the
+    model's ``max_position_embeddings`` (a config.json beside the tokenizer, as in an HF
+    model directory) and the tokenizer's ``model_max_length`` (ignored when it is
+    transformers' "unset" value, >= 1e6). ``(None, why)`` when neither is known."""
+    limits: list[tuple[int, str]] = []
+    config = Path(tokenizer_dir) / "config.json"
+    if config.is_file():
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            value = json.loads(config.read_text()).get("max_position_embeddings")
+            if isinstance(value, int) and value > 0:
+                limits.append((value, f"max_position_embeddings in {config}"))
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _UNSET_MAX_LENGTH:
+        limits.append((value, f"the tokenizer's model_max_length ({tokenizer_dir})"))
+    if not limits:
+        return None, "neither the tokenizer nor a config.json beside it states a maximum length"
+    return min(limits)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Preprocess per ``args`` (from :func:`parse_args`); return the stats written."""
+    earlier = existing_outputs(args.output_prefix)
+    if earlier and not args.overwrite:
+        raise PreprocessError(
+            f"--output-prefix {args.output_prefix} already holds {len(earlier)} file(s) of "
+            f"an earlier run, e.g. {earlier[0]}; pass --overwrite to replace them (files the "
+            "new run does not write are removed) or choose another --output-prefix"
+        )
     try:
         files = resolve_inputs(args.input)
         tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.tokenizer_type)
@@ -487,6 +593,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         handler = get_handler(args.handler_name, args.map_keys, args.margin)
     except (InputError, TokenizerError, TemplateError, ValueError) as exc:
         raise PreprocessError(str(exc)) from exc
+    if args.seq_length is None:
+        args.seq_length, source = default_seq_length(args.tokenizer_name_or_path, tokenizer)
+        if args.seq_length is None:
+            print(f"--seq-length not given and {source}: no length limit", file=sys.stderr)
+        else:
+            print(f"--seq-length not given: using {args.seq_length} ({source})", file=sys.stderr)
     job = _Job(
         handler=handler,
         template=template,
@@ -500,7 +612,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--seq-length {args.seq_length} leaves no room after the {job.header_len}-token "
             "assistant header"
         )
-    Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _raise_write_error(exc, args.output_prefix)
     leftovers = sorted(
         Path(args.output_prefix).parent.glob(Path(args.output_prefix).name + ".tmp-*")
     )
@@ -517,8 +632,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = {"chosen": array("i"), "rejected": array("i")}
     tokens = {"chosen": 0, "rejected": 0}
     examples: list[str] = []  # the first rejects, quoted if the run fails
+    max_token_id = -1  # checked against the model's vocabulary before training
 
-    outputs = _Outputs(args.output_prefix, handler.has_margin)
+    try:
+        outputs = _Outputs(args.output_prefix, handler.has_margin)
+    except OSError as exc:
+        _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
     published = False
     try:
@@ -528,6 +647,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if result[0] == "ok":
                 _, prompt, chosen, rejected, margin, truncated = result
                 outputs.add(prompt, chosen, rejected, margin)
+                for ids in (prompt, chosen, rejected):
+                    if len(ids):
+                        max_token_id = max(max_token_id, int(ids.max()))
                 counts["kept"] += 1
                 counts["truncated"] += int(truncated)
                 for side, response in (("chosen", chosen), ("rejected", rejected)):
@@ -598,6 +720,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lengths": {side: _percentiles(values) for side, values in lengths.items()},
             "tokens": tokens,
             "has_margin": handler.has_margin,
+            "max_token_id": max_token_id,
+            "seq_length": args.seq_length,
             "files": [Path(final).name for _, final in outputs.paths],
             "elapsed_s": round(elapsed, 3),
             "records_per_s": round(counts["records"] / elapsed, 1),
@@ -609,6 +733,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return stats
     except InputError as exc:
         raise PreprocessError(str(exc)) from exc
+    except OSError as exc:
+        _raise_write_error(exc, args.output_prefix)
     finally:
         progress.close()
         if not published:

@@ -36,13 +36,17 @@ class Datasets:
     pad_token_id: int
 
 
-def pad_token_id(cfg: MegarmConfig) -> int:
+def _tokenizer(cfg: MegarmConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.data.tokenizer_name_or_path)
+
+
+def pad_token_id(cfg: MegarmConfig, tokenizer: Any = None) -> int:
     """Pad id: the tokenizer's (from its config files, no model load), else the
     dataset's stats.json, else 0. Right padding keeps it out of every reward."""
     if cfg.data.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer_name_or_path)
+        tok = tokenizer if tokenizer is not None else _tokenizer(cfg)
         if tok.pad_token_id is not None:
             return int(tok.pad_token_id)
     if cfg.data.data_path:
@@ -54,13 +58,55 @@ def pad_token_id(cfg: MegarmConfig) -> int:
     return 0
 
 
+def check_vocabulary(cfg: MegarmConfig, tokenizer: Any = None) -> None:
+    """Before the first step: the data's token ids fit ``model.vocab_size`` and, with
+    ``data.tokenizer_name_or_path``, that tokenizer is the one the data was made with
+    (its vocabulary hash equals stats.json's) and fits the model. The config validator
+    already checked the id recorded in stats.json; older stats.json lack it, so the
+    ``.bin`` files are scanned here. Raises :class:`ConfigError` naming the key."""
+    from megarm.data.dataset import check_vocab
+    from megarm.data.integrity import (
+        max_token_id,
+        tokenizer_problem,
+        vocab_problem,
+        warn_unrecorded_max_token_id,
+    )
+
+    issues: list[ConfigIssue] = []
+    vocab_size = cfg.model.vocab_size
+    for _, prefix in parse_data_path(cfg.data.data_path):  # type: ignore[arg-type]
+        largest = max_token_id(prefix)
+        if largest is None:
+            warn_unrecorded_max_token_id(prefix)
+            largest = max_token_id(prefix, compute=True)
+        if problem := vocab_problem(largest, vocab_size, f"data.data_path {prefix}"):
+            issues.append(ConfigIssue("model.vocab_size", problem))
+        if tokenizer is not None:
+            try:
+                check_vocab(prefix, tokenizer)
+            except ValueError as exc:
+                issues.append(ConfigIssue("data.tokenizer_name_or_path", str(exc)))
+    if tokenizer is not None:
+        name = cfg.data.tokenizer_name_or_path
+        if problem := tokenizer_problem(tokenizer, vocab_size, str(name)):
+            issues.append(ConfigIssue("data.tokenizer_name_or_path", problem))
+    if issues:
+        raise ConfigError(issues)
+
+
 def build_datasets(cfg: MegarmConfig) -> Datasets:
-    """Train/valid splits from ``data.data_path``, or synthetic pairs when unset."""
+    """Train/valid splits from ``data.data_path``, or synthetic pairs when unset.
+
+    Real data is checked against the model and tokenizer first
+    (:func:`check_vocabulary`; the files themselves are checked by the config
+    validator and again when opened)."""
     if cfg.data.data_path:
+        tokenizer = _tokenizer(cfg) if cfg.data.tokenizer_name_or_path else None
+        check_vocabulary(cfg, tokenizer)
         train, valid, _ = build_pair_datasets(cfg.data.data_path, cfg.data.split)
         if train is None or len(train) == 0:
             raise ValueError(f"data.data_path {cfg.data.data_path!r} gives an empty training split")
-        return Datasets(train, valid, pad_token_id(cfg))
+        return Datasets(train, valid, pad_token_id(cfg, tokenizer))
     pairs = SyntheticPairs(
         cfg.data.synthetic_num_pairs,
         min(cfg.model.vocab_size, 1024),

@@ -78,7 +78,7 @@ def test_missing_key_and_count_mismatch(tmp_path):
     for ext in (".bin", ".idx"):
         source = Path(packed_path(str(tmp_path / "other"), "chosen_labels") + ext)
         source.replace(packed_path(mixed, "chosen_labels") + ext)
-    with pytest.raises(ValueError, match="different numbers of pairs .*'chosen_labels': 3"):
+    with pytest.raises(ValueError, match="m_packed_chosen_labels_document.idx has 3 pairs, not 4"):
         PairDataset(mixed)
     assert validate_data_path(str(tmp_path / "b_missing"))[0].startswith("no files")
 

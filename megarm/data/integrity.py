@@ -1,0 +1,319 @@
+"""Cheap start-up checks of a preprocessed prefix, before any step is taken.
+
+A ``.bin`` cut short, an ``.idx`` copied from another dataset, sequences longer than
+``data.seq_length`` or token ids beyond the model's vocabulary would otherwise show
+up iterations later as a shape error, or never (an out-of-range id is silently
+wrong under tensor parallelism). Everything here reads only the ``.idx`` files, the
+``.bin`` sizes and ``<prefix>_stats.json`` with numpy, so ``python -m megarm.config``
+runs it too (no torch). Each problem is one line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from megarm.data.blend import REQUIRED_KEYS, packed_files
+
+MARGIN_KEY = "margin"
+IGNORE_INDEX = -100
+SAMPLED_PAIRS = 64  # pairs whose tokens are compared across the four files
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+# megatron-core's indexed_dataset.DType codes.
+DTYPE_CODES = {
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+    6: np.float64, 7: np.float32, 8: np.uint16,
+}
+_HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + sequence count 8 + document count 8
+RERUN = "re-run tools/preprocess_data.py --overwrite for this prefix"
+
+
+class DataFileError(ValueError):
+    """A packed file is damaged or belongs to another dataset; the message names it."""
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """What one ``.idx`` says about its ``.bin``."""
+
+    path: str
+    dtype: np.dtype
+    lengths: np.ndarray  # int32, one per sequence
+    pointers: np.ndarray  # int64 byte offsets into the .bin
+    documents: np.ndarray  # int64 sequence indices where documents start
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def bin_bytes(self) -> int:
+        """The size the ``.bin`` must have."""
+        if not self.count:
+            return 0
+        return int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize
+
+
+def read_index(path: str) -> IndexFile:
+    """Parse a megatron-core ``.idx`` (version 1); raise :class:`DataFileError` naming
+    ``path`` when it is not one, or is cut short or padded."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER_BYTES)
+    except OSError as exc:
+        raise DataFileError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(header) < _HEADER_BYTES or header[:9] != INDEX_HEADER:
+        raise DataFileError(f"{path} is not a megatron-core index file (bad header); {RERUN}")
+    version = int.from_bytes(header[9:17], "little")
+    code = header[17]
+    count = int.from_bytes(header[18:26], "little")
+    documents = int.from_bytes(header[26:34], "little")
+    if version != 1 or code not in DTYPE_CODES:
+        raise DataFileError(f"{path}: unknown index version {version} or dtype code {code}")
+    expected = _HEADER_BYTES + count * (4 + 8) + documents * 8
+    if size != expected:
+        raise DataFileError(
+            f"{path} has {size} bytes but its header ({count} sequences, {documents} "
+            f"documents) needs {expected}: the file is cut or damaged; {RERUN}"
+        )
+    raw = np.memmap(path, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(raw, np.int32, count, _HEADER_BYTES)
+    pointers = np.frombuffer(raw, np.int64, count, _HEADER_BYTES + 4 * count)
+    starts = np.frombuffer(raw, np.int64, documents, _HEADER_BYTES + 12 * count)
+    return IndexFile(path, np.dtype(DTYPE_CODES[code]), lengths, pointers, starts)
+
+
+def read_stats(prefix: str) -> dict[str, Any] | None:
+    """``<prefix>_stats.json`` as a dict, or ``None`` when there is none."""
+    path = f"{prefix}_stats.json"
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stats = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise DataFileError(f"{path} is not readable JSON ({exc}); {RERUN}") from exc
+    if not isinstance(stats, dict):
+        raise DataFileError(f"{path} must hold a JSON object; {RERUN}")
+    return stats
+
+
+def _check_index(index: IndexFile, key: str) -> None:
+    """The index agrees with its own .bin and with one document per pair."""
+    bin_path = index.path[: -len(".idx")] + ".bin"
+    want = np.float32 if key == MARGIN_KEY else np.int32
+    if index.dtype != want:
+        raise DataFileError(
+            f"{index.path} holds {index.dtype} but {key} must be {np.dtype(want)}; {RERUN}"
+        )
+    actual = os.path.getsize(bin_path)
+    if actual != index.bin_bytes():
+        raise DataFileError(
+            f"{bin_path} has {actual} bytes but {os.path.basename(index.path)} describes "
+            f"{index.bin_bytes()} ({index.count} sequences): the .bin is cut or the .idx "
+            f"belongs to other data; {RERUN}"
+        )
+    if index.count:
+        steps = index.lengths[:-1].astype(np.int64) * index.dtype.itemsize
+        if index.pointers[0] != 0 or not np.array_equal(np.diff(index.pointers), steps):
+            raise DataFileError(f"{index.path}: byte offsets do not follow the lengths; {RERUN}")
+    if not np.array_equal(index.documents, np.arange(index.count + 1)):
+        raise DataFileError(
+            f"{index.path} does not hold one sequence per pair ({len(index.documents) - 1} "
+            f"documents for {index.count} sequences); {RERUN}"
+        )
+
+
+def _odd_one(
+    indexes: dict[str, IndexFile], measure: Any, stats_value: Any, what: str, prefix: str
+) -> str | None:
+    """A message naming the file whose ``measure`` disagrees (with stats.json when it
+    records the value, else with the majority), or ``None`` when all agree."""
+    values = {key: measure(index) for key, index in indexes.items()}
+    if stats_value is not None:
+        wrong = [key for key, value in values.items() if value != stats_value]
+        reference = f"{stats_value} in {prefix}_stats.json"
+    else:
+        if len(set(values.values())) <= 1:
+            return None
+        common = max(set(values.values()), key=list(values.values()).count)
+        wrong = [key for key, value in values.items() if value != common]
+        reference = f"{common} in the other files"
+    if not wrong:
+        return None
+    key = wrong[0]
+    return (
+        f"{indexes[key].path} has {values[key]} {what}, not {reference}: it belongs to "
+        f"another run; {RERUN}"
+    )
+
+
+def check_files(prefix: str) -> IndexFile:
+    """Check the packed files of ``prefix`` against each other and its stats.json;
+    return the ``chosen_input_ids`` index. Raise :class:`DataFileError` naming the
+    file that is wrong."""
+    stats = read_stats(prefix) or {}
+    files = packed_files(prefix)
+    indexes = {key: read_index(files[key] + ".idx") for key in REQUIRED_KEYS + (MARGIN_KEY,)
+               if key in files}
+    for key, index in indexes.items():
+        _check_index(index, key)
+    kept = (stats.get("counts") or {}).get("kept")
+    problem = _odd_one(indexes, lambda i: i.count, kept, "pairs", prefix)
+    if problem:
+        raise DataFileError(problem)
+    tokens = stats.get("tokens") or {}
+    for side in ("chosen", "rejected"):
+        pair = {k: indexes[k] for k in (f"{side}_input_ids", f"{side}_labels")}
+        problem = _odd_one(pair, lambda i: int(i.lengths.sum(dtype=np.int64)), tokens.get(side),
+                           f"{side} tokens", prefix)
+        if problem:
+            raise DataFileError(problem)
+        ids, labels = pair.values()
+        differ = np.flatnonzero(ids.lengths != labels.lengths)
+        if len(differ):
+            i = int(differ[0])
+            raise DataFileError(
+                f"{ids.path} and {labels.path} disagree on the length of pair {i} "
+                f"({ids.lengths[i]} vs {labels.lengths[i]} tokens) and {len(differ)} more: "
+                f"one of them belongs to another run; {RERUN}"
+            )
+    if MARGIN_KEY in indexes and np.any(indexes[MARGIN_KEY].lengths != 1):
+        raise DataFileError(f"{indexes[MARGIN_KEY].path} must hold one value per pair; {RERUN}")
+    if stats:  # megarm's own layout: labels mask a prompt both sides share
+        _check_sampled_pairs(indexes)
+    return indexes["chosen_input_ids"]
+
+
+def _check_sampled_pairs(indexes: dict[str, IndexFile]) -> None:
+    """For up to :data:`SAMPLED_PAIRS` pairs spread over the data: each side's labels
+    are -100 over a prompt and equal its input ids after it, and both sides share
+    that prompt. Files of the same shape from another run fail this."""
+    count = indexes["chosen_input_ids"].count
+    tokens = {
+        key: np.memmap(index.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
+        if index.bin_bytes() else np.zeros(0, np.int32)
+        for key, index in indexes.items() if key != MARGIN_KEY
+    }
+
+    def row(key: str, i: int) -> np.ndarray:
+        index = indexes[key]
+        start = int(index.pointers[i]) // 4
+        return tokens[key][start : start + int(index.lengths[i])]
+
+    for i in np.unique(np.linspace(0, count - 1, min(count, SAMPLED_PAIRS)).astype(np.int64)):
+        prompts = []
+        for side in ("chosen", "rejected"):
+            ids, labels = row(f"{side}_input_ids", i), row(f"{side}_labels", i)
+            masked = int(np.argmax(labels != IGNORE_INDEX)) if np.any(labels != IGNORE_INDEX) \
+                else len(labels)
+            if np.any(labels[masked:] == IGNORE_INDEX) or not np.array_equal(
+                labels[masked:], ids[masked:]
+            ):
+                raise DataFileError(
+                    f"{indexes[f'{side}_input_ids'].path} and {indexes[f'{side}_labels'].path} "
+                    f"hold different tokens for pair {i}: one of them belongs to another run; "
+                    f"{RERUN}"
+                )
+            prompts.append(ids[:masked])
+        if not np.array_equal(*prompts):
+            raise DataFileError(
+                f"{indexes['chosen_input_ids'].path} and {indexes['rejected_input_ids'].path} "
+                f"hold different prompts for pair {i}: one of them belongs to another run; {RERUN}"
+            )
+
+
+def length_problem(prefix: str, seq_length: int, max_positions: int | None = None) -> str | None:
+    """Why the pairs of ``prefix`` do not fit ``seq_length`` tokens (from the lengths
+    in the index), or ``None``."""
+    files = packed_files(prefix)
+    longest = np.maximum(
+        read_index(files["chosen_input_ids"] + ".idx").lengths,
+        read_index(files["rejected_input_ids"] + ".idx").lengths,
+    )
+    over = int(np.count_nonzero(longest > seq_length))
+    if not over:
+        return None
+    limit = f" (up to model.max_position_embeddings {max_positions})" if max_positions else ""
+    return (
+        f"{over} of {len(longest)} pairs in {prefix} have a sequence longer than "
+        f"data.seq_length {seq_length} (longest {int(longest.max())} tokens); re-run "
+        f"tools/preprocess_data.py --overwrite --seq-length {seq_length} (prompts are cut, "
+        f"responses never), or raise data.seq_length{limit}"
+    )
+
+
+def max_token_id(prefix: str, compute: bool = False) -> int | None:
+    """The largest token id in the pairs of ``prefix``: recorded in stats.json by
+    preprocessing; for older stats.json read from the ``.bin`` files when
+    ``compute`` (one pass over the input ids, memory-mapped), else ``None``."""
+    stats = read_stats(prefix) or {}
+    if isinstance(stats.get("max_token_id"), int):
+        return stats["max_token_id"]
+    if not compute:
+        return None
+    files = packed_files(prefix)
+    largest = -1
+    for key in ("chosen_input_ids", "rejected_input_ids"):
+        tokens = np.memmap(files[key] + ".bin", mode="r", dtype=np.int32)
+        step = 1 << 26  # 256 MiB at a time
+        for start in range(0, len(tokens), step):
+            largest = max(largest, int(tokens[start : start + step].max()))
+    return largest
+
+
+def vocab_problem(largest: int | None, vocab_size: int, what: str) -> str | None:
+    """Why token ids up to ``largest`` (from ``what``) do not fit a model with
+    ``vocab_size`` embeddings, or ``None``."""
+    if largest is None or largest < vocab_size:
+        return None
+    return (
+        f"{what} holds token id {largest} but model.vocab_size is {vocab_size}: the data was "
+        "tokenized for another model. Use the tokenizer of this model (re-run "
+        "tools/preprocess_data.py) or the model this data was made for"
+    )
+
+
+def tokenizer_problem(tokenizer: Any, vocab_size: int, what: str) -> str | None:
+    """Why ``tokenizer`` (named ``what``) cannot feed a model with ``vocab_size``
+    embeddings: it has more tokens than the model. ``None`` when it fits."""
+    size = len(tokenizer)
+    if size <= vocab_size:
+        return None
+    return (
+        f"tokenizer {what} has {size} tokens but the model's vocab_size is {vocab_size}: "
+        "ids above it have no embedding. Use the tokenizer the model was trained with"
+    )
+
+
+def prefix_issues(
+    prefix: str, seq_length: int, vocab_size: int, max_positions: int | None = None
+) -> list[tuple[str, str]]:
+    """``(config key, message)`` for every start-up problem of ``prefix`` that the files
+    alone show (the config validator's part; the tokenizer needs transformers)."""
+    try:
+        check_files(prefix)
+    except DataFileError as exc:
+        return [("data.data_path", str(exc))]
+    issues = []
+    problem = length_problem(prefix, seq_length, max_positions)
+    if problem:
+        issues.append(("data.seq_length", problem))
+    problem = vocab_problem(max_token_id(prefix), vocab_size, f"{prefix}_stats.json")
+    if problem:
+        issues.append(("model.vocab_size", problem))
+    return issues
+
+
+def warn_unrecorded_max_token_id(prefix: str) -> None:
+    """Older preprocessing did not record ``max_token_id``; say how to get it recorded."""
+    warnings.warn(
+        f"{prefix}_stats.json records no max_token_id (older preprocessing): the .bin files "
+        f"were scanned for it; {RERUN} to record it",
+        stacklevel=2,
+    )
