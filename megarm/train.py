@@ -1,24 +1,38 @@
 """Train a reward model: ``torchrun --nproc_per_node N -m megarm.train --config X.yaml key=value ...``
 
 The config is resolved and validated (for the world size torchrun gives) before
-any process group or model exists.
+any process group or model exists. A bad config is printed by rank 0 only; every
+rank exits with status 2. examples/rm/*.sh wrap this with torchrun, one node or
+many, and check the config once before any process starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megarm.config import ConfigError, MegarmConfig, resolve
-from megarm.distributed import world_size_from_environ
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """megarm.train's command line (the launchers parse theirs with it too)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megarm.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key: docs/config.md, or python -m megarm.config --markdown.",
+    )
+    parser.add_argument("--config", help="YAML config (defaults: a tiny model on synthetic pairs)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[MegarmConfig, argparse.Namespace]:
     """Command line -> validated config."""
-    parser = argparse.ArgumentParser(prog="python -m megarm.train", description=__doc__)
-    parser.add_argument("--config", help="YAML config (defaults: a tiny model on synthetic pairs)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    from megarm.distributed import world_size_from_environ
+
+    args = build_parser().parse_args(argv)
     return resolve(args.config, args.overrides, world_size_from_environ()), args
 
 
@@ -27,15 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = parse_args(argv)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        # Every rank finds the same problems: one copy is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(exc, file=sys.stderr)
         return 2
 
     from megarm import distributed
+    from megarm.config import to_dict
     from megarm.training.loop import Trainer
 
     p = cfg.parallel
     with distributed.distributed_from_config(cfg) as launch:
         trainer = Trainer(cfg)
+        trainer.writer.start_wandb(cfg.logging, to_dict(cfg))
         if launch.rank == 0:
             from megarm import platform
             from megarm.training.memory import estimate

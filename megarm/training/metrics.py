@@ -1,4 +1,6 @@
-"""Per-iteration metrics: a Megatron-style stdout line, metrics.jsonl, TensorBoard."""
+"""Per-iteration metrics: a Megatron-style stdout line, metrics.jsonl, TensorBoard,
+and Weights & Biases when ``logging.wandb_project`` is set (wandb is optional and
+imported only then)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megarm.config import LoggingConfig
 
 _LINE_KEYS = (
     ("loss", "loss", ".4f"),
@@ -29,8 +34,10 @@ class MetricsWriter:
 
     def __init__(self, log_dir: str | None, enabled: bool, tensorboard: bool = True) -> None:
         self.enabled = enabled
+        self.log_dir = log_dir
         self.jsonl = None
         self.tb = None
+        self.wandb_run: Any = None
         self.start = time.time()
         if not enabled or not log_dir:
             return
@@ -41,6 +48,30 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(path / "tensorboard"))
+
+    def start_wandb(self, logging: LoggingConfig, config: dict[str, Any]) -> None:
+        """Also log to W&B (on the logging rank, when ``logging.wandb_project`` is set);
+        ``config`` (the resolved megarm config) becomes the run's config."""
+        if not self.enabled or not logging.wandb_project:
+            return
+        try:
+            import wandb
+        except ImportError as exc:  # validation checks this first; a clear line anyway
+            raise RuntimeError(
+                "logging.wandb_project is set but wandb is not importable "
+                f"({exc}); pip install 'megarm[wandb]' or set logging.wandb_project=null"
+            ) from exc
+        directory = logging.wandb_dir or self.log_dir
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        self.wandb_run = wandb.init(
+            project=logging.wandb_project,
+            entity=logging.wandb_entity,
+            name=logging.wandb_name,
+            dir=directory,
+            mode=logging.wandb_mode,
+            config=config,
+        )
 
     def log(self, split: str, iteration: int, metrics: dict[str, Any], total_iters: int) -> None:
         """Record one iteration's (or evaluation's) metrics."""
@@ -54,6 +85,13 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"{split}/{key}", value, iteration)
+        if self.wandb_run is not None:
+            scalars = {
+                f"{split}/{key}": value
+                for key, value in metrics.items()
+                if isinstance(value, (int, float)) and math.isfinite(value)
+            }
+            self.wandb_run.log(scalars, step=iteration)
         print(format_line(split, iteration, total_iters, metrics), flush=True)
 
     def close(self) -> None:
@@ -62,6 +100,9 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def format_line(split: str, iteration: int, total: int, metrics: dict[str, Any]) -> str:
