@@ -337,12 +337,11 @@ def write_torch_dist(
     from megarm import distributed
     from megarm.config import to_dict
     from megarm.model.builder import params_dtype
-    from megarm.testing import free_port
     from megarm.training.checkpointing import iteration_dir
 
     # One process of its own: a converter started by torchrun must still be TP=PP=1.
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
+    # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     distributed.init(1, 1, seed=cfg.training.seed)
     try:
         sharded = meta_sharded_state_dict(cfg)

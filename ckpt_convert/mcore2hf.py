@@ -251,7 +251,6 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     from ckpt_convert.torch_dist_stream import load_tensors, meta_sharded_state_dict
     from megarm import distributed
     from megarm.config import ConfigError, load_config
-    from megarm.testing import free_port
     from megarm.training.checkpointing import (
         check_shapes,
         checkpoint_model_overrides,
@@ -293,8 +292,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp)
     tmp.mkdir()
     # One process of its own, whatever launched it.
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
+    # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     try:
         distributed.init(1, 1, seed=0)
         try:

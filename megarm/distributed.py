@@ -82,6 +82,19 @@ def init(
     platform.activate()
     launch = LaunchEnv.from_environ()
     platform.set_local_device(launch.local_rank)
+    if not dist.is_initialized() and launch.world_size == 1:
+        # One process (converters, scoring, a plain ``python -m``): an in-memory
+        # store (a TCPStore listens on every interface), and gloo's sockets on
+        # loopback rather than on the address the hostname resolves to.
+        if os.path.exists("/sys/class/net/lo"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group(
+            backend=platform.dist_backend(),
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
