@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarm import platform
+from megarm import lifecycle, platform
 
 # The gloo group host values are reduced on (None: the default group, when it is
 # gloo itself). Set by init(), cleared by teardown().
@@ -79,6 +79,7 @@ def init(
     """Start torch.distributed and megatron-core's parallel groups, then seed."""
     from megatron.core import parallel_state
 
+    lifecycle.install()  # workers die with torchrun; nothing they start outlives them
     platform.activate()
     launch = LaunchEnv.from_environ()
     platform.set_local_device(launch.local_rank)

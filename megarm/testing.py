@@ -42,8 +42,12 @@ def _child(
     env: dict[str, str],
     results: mp.Queue,
 ) -> None:
-    # Own process group: the parent can kill this rank with anything it spawned.
+    # Own process group: the parent can kill this rank with anything it spawned;
+    # and the rank dies with the test process even when that is SIGKILLed.
     os.setpgrp()
+    from megarm import lifecycle
+
+    lifecycle.die_with_parent()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
