@@ -14,8 +14,9 @@ MCORE_DIR). The output is what ``AutoModelForSequenceClassification.from_pretrai
   is more than one shard, as transformers itself writes them), the padded
   vocabulary rows stripped and ``score.weight`` = megarm's value head;
 - ``config.json``: a transformers ``Qwen2Config`` with
-  ``architectures: ["Qwen2ForSequenceClassification"]``, ``num_labels=1`` and
-  ``pad_token_id`` (from the tokenizer, else the source config);
+  ``architectures: ["Qwen2ForSequenceClassification"]``, ``num_labels=1``,
+  ``pad_token_id`` (from the tokenizer, else the source config) and the reward
+  fields of :func:`reward_fields` (``problem_type``, ``reward_convention``, ``mean``/``std``);
 - the tokenizer files (``--tokenizer-model``, else those in MCORE_DIR).
 
 Memory holds one output shard: the megarm tensors a shard needs are read from the
@@ -50,6 +51,7 @@ from ckpt_convert.qwen2_mapping import (
     hf_shapes,
     mcore_to_hf,
 )
+from megarm.checkpoint.integrity import CheckpointCorruptError, require_finite
 
 log = logging.getLogger("mcore2hf")
 
@@ -182,12 +184,47 @@ def hf_config(model: Any, base: dict[str, Any], pad_id: int | None, dtype: torch
     return config
 
 
+def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any]:
+    """config.json fields a serving stack needs to read the reward as megarm trained it:
+    ``problem_type: regression`` (vLLM otherwise returns ``sigmoid(reward)`` for one
+    label), the ``reward_convention`` (recorded in the checkpoint by training, else the
+    tokenizer's chat template's) and the ``mean``/``std`` that ``megarm.reward_stats``
+    stored in ``reward_stats.json`` beside the weights (OpenRLHF's normalisation)."""
+    from megatron.core import dist_checkpointing
+
+    from megarm.data.templates import TemplateError, get_template, reward_convention
+    from megarm.data.tokenizer import load_tokenizer
+
+    fields: dict[str, Any] = {"problem_type": "regression"}
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    except Exception:  # noqa: BLE001 - no common state: nothing recorded
+        common = {}
+    convention = common.get("reward_convention") if isinstance(common, dict) else None
+    if convention is None and tokenizer_dir is not None:
+        try:
+            tokenizer = load_tokenizer(str(tokenizer_dir))
+            convention = reward_convention(get_template("auto", tokenizer), tokenizer)
+            log.info("no reward convention recorded in %s; recording the chat template's "
+                     "(sequences end with %r)", checkpoint, convention["sequence_end"])
+        except TemplateError as exc:
+            log.warning("no reward convention recorded and none from the tokenizer: %s", exc)
+    if convention is not None:
+        fields["reward_convention"] = convention
+    stats = checkpoint / "reward_stats.json"  # written by megarm.reward_stats
+    if stats.is_file():
+        recorded = _read_json(stats)
+        fields.update(mean=float(recorded["mean"]), std=float(recorded["std"]))
+    return fields
+
+
 def write_weights(
     load: Callable[[list[str]], dict[str, torch.Tensor]],
     shape: Qwen2Shape,
     out: Path,
     dtype: torch.dtype,
     max_shard_size: str,
+    source: Path | None = None,
 ) -> dict[str, Any]:
     """HF safetensors shards (and the index when there are several). Shards are
     planned from shapes alone; then, shard by shard, ``load(names)`` reads just the
@@ -205,6 +242,7 @@ def write_weights(
         wanted = set(names)
         needed = [e for e in selected if wanted & set(e.hf)]
         state = load([e.mcore for e in needed])
+        require_finite(state.items(), source or Path("checkpoint"))  # names a damaged tensor
         tensors = {
             name: tensor.to(dtype).contiguous()
             for name, tensor in mcore_to_hf(state.__getitem__, shape, needed)
@@ -248,14 +286,14 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     """Run the export ``args`` describe; returns a summary."""
     if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
         raise ExportError(problem)
-    from ckpt_convert.torch_dist_stream import load_tensors, meta_sharded_state_dict
     from megarm import distributed
-    from megarm.config import ConfigError, load_config
-    from megarm.training.checkpointing import (
+    from megarm.checkpoint import (
         check_shapes,
         checkpoint_model_overrides,
-        resolve_checkpoint,
+        open_checkpoint,
     )
+    from megarm.checkpoint.stream import load_tensors, meta_sharded_state_dict
+    from megarm.config import ConfigError, load_config
 
     started = time.perf_counter()
     load, save = Path(args.load_dir), Path(args.save_dir)
@@ -264,9 +302,10 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if save.exists() and not args.overwrite:
         raise ExportError(f"--save-dir {save} exists; remove it or pass --overwrite")
     try:
-        checkpoint = resolve_checkpoint(load, args.iteration)
+        # Files as written at save, nothing that runs code when read.
+        checkpoint = open_checkpoint(load, args.iteration).path
         overrides = checkpoint_model_overrides(load, args.iteration)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointCorruptError) as exc:
         raise ExportError(str(exc)) from exc
     base = source_hf_config(load, checkpoint)
     stored = stored_dtype(checkpoint)
@@ -279,6 +318,10 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     shape = Qwen2Shape.from_megarm(cfg.model)
     out_dtype = stored if args.params_dtype == "auto" else cli.DTYPES[args.params_dtype]
     tokenizer_dir = tokenizer_source(args, load)
+    if tokenizer_dir is not None and (
+        problem := cli.tokenizer_problem(tokenizer_dir, cfg.model.vocab_size, load)
+    ):
+        raise ExportError(problem)
     pad_id = pad_token_id(tokenizer_dir, base)
     if pad_id is None:
         log.warning(
@@ -305,10 +348,14 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 tmp,
                 out_dtype,
                 args.max_shard_size,
+                checkpoint,
             )
         finally:
             distributed.teardown()
-        hf_config(cfg.model, base, pad_id, out_dtype).save_pretrained(str(tmp))
+        config = hf_config(cfg.model, base, pad_id, out_dtype)
+        for key, value in reward_fields(checkpoint, tokenizer_dir).items():
+            setattr(config, key, value)
+        config.save_pretrained(str(tmp))
         copied = cli.copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else []
         if save.exists():
             shutil.rmtree(save)
@@ -333,7 +380,9 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    return cli.run(log, build_parser(), export, (ExportError, MappingError), argv)
+    return cli.run(
+        log, build_parser(), export, (ExportError, MappingError, CheckpointCorruptError), argv
+    )
 
 
 if __name__ == "__main__":

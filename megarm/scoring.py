@@ -29,12 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from megarm import distributed, platform
+from megarm.checkpoint import (
+    checkpoint_model_overrides,
+    load_model_weights,
+    read_common,
+    resolve_checkpoint,
+)
 from megarm.config import ConfigError, MegarmConfig, load_config, validate
 from megarm.data.dataset import collate_pairs
 from megarm.data.handlers import Handler, RecordError
@@ -43,13 +48,6 @@ from megarm.data.readers import RawRecord
 from megarm.data.templates import Template, TemplateError, get_template, reward_convention
 from megarm.data.tokenizer import TokenizerError, load_tokenizer
 from megarm.model.builder import build_model, params_dtype
-
-# The checkpoint format still lives with training (the lead moves it to its own module).
-from megarm.training.checkpointing import (
-    checkpoint_model_overrides,
-    load_model_weights,
-    resolve_checkpoint,
-)
 from megarm.training.step import PairBatch, forward_step
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -147,14 +145,17 @@ class Encoder:
             records, handler, self.template, self.tokenizer, self.seq_length, self.truncation
         )
 
-    def group(self, prompt: Any, responses: Sequence[Any]) -> tuple[list[list[int]], bool]:
+    def group(
+        self, prompt: Any, responses: Sequence[Any], allow_empty: bool = False
+    ) -> tuple[list[list[int]], bool]:
         """Rows for several responses to one prompt (text or messages), sharing one
-        cut prompt as preprocessing's chosen and rejected do; and whether it was cut."""
+        cut prompt as preprocessing's chosen and rejected do; and whether it was cut.
+        An empty response is refused unless ``allow_empty`` (benchmarks score them)."""
         messages = prompt_messages(prompt)
         for response in responses:
             if not isinstance(response, str):
                 raise RecordError("malformed_record", "a response is not text")
-            if not response.strip():
+            if not response.strip() and not allow_empty:
                 raise RecordError("empty_response", "a response is empty")
         if not responses:
             raise RecordError("missing_key", "no responses to score")
@@ -317,6 +318,19 @@ def run_model(model: list[torch.nn.Module], batches: list[ScoreBatch]) -> dict[i
     return found
 
 
+def model_rewards(
+    model: list[torch.nn.Module], rows: list[list[int]], pad_id: int, max_tokens: int = 16384
+) -> list[float]:
+    """Rewards of ``rows`` from a model built in this process group, e.g. training's
+    (every rank calls it with the same rows and gets every reward, in order)."""
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    found = run_model(model, make_batches(rows, pad_id, max_tokens)[dp_rank::dp])
+    merged: dict[int, float] = {}
+    for part in distributed.all_gather_objects(found):
+        merged.update(part)  # type: ignore[arg-type]
+    return [merged[i] for i in range(len(rows))]
+
+
 # --------------------------------------------------------------------------- what a model says
 
 
@@ -357,11 +371,8 @@ def checkpoint_common(load: str | Path, iteration: int | None = None) -> tuple[P
         path = resolve_checkpoint(load, iteration)
     except (FileNotFoundError, ValueError) as exc:
         raise ScoringError(str(exc)) from exc
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception:  # noqa: BLE001 - a checkpoint without common state
-        common = {}
-    return path, common if isinstance(common, dict) else {}
+    common = read_common(path) if (path / "common.pt").is_file() else {}
+    return path, common
 
 
 def read_stats_file(directory: Path) -> dict[str, Any] | None:

@@ -1,0 +1,192 @@
+"""megarm.evaluate: hand-built files in each benchmark format with known answers.
+
+The fast tests score with a stand-in model whose reward is the number written as the
+response, so every metric is known exactly (ties included) and compared with ``==``.
+The slow test scores one file with the HF export and with the same weights as a TP=2
+megarm checkpoint, and expects the same results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megarm.evaluate import BenchmarkEvaluator, evaluate, flatten, main
+from megarm.scoring import build_encoder
+from megarm.testing import run_distributed
+
+
+@pytest.fixture(scope="module")
+def encoder(rm_tokenizer):
+    return build_encoder(str(rm_tokenizer))
+
+
+def numeric_rewards(encoder):
+    """A model whose reward is the response text read as a number."""
+
+    def rewards(rows):
+        out = []
+        for row in rows:
+            text = encoder.tokenizer.decode(row)
+            response = text.rsplit("<|im_start|>assistant\n", 1)[1]
+            out.append(float(response.removesuffix("<|im_end|>\n")))
+        return out
+
+    return rewards
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_rewardbench_subsets_and_weighted_sections(encoder, tmp_path):
+    def rec(subset, chosen, rejected):
+        return {"prompt": "q", "chosen": chosen, "rejected": rejected, "subset": subset}
+
+    data = write_jsonl(tmp_path / "rb.jsonl", [
+        rec("alpacaeval-easy", "2", "1"),
+        rec("alpacaeval-easy", "1", "1"),  # a tie counts as wrong
+        rec("mt-bench-easy", "3", "0"),
+        rec("mt-bench-hard", "1", "0.5"),
+        rec("hep-python", "1", "2"),
+        rec("hep-python", "5", "4"),
+        rec("xstest-should-respond", "0", "1"),
+        rec("my-own-subset", "1", "0"),
+        "{not json",
+        {"prompt": "q", "chosen": "1", "subset": "donotanswer"},
+    ])  # fmt: skip
+    result = evaluate(str(data), "auto", encoder, numeric_rewards(encoder))
+    assert result["format"] == "rewardbench"
+    m = result["metrics"]
+    assert m["subsets"] == {
+        "alpacaeval-easy": 0.5, "hep-python": 0.5, "mt-bench-easy": 1.0, "mt-bench-hard": 1.0,
+        "my-own-subset": 1.0, "xstest-should-respond": 0.0,
+    }  # fmt: skip
+    # RewardBench weights subsets by its EXAMPLE_COUNTS: Chat = (0.5*100 + 1.0*28) / 128.
+    assert m["sections"] == {
+        "Chat": 78 / 128, "Chat Hard": 1.0, "Safety": 0.0, "Reasoning": 0.5,
+    }  # fmt: skip
+    assert m["score"] == pytest.approx((78 / 128 + 1.0 + 0.0 + 0.5) / 4, abs=1e-12)
+    assert (m["pairs"], m["ties"], result["scored"]) == (8, 1, 8)
+    assert [(s["index"], s["reason"].split(":")[0]) for s in result["skipped"]] == [
+        (8, "malformed_json"), (9, "missing_key"),
+    ]  # fmt: skip
+
+
+def test_rewardbench2_best_of_four_ties_and_the_ties_subset(encoder, tmp_path):
+    def rec(subset, chosen, rejected, rid="x", num_correct=None):
+        return {"id": rid, "prompt": "q", "subset": subset, "chosen": chosen,
+                "rejected": rejected, "num_correct": num_correct or len(chosen)}  # fmt: skip
+
+    records = [
+        rec("Focus", ["3"], ["1", "2", "0"]),  # 1
+        rec("Focus", ["2"], ["2", "1", "0"]),  # tied with one other: 1/2
+        rec("Focus", ["2"], ["2", "2", "2"]),  # tied with three: 1/4
+        rec("Focus", ["1"], ["2", "0", "0"]),  # 0
+        rec("Math", ["5"], ["4", "4", "4"]),  # 1
+        rec("Ties", ["5"], ["1", "2"], "ref:1"),
+        rec("Ties", ["4", "3"], ["1", "2"], "tied:1"),
+        rec("Ties", ["2"], ["1", "0"], "ref:2"),
+        rec("Ties", ["6", "5.5"], ["1", "0"], "tied:2"),
+    ]
+    data = tmp_path / "rb2.json"  # a JSON array this time
+    data.write_text(json.dumps(records))
+    m = evaluate(str(data), "rewardbench2", encoder, numeric_rewards(encoder))["metrics"]
+    # Ties (process_single_model): both accuracies 1; prompt 1 has margin 1 = spread 1
+    # (not preferred), prompt 2 margin min(1, 4.5) = 1 > spread 0.5 (preferred), and
+    # the margin term averages tanh(1/1 - 1) = 0 and tanh(1/0.5 - 1) = tanh(1).
+    ties = 0.3 + 0.3 + 0.2 * 0.5 + 0.2 * 0.5 + 0.01 * math.tanh(1.0) / 2
+    assert m["subsets"]["Focus"] == (1 + 0.5 + 0.25 + 0) / 4
+    assert m["subsets"]["Math"] == 1.0
+    assert m["subsets"]["Ties"] == pytest.approx(ties, abs=1e-12)
+    assert m["score"] == pytest.approx((0.4375 + 1.0 + ties) / 3, abs=1e-12)
+
+
+def test_rmbench_style_matrix_per_domain(encoder, tmp_path):
+    records = [
+        # chosen concise/plain/markdown vs rejected: hard (upper), normal, easy (lower)
+        {"prompt": "q", "chosen": ["3", "2", "1"], "rejected": ["2.5", "1.5", "0.5"], "domain": "chat"},
+        {"prompt": "q", "chosen": ["1", "1", "1"], "rejected": ["1", "1", "1"], "domain": "chat"},
+        {"prompt": "q", "chosen": ["0", "0", "0"], "rejected": ["1", "1", "1"], "domain": "math"},
+        {"prompt": "q", "chosen": ["1", "1"], "rejected": ["0", "0"], "domain": "math"},
+    ]  # fmt: skip
+    data = tmp_path / "rmb.parquet"
+    pq.write_table(pa.Table.from_pylist(records), data)
+    result = evaluate(str(data), "auto", encoder, numeric_rewards(encoder))
+    assert result["format"] == "rmbench"
+    m = result["metrics"]
+    # chat: record 1 wins all of its upper triangle and diagonal, none of its lower
+    # triangle; record 2 ties everywhere (all wrong). math loses everything.
+    assert m["domains"]["chat"] == {"hard": 0.5, "normal": 0.5, "easy": 0.0, "average": 1 / 3}
+    assert m["domains"]["math"] == {"hard": 0.0, "normal": 0.0, "easy": 0.0, "average": 0.0}
+    assert (m["hard"], m["normal"], m["easy"]) == (0.25, 0.25, 0.0)
+    assert m["average"] == pytest.approx(1 / 6, abs=1e-12)
+    assert [s["index"] for s in result["skipped"]] == [3]
+    assert "not 3" in result["skipped"][0]["reason"]
+
+
+def test_pairs_with_any_handler(encoder, tmp_path):
+    data = write_jsonl(tmp_path / "se.jsonl", [
+        {"question": "q", "response_j": "2", "response_k": "1"},
+        {"question": "q", "response_j": "1", "response_k": "3"},
+        {"question": "q", "response_j": "1", "response_k": "1.0"},  # equal rewards: a tie
+        {"question": "q", "response_j": "1", "response_k": "1"},  # the handler refuses it
+    ])  # fmt: skip
+    result = evaluate(str(data), "pairs", encoder, numeric_rewards(encoder), "stack_exchange_paired")
+    assert result["metrics"] == {"accuracy": 1 / 3, "pairs": 3, "ties": 1, "subsets": {"all": 1 / 3}}
+    assert result["skipped"] == [
+        {"index": 3, "reason": "identical: chosen and rejected responses are identical"}
+    ]
+    assert flatten(result["metrics"])["subsets/all"] == 1 / 3
+
+
+# --------------------------------------------------------------------------- real models
+
+RB_RECORDS = [
+    {"prompt": "Write a short sentence about a cat.", "chosen": "the cat sleeps.",
+     "rejected": "sleeps cat the.", "subset": "alpacaeval-easy"},
+    {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5",
+     "subset": "math-prm"},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "", "subset": "donotanswer"},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven.",
+     "subset": "llmbar-natural"},
+]  # fmt: skip
+
+
+def _evaluate_checkpoint(argv: list[str]) -> int:
+    return main(argv)
+
+
+def _training_time(checkpoint: str, data: str, tokenizer: str) -> dict[str, float]:
+    """BenchmarkEvaluator on a model built in this process group, every rank in step,
+    as training runs it (the process group is torn down by run_distributed)."""
+    from megarm.scoring import MegatronScorer
+
+    evaluator = BenchmarkEvaluator(data, tokenizer)
+    model = MegatronScorer(checkpoint, tp=2).model
+    return evaluator(model, evaluator.encoder.pad_id)
+
+
+@pytest.mark.slow
+def test_export_and_tp2_checkpoint_give_equal_results(rm_export, rm_checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "rb.jsonl", RB_RECORDS)
+    hf_out, tp_out = tmp_path / "hf.json", tmp_path / "tp2.json"
+    assert main(["--load", str(rm_export), "--data", str(data), "--output", str(hf_out)]) == 0
+    argv = ["--load", str(rm_checkpoint), "--data", str(data), "--output", str(tp_out),
+            "--tensor-model-parallel-size", "2"]  # fmt: skip
+    assert run_distributed(_evaluate_checkpoint, 2, argv) == [0, 0]
+    hf, tp = json.loads(hf_out.read_text()), json.loads(tp_out.read_text())
+    assert hf["metrics"] == tp["metrics"]
+    assert hf["scored"] == tp["scored"] == 4 and hf["skipped"] == tp["skipped"] == []
+    for a, b in zip(hf["records"], tp["records"], strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+    assert "| subsets/alpacaeval-easy |" in hf_out.with_suffix(".md").read_text()
+    during_training = run_distributed(
+        _training_time, 2, str(rm_checkpoint), str(data), str(rm_export)
+    )
+    assert during_training[0] == flatten(hf["metrics"])
