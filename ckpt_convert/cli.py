@@ -44,6 +44,35 @@ def copy_tokenizer(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def tokenizer_problem(
+    directory: Path, vocab_size: int, reference: Path | None = None
+) -> str | None:
+    """Why the tokenizer in ``directory`` must not be copied next to a model with
+    ``vocab_size`` embeddings: it has more tokens than the model, or its vocabulary
+    differs from the tokenizer already beside the weights in ``reference`` (the one
+    hf2mcore copied from the HF model). ``None`` when it fits."""
+    from megarm.data.integrity import tokenizer_problem as size_problem
+    from megarm.data.tokenizer import TokenizerError, load_tokenizer, vocab_sha256
+
+    try:
+        tokenizer = load_tokenizer(str(directory))
+    except TokenizerError as exc:
+        return str(exc)
+    if problem := size_problem(tokenizer, vocab_size, str(directory)):
+        return problem
+    if reference is not None and has_tokenizer(reference):
+        if Path(reference).resolve() == Path(directory).resolve():
+            return None
+        theirs = load_tokenizer(str(reference))
+        if vocab_sha256(theirs) != vocab_sha256(tokenizer):
+            return (
+                f"tokenizer {directory} ({len(tokenizer)} tokens) has another vocabulary than "
+                f"the tokenizer beside the weights in {reference} ({len(theirs)} tokens); "
+                "the model was made with that one: pass it, or leave --tokenizer-model out"
+            )
+    return None
+
+
 def save_dir_problem(load_dir: str | Path, save_dir: str | Path) -> str | None:
     """Why ``save_dir`` must not be written when reading ``load_dir``, or ``None``.
 

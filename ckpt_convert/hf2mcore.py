@@ -559,6 +559,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             f"{', '.join(cli.TOKENIZER_FILES[:3])}; "
             "pass a Hugging Face tokenizer directory"
         )
+    if tokenizer_dir is not None and (
+        problem := cli.tokenizer_problem(tokenizer_dir, cfg.model.vocab_size, load)
+    ):
+        raise ConversionError(problem)
 
     ckpt = HFCheckpoint(load)
     names = ckpt.names()

@@ -56,3 +56,45 @@ def test_mcore2hf_refuses_a_save_dir_overlapping_the_checkpoint(tmp_path, capsys
         err = capsys.readouterr().err
         assert "would destroy the input" in err, (name, err)
         assert _snapshot(ckpt) == before, name
+
+
+# --------------------------------------------------------------------------- tokenizers
+# (issue 14 item 4: the tokenizer files copied into a converted model must be the
+# model's; rm_* are the session fixtures of tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def extra_token_tokenizer(rm_tokenizer, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(rm_tokenizer))
+    tokenizer.add_tokens(["<|my_new_token|>"])
+    out = tmp_path_factory.mktemp("extra_token")
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_mcore2hf_refuses_a_tokenizer_the_model_was_not_made_with(
+    rm_checkpoint, extra_token_tokenizer, tmp_path, capsys
+):
+    from ckpt_convert import mcore2hf
+
+    out = tmp_path / "hf"
+    argv = ["--load-dir", str(rm_checkpoint), "--save-dir", str(out),
+            "--tokenizer-model", str(extra_token_tokenizer)]
+    assert mcore2hf.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "(151666 tokens) has another vocabulary than the tokenizer beside the weights" in err
+    assert not out.exists()
+
+
+def test_hf2mcore_refuses_a_tokenizer_larger_than_the_model(rm_tokenizer, tmp_path, capsys):
+    from ckpt_convert import hf2mcore
+    from tests.test_convert import _fake_hf_dir
+
+    hf_dir = _fake_hf_dir(tmp_path / "hf", vocab_size=1024)
+    argv = ["--load-dir", str(hf_dir), "--save-dir", str(tmp_path / "out"),
+            "--tokenizer-model", str(rm_tokenizer)]
+    assert hf2mcore.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has 151665 tokens but the model's vocab_size is 1024" in err
