@@ -9,8 +9,10 @@
    ``ckpt_convert/hf2mcore.py``, training at TP=2 through ``torchrun``,
    ``ckpt_convert/mcore2hf.py``;
 4. scores the held-out pairs with plain transformers
-   ``AutoModelForSequenceClassification`` and prints the accuracy, the outputs and
-   the plots.
+   ``AutoModelForSequenceClassification`` on ``apply_chat_template``'s output, with
+   ``megarm.score``, and as chat text ending at ``<|im_end|>`` (OpenRLHF's form)
+   through megarm's scoring core, and prints the accuracies (equal: every route reads
+   the reward at the same token), the outputs and the plots.
 """
 
 from __future__ import annotations
@@ -92,27 +94,26 @@ def build_hf_model(out: Path, tokenizer_dir: Path, seed: int) -> None:
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
 
+def chat(row: dict[str, str], side: str) -> list[dict[str, str]]:
+    """One held-out pair's prompt and one of its answers, as chat messages."""
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
+
+
 def score_with_transformers(model_dir: Path, pairs_file: Path) -> tuple[float, int]:
-    """Held-out accuracy of the exported reward model, in plain transformers."""
+    """Held-out accuracy of the exported reward model in plain transformers, fed as
+    RewardBench, TRL and vLLM feed it: ``tokenizer.apply_chat_template(messages)``."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    end_of_turn = "<|im_end|>"
     correct = total = 0
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     with torch.no_grad():
         for i in range(0, len(rows), 32):
             batch = rows[i : i + 32]
-            seqs = []
-            for row in batch:
-                prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                                 tokenize=False, add_generation_prompt=True)
-                prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                for answer in (row["chosen"], row["rejected"]):
-                    seqs.append(prompt_ids + tok(answer + end_of_turn,
-                                                 add_special_tokens=False)["input_ids"])
+            seqs = [tok.apply_chat_template(chat(row, side), tokenize=True, return_dict=True)
+                    ["input_ids"] for row in batch for side in ("chosen", "rejected")]
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), tok.pad_token_id)
             mask = torch.zeros_like(ids)
@@ -124,6 +125,20 @@ def score_with_transformers(model_dir: Path, pairs_file: Path) -> tuple[float, i
             correct += int((chosen > rejected).sum())
             total += len(batch)
     return correct / total, total
+
+
+def score_chat_text(model_dir: Path, pairs_file: Path) -> float:
+    """Held-out accuracy through megarm's scoring core fed chat text that ends at
+    ``<|im_end|>`` (what OpenRLHF sends a remote reward model)."""
+    from megarm.scoring import HFScorer, build_encoder
+
+    encoder = build_encoder(str(model_dir))
+    scorer = HFScorer(str(model_dir))
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    texts = [encoder.tokenizer.apply_chat_template(chat(row, side), tokenize=False)
+             for row in rows for side in ("chosen", "rejected")]
+    rewards = scorer.rewards([encoder.text(t.removesuffix("\n")) for t in texts])
+    return sum(c > r for c, r in zip(rewards[0::2], rewards[1::2])) / len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,10 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     with step("7/7 export to HF Qwen2ForSequenceClassification and score held-out pairs"):
         run([py, "ckpt_convert/mcore2hf.py", "--load-dir", work / "ckpt", "--save-dir",
              work / "hf_rm", "--tokenizer-model", work / "tokenizer"])
-        accuracy, count = score_with_transformers(work / "hf_rm", work / "data" / "heldout.jsonl")
+        heldout = work / "data" / "heldout.jsonl"
+        run([py, "-m", "megarm.score", "--load", work / "hf_rm", "--input", heldout,
+             "--output", work / "heldout_rewards.jsonl"])
+        scored = [json.loads(line) for line in (work / "heldout_rewards.jsonl").open()]
+        via_score = sum(r["chosen_reward"] > r["rejected_reward"] for r in scored) / len(scored)
+        accuracy, count = score_with_transformers(work / "hf_rm", heldout)
+        via_text = score_chat_text(work / "hf_rm", heldout)
+        config = json.loads((work / "hf_rm" / "config.json").read_text())
 
     print(f"\nheld-out accuracy (transformers AutoModelForSequenceClassification, {count} pairs): "
           f"{accuracy:.3f}")
+    print(f"same pairs through megarm.score: {via_score:.3f}; as chat text ending at "
+          f"<|im_end|> through megarm's scoring: {via_text:.3f}")
+    print(f"export config.json: problem_type {config.get('problem_type')}, reward mean "
+          f"{config.get('mean')}, std {config.get('std')}, sequences end with "
+          f"{(config.get('reward_convention') or {}).get('sequence_end')!r}")
     print(f"total time {time.time() - started:.0f}s. Outputs in {work}:")
     for name, what in [
         ("tokenizer", "Qwen2.5-compatible tokenizer"), ("hf_base", "tiny HF Qwen2ForCausalLM"),
@@ -189,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {work / name}: {what}")
     if accuracy < args.min_accuracy:
         print(f"FAILED: accuracy {accuracy:.3f} < {args.min_accuracy}", file=sys.stderr)
+        return 1
+    if not via_score == via_text == accuracy:
+        print("FAILED: the three scoring routes disagree (reward read at different tokens)",
+              file=sys.stderr)
         return 1
     return 0
 

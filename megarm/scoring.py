@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 from torch import Tensor
 
 from megarm import distributed, platform
@@ -254,10 +255,15 @@ class ScoreBatch:
 
 
 def make_batches(
-    rows: Sequence[Sequence[int]], pad_id: int, max_tokens: int, max_rows: int | None = None
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    max_tokens: int,
+    max_rows: int | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> list[ScoreBatch]:
     """Micro-batches of ``rows`` (see :func:`plan_batches`), padded by training's
-    ``collate_pairs`` (the first half of a batch as "chosen", the rest as "rejected")."""
+    ``collate_pairs`` (the first half of a batch as "chosen", the rest as "rejected";
+    the width a multiple of ``pad_to_multiple_of``, as sequence parallelism needs)."""
     batches = []
     for ids in plan_batches([len(r) for r in rows], max_tokens, max_rows):
         half = (len(ids) + 1) // 2
@@ -273,7 +279,7 @@ def make_batches(
                     "rejected_labels": rejected,
                 }
             )
-        collated = collate_pairs(samples, pad_id)
+        collated = collate_pairs(samples, pad_id, pad_to_multiple_of=pad_to_multiple_of)
         order = first + second
         filler = [-1] if len(ids) % 2 else []
         keep = len(order) - len(filler)
@@ -324,7 +330,11 @@ def model_rewards(
     """Rewards of ``rows`` from a model built in this process group, e.g. training's
     (every rank calls it with the same rows and gets every reward, in order)."""
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    found = run_model(model, make_batches(rows, pad_id, max_tokens)[dp_rank::dp])
+    # Sequence parallelism scatters the sequence over the TP ranks.
+    sp = get_model_config(model[0]).sequence_parallel
+    multiple = ps.get_tensor_model_parallel_world_size() if sp else 1
+    batches = make_batches(rows, pad_id, max_tokens, pad_to_multiple_of=multiple)
+    found = run_model(model, batches[dp_rank::dp])
     merged: dict[int, float] = {}
     for part in distributed.all_gather_objects(found):
         merged.update(part)  # type: ignore[arg-type]

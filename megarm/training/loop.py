@@ -30,6 +30,7 @@ from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.distributed import all_gather_objects, any_rank
 from megarm.model.builder import build_model, count_parameters, params_dtype
 from megarm.model.sharding import load_full_state_dict
+from megarm.reward_stats import after_training, data_convention
 from megarm.training.checkpointing import Resumed, load_checkpoint, save_checkpoint
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
@@ -182,6 +183,8 @@ class Trainer:
             self.evaluate()
         if self.cfg.checkpoint.save and not self.should_save():
             self.save()
+        # Reward mean/std over the validation split, beside the last checkpoint's weights.
+        after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
         return metrics
 
     # ------------------------------------------------------------------ pieces
@@ -263,6 +266,8 @@ class Trainer:
                 "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples,
                 "megarm_config": to_dict(self.cfg),
+                # Where the reward is read (from the data's stats.json), for scoring/export.
+                "reward_convention": data_convention(self.cfg.data.data_path),
                 "has_optimizer": True,
             },
             optimizer=self.optimizer,
