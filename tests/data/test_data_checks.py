@@ -190,24 +190,23 @@ def test_old_stats_without_max_token_id_are_scanned(data, tmp_path):
     assert "holds token id 151645" in str(caught.value)
 
 
-def test_a_tokenizer_other_than_the_datas_is_refused(data, qwen_tokenizer_dir, tmp_path):
-    from transformers import AutoTokenizer
+def test_a_tokenizer_other_than_the_datas_is_refused(data, qwen_tokenizer):
+    import copy
 
     from megarm.training.data import check_vocabulary
     from tests.helpers import tiny_config
 
-    extra = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
-    extra.add_tokens(["<|my_new_token|>"])
-    extra.save_pretrained(str(tmp_path / "extra"))
     base = [f"data.data_path={data['plain']}", "model.vocab_size=151936"]
-    check_vocabulary(tiny_config(*base), AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir)))
+    check_vocabulary(tiny_config(*base), qwen_tokenizer)  # the data's own tokenizer
+    extra = copy.deepcopy(qwen_tokenizer)
+    extra.add_tokens(["<|my_new_token|>"])
     with pytest.raises(ConfigError) as caught:
-        check_vocabulary(tiny_config(*base), AutoTokenizer.from_pretrained(str(tmp_path / "extra")))
+        check_vocabulary(tiny_config(*base), extra)
     assert "data.tokenizer_name_or_path:" in str(caught.value)
     assert "re-run tools/preprocess_data.py with this tokenizer" in str(caught.value)
     small = [f"data.data_path={data['plain']}", "model.vocab_size=151650"]
     with pytest.raises(ConfigError, match="has 151665 tokens but the model's vocab_size is 151650"):
-        check_vocabulary(tiny_config(*small), AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir)))
+        check_vocabulary(tiny_config(*small), qwen_tokenizer)
 
 
 # --------------------------------------------------------------------------- item 5
