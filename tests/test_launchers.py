@@ -60,6 +60,20 @@ def test_config_problems_are_printed_once_before_anything_starts():
     assert "waiting for" not in out and "ChildFailedError" not in out and "Traceback" not in out
 
 
+@pytest.mark.slow
+def test_train_under_plain_torchrun_prints_a_config_problem_once():
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "megarm.train", "--config", TINY,
+         "training.global_batch_size=3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert out.count("training.global_batch_size: 3 is not divisible") == 1, out
+
+
 def test_a_python_without_torch_is_named():
     bare = "/usr/bin/python3"
     if not Path(bare).exists() or subprocess.run([bare, "-c", "import torch"],
