@@ -195,6 +195,16 @@ def test_non_loopback_host_needs_a_key(rm_export):
     assert "--api-key" in done.stderr and "--no-auth" in done.stderr
 
 
+def test_normalisation_uses_the_stored_statistics():
+    from megarm.scoring import RewardInfo, ScoringError
+    from megarm.serve import ModelLoop, create_app
+
+    assert RewardInfo(mean=1.0, std=2.0).normalize([3.0, -1.0]) == [1.0, -1.0]
+    with pytest.raises(ScoringError, match="megarm.reward_stats"):  # refused at start-up
+        create_app(ModelLoop(None), None, RewardInfo(), model_name="m", normalize=True)
+
+
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight(rm_export, reference):
     texts, _, _ = queries(rm_export)
     # A long batching window keeps the request in flight when SIGTERM arrives.
