@@ -39,7 +39,7 @@ Memory: weights stream from disk one model tensor (one q/k/v or gate/up group) a
 time, one weight file open (memory-mapped) at a time. ``torch_dist`` never builds the
 model: the model exists on the meta device only, and each tensor is read,
 transformed, written to the checkpoint and freed before the next
-(:mod:`ckpt_convert.torch_dist_stream`), so the peak is about the largest HF shard
+(:mod:`megarm.checkpoint.stream`), so the peak is about the largest HF shard
 plus one layer. ``legacy`` holds one rank's ``model_optim_rng.pt`` (the model / (TP x
 PP)) plus one full tensor.
 """
@@ -77,13 +77,13 @@ from ckpt_convert.qwen2_mapping import (
     layout_problems,
     megarm_model_overrides,
 )
+from megarm.checkpoint import write_tracker
 
 log = logging.getLogger("hf2mcore")
 
 CAUSAL_LM = "Qwen2ForCausalLM"
 SEQ_CLS = "Qwen2ForSequenceClassification"
 ITERATION = 0
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 class ConversionError(RuntimeError):
@@ -331,13 +331,13 @@ def write_torch_dist(
 
     The model exists only on the meta device (for megatron-core's checkpoint keys,
     shapes and chunk layout); each tensor is read from the HF files, transformed,
-    written and freed before the next (see :mod:`ckpt_convert.torch_dist_stream`).
+    written and freed before the next (see :mod:`megarm.checkpoint.stream`).
     """
-    from ckpt_convert.torch_dist_stream import meta_sharded_state_dict, save_streaming
     from megarm import distributed
+    from megarm.checkpoint import iteration_dir
+    from megarm.checkpoint.stream import meta_sharded_state_dict, save_streaming
     from megarm.config import to_dict
     from megarm.model.builder import params_dtype
-    from megarm.training.checkpointing import iteration_dir
 
     # One process of its own: a converter started by torchrun must still be TP=PP=1.
     # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
@@ -369,7 +369,7 @@ def write_torch_dist(
         final.mkdir(parents=True)
         written = save_streaming(final, sharded, produce, order, common)
         ckpt.close()
-        (out / TRACKER).write_text(f"{ITERATION}\n")
+        write_tracker(out, ITERATION)
         log.info("streamed %.2f GB of %s weights", written / 1e9, str(dtype).removeprefix("torch."))
     finally:
         distributed.teardown()
@@ -449,7 +449,7 @@ def write_legacy(
             del shard
             log.info("wrote %s", rank_dir.relative_to(out))
     ckpt.close()
-    (out / TRACKER).write_text(f"{ITERATION}\n")
+    write_tracker(out, ITERATION)
 
 
 def copy_side_files(

@@ -45,7 +45,7 @@ QWEN25_BOS_ID, QWEN25_EOS_ID = 151643, 151645
 # peak RSS is compared with (tools/benchmark_convert.py and the memory test).
 CONVERTER_IMPORTS = (
     "import torch, transformers, safetensors, megatron.core.dist_checkpointing;"
-    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, ckpt_convert.torch_dist_stream"
+    "import ckpt_convert.hf2mcore, ckpt_convert.mcore2hf, megarm.checkpoint.stream"
 )
 
 

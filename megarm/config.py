@@ -88,7 +88,10 @@ class ModelConfig:
     """Std of the normal init for a randomly initialised trunk."""
 
     params_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Parameter dtype. ``auto``: bf16 with fp32 main weights on CUDA, fp32 on CPU."""
+    """Parameter dtype. ``auto``: bf16 with fp32 main weights on CUDA, fp32 on CPU.
+    ``bf16`` trains through megatron-core's mixed-precision optimizer (fp32 main
+    weights and gradient reduction) on CPU as well. ``fp16`` is refused: it needs
+    dynamic loss scaling, which megarm does not run; use bf16."""
 
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (off for reward models)."""
@@ -265,6 +268,16 @@ class CheckpointConfig:
     """Let a model of 100M+ parameters (every shipped Qwen2.5 size) start from random
     weights (``load: null``), e.g. for a benchmark or smoke test. Smaller models always
     may; without this a real-size model must load converted weights or a run."""
+
+    verify: Literal["checksum", "size"] = "checksum"
+    """How a loaded checkpoint is checked against the integrity manifest written at
+    save: ``checksum`` reads every file once (xxh3, shared over the ranks), ``size``
+    only compares file sizes. Unsafe pickles and non-finite weights are refused either way."""
+
+    allow_data_change: bool = False
+    """Resume (optimizer, scheduler, data position) although data.data_path, data.split
+    or training.seed differ from the run that saved the checkpoint. Without it such a
+    resume is refused naming both values; ``finetune`` loads weights only."""
 
 
 @dataclass

@@ -61,11 +61,11 @@ def test_bf16_round_trip_is_bit_identical(bf16_hf, bf16_mcore, tmp_path):
 
 def _bf16_rewards(mcore_dir: str, tp: int, batches: list) -> list:
     from megarm import distributed
+    from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
     from megarm.model.masks import last_valid_index, padding_attention_mask
     from megarm.score import ScoreBatch, run_model
-    from megarm.training.checkpointing import load_model_weights
 
     cfg = load_config(None, [f"model.hf_config={mcore_dir}", "model.params_dtype=bf16",
                              f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64"])

@@ -50,8 +50,8 @@ def _rewards(trainer):
 def _weights_only(load_dir: str):
     """Load weights only (no saved config: the tensor-shape check must catch it)."""
     from megarm import distributed
+    from megarm.checkpoint import CheckpointMismatchError, load_model_weights
     from megarm.model.builder import build_model
-    from megarm.training.checkpointing import CheckpointMismatchError, load_model_weights
 
     distributed.init()
     chunks = build_model(tiny_config("model.hidden_size=96"))
@@ -64,7 +64,7 @@ def _weights_only(load_dir: str):
 
 def _expect_mismatch(load_dir: str):
     from megarm import distributed
-    from megarm.training.checkpointing import CheckpointMismatchError
+    from megarm.checkpoint import CheckpointMismatchError
     from megarm.training.loop import Trainer
 
     cfg = tiny_config(*BASE, f"checkpoint.load={load_dir}", "model.hidden_size=96")

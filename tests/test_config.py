@@ -451,10 +451,14 @@ def test_data_path_prefix_without_files_is_named(tmp_path):
 
 
 def test_data_path_blend_checks_every_prefix(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     good = tmp_path / "good"
     for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
-        for ext in (".bin", ".idx"):
-            Path(f"{good}_packed_{key}_document{ext}").touch()
+        # empty but well-formed files: the validator reads the .idx headers
+        IndexedDatasetBuilder(f"{good}_packed_{key}_document.bin").finalize(
+            f"{good}_packed_{key}_document.idx"
+        )
     bad = tmp_path / "bad"
     Path(f"{bad}_packed_chosen_input_ids_document.idx").touch()
     Path(f"{bad}_packed_chosen_input_ids_document.bin").touch()

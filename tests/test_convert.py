@@ -161,7 +161,7 @@ def _megarm_rewards(mcore_dir: str, tp: int, pp: int, batches: list):
     from megarm.model.builder import build_model
     from megarm.model.masks import last_valid_index, padding_attention_mask
     from megarm.score import ScoreBatch, run_model
-    from megarm.training.checkpointing import load_model_weights
+    from megarm.checkpoint import load_model_weights
 
     cfg = load_config(
         None,

@@ -117,9 +117,9 @@ def _load_with_te_extra_state(save_dir: str) -> dict:
     """Core attention with TE's extra state that megatron-core's sharded state dict
     leaves out (TEDotProductAttention without learnable softmax): save, then load."""
     from megarm import distributed
+    from megarm.checkpoint import load_model_weights, save_checkpoint
     from megarm.model.attention import SDPAttention
     from megarm.model.builder import build_model
-    from megarm.training.checkpointing import load_model_weights, save_checkpoint
 
     SDPAttention.get_extra_state = lambda self: torch.tensor([7.0])
     SDPAttention.set_extra_state = lambda self, state: None

@@ -137,19 +137,19 @@ def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
             labels=collated["labels"],
             attention_mask=collated.get("attention_mask"),
             reward_row=collated["reward_row"],
-            cu_seqlens=collated.get("cu_seqlens"),
+            cu_seqlens=cu,
             max_seqlen=collated.get("max_seqlen"),
+            seq_lengths=None if cu is None else tuple((cu[1:] - cu[:-1]).tolist()),
+            max_position=int(collated["position_ids"].max()),
         )
-        return packed.to(platform.device())
     rows, seq = tokens.shape
-    batch = PairBatch(
+    return PairBatch(
         tokens=tokens,
         position_ids=torch.arange(seq).expand(rows, seq).contiguous(),
         reward_index=collated["lengths"] - 1,
         margin=collated["margin"],
         labels=collated["labels"],
     )
-    return batch.to(platform.device())
 
 
 def micro_batches(

@@ -26,12 +26,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarm import platform
+from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
+from megarm.checkpoint.lock import CheckpointLockedError
 from megarm.config import MegarmConfig, to_dict, to_yaml
-from megarm.distributed import all_gather_objects, any_rank
+from megarm.distributed import all_gather_objects, any_rank, broadcast_object
 from megarm.model.builder import build_model, count_parameters, params_dtype
 from megarm.model.sharding import load_full_state_dict
 from megarm.reward_stats import after_training, data_convention
-from megarm.training.checkpointing import Resumed, load_checkpoint, save_checkpoint
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
 from megarm.training.step import PairBatch, forward_step, reduce_stats
@@ -55,6 +56,7 @@ class Trainer:
             and self.dp_rank == 0
         )
         self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.lock = self._lock_save_dir()
 
         chunks = build_model(cfg)
         config = chunks[0].config
@@ -114,11 +116,8 @@ class Trainer:
         self.resumed: Resumed | None = None
         if cfg.checkpoint.load:
             # A previous run (exact resume) or converted weights (weights only), at any
-            # TP/PP/DP; shapes are checked before any shard is read.
-            self.resumed = load_checkpoint(
-                cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
-                cfg.checkpoint.ckpt_step, cfg.checkpoint.finetune, cfg.model,
-            )
+            # TP/PP/DP; files verified and shapes checked before any shard is read.
+            self.resumed = load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
             self.iteration = self.resumed.iteration
             self.consumed_samples = self.resumed.consumed_samples
         self.history: list[dict[str, float]] = []
@@ -256,8 +255,27 @@ class Trainer:
         every = c.save_interval and self.iteration % c.save_interval == 0
         return bool(every) or self.iteration == self.cfg.training.train_iters
 
+    def _lock_save_dir(self) -> RunLock | None:
+        """Hold ``checkpoint.save`` for this run (rank 0 takes it; all ranks agree)."""
+        if not self.cfg.checkpoint.save:
+            return None
+        lock, outcome = RunLock(self.cfg.checkpoint.save), None
+        if torch.distributed.get_rank() == 0:
+            try:
+                outcome = ("note", lock.acquire())
+            except CheckpointLockedError as exc:
+                outcome = ("error", str(exc))
+        kind, text = broadcast_object(outcome)
+        if kind == "error":
+            raise CheckpointLockedError(text)
+        if text and torch.distributed.get_rank() == 0:
+            print(f"megarm: {text}", flush=True)
+        return lock
+
     def save(self) -> None:
         """Save model, optimizer, scheduler, RNG and data position (torch_dist)."""
+        if self.lock is not None:
+            self.lock.refresh()
         path = save_checkpoint(
             self.cfg.checkpoint.save,
             self.iteration,
@@ -302,5 +320,7 @@ class Trainer:
         self.optimizer.reload_model_params()
 
     def close(self) -> None:
-        """Flush metrics files."""
+        """Flush metrics files; let another run write the checkpoint directory."""
         self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
