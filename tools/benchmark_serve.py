@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,9 @@ def queries(tokenizer_dir: str, pairs: Path) -> tuple[list[str], list[dict]]:
 
 
 def start(load: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    from megarm.testing import free_port
-
-    port = free_port()
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "megarm.serve", "--load", load, "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
