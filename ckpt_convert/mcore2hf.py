@@ -190,17 +190,14 @@ def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any
     label), the ``reward_convention`` (recorded in the checkpoint by training, else the
     tokenizer's chat template's) and the ``mean``/``std`` that ``megarm.reward_stats``
     stored in ``reward_stats.json`` beside the weights (OpenRLHF's normalisation)."""
-    from megatron.core import dist_checkpointing
-
+    from megarm.checkpoint import read_common
     from megarm.data.templates import TemplateError, get_template, reward_convention
     from megarm.data.tokenizer import load_tokenizer
 
     fields: dict[str, Any] = {"problem_type": "regression"}
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    except Exception:  # noqa: BLE001 - no common state: nothing recorded
-        common = {}
-    convention = common.get("reward_convention") if isinstance(common, dict) else None
+    # Weights-only, as every megarm read of common.pt; no common state: nothing recorded.
+    common = read_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
+    convention = common.get("reward_convention")
     if convention is None and tokenizer_dir is not None:
         try:
             tokenizer = load_tokenizer(str(tokenizer_dir))
