@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
+from megarm.checkpoint.layout import CheckpointNotFoundError, resolve_checkpoint
+
 
 @dataclass
 class ModelConfig:
@@ -875,6 +877,11 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
     ]:
         if value and not Path(value).exists():
             bad(key, f"path does not exist: {value}")
+    if c.load and Path(c.load).exists():
+        try:  # file names only: a garbled tracker or an empty directory is named now
+            resolve_checkpoint(c.load, c.ckpt_step)
+        except CheckpointNotFoundError as exc:
+            bad("checkpoint.ckpt_step" if c.ckpt_step is not None else "checkpoint.load", str(exc))
     if d.data_path:
         issues.extend(_validate_data_path(d, m))
     issues.extend(_start_problems(cfg))
