@@ -95,6 +95,27 @@ def test_resume_on_another_layout_reshards(tmp_path):
         assert all(abs(a - b) < 1e-4 for a, b in zip(rest, straight[3:], strict=True))
 
 
+@pytest.mark.slow
+def test_distributed_optimizer_state_written_by_each_dp_rank_reshards(tmp_path):
+    """DP=2 with the distributed optimizer: each DP rank writes its own boxes of every
+    parameter's optimizer state (partial rows included). Resuming at DP=2 is exact;
+    at TP=2 (DP=1) and on one rank it continues the run."""
+    dp2 = ("parallel.use_distributed_optimizer=true", "training.micro_batch_size=1")
+    _, straight = _losses(2, *dp2)
+    save = f"checkpoint.save={tmp_path / 'ckpt'}"
+    _losses(2, *dp2, save, "training.exit_interval=3")
+    load = f"checkpoint.load={tmp_path / 'ckpt'}"
+    start, same = _losses(2, *dp2, load)
+    assert start == 3 and same == straight[3:]
+    for world, layout in [
+        (2, ("parallel.tensor_model_parallel_size=2", "parallel.use_distributed_optimizer=true")),
+        (1, ("parallel.use_distributed_optimizer=true",)),
+    ]:
+        start, rest = _losses(world, *layout, load)
+        assert start == 3
+        assert all(abs(a - b) < 1e-4 for a, b in zip(rest, straight[3:], strict=True))
+
+
 def test_finetune_loads_weights_only(tmp_path):
     save = f"checkpoint.save={tmp_path / 'ckpt'}"
     _losses(1, save, "training.exit_interval=3")
