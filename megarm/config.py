@@ -196,6 +196,11 @@ class TrainingConfig:
     seed: int = 1234
     """Seed for initialisation, data order and every RNG."""
 
+    deterministic: bool = False
+    """Deterministic kernels (``torch.use_deterministic_algorithms`` and a fixed cuBLAS
+    workspace): bitwise-reproducible GPU runs, e.g. to check an exact resume, at some
+    speed cost. CPU runs are deterministic without it."""
+
     log_interval: int = 1
     """Print a metrics line every this many iterations."""
 

@@ -132,6 +132,7 @@ def init(
 def init_from_config(cfg) -> LaunchEnv:  # noqa: ANN001 - a megarm.config.MegarmConfig
     """:func:`init` with the layout and seed of a resolved config."""
     p = cfg.parallel
+    platform.set_deterministic(cfg.training.deterministic)
     return init(
         p.tensor_model_parallel_size,
         p.pipeline_model_parallel_size,

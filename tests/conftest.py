@@ -69,7 +69,9 @@ def rm_export(rm_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def rm_checkpoint(rm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``rm_export`` converted to a megarm torch_dist checkpoint (tokenizer copied)."""
     out = tmp_path_factory.mktemp("rm_mcore") / "mcore"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # Keep what PYTHONPATH already holds (tools/gpu_check.sh puts megatron-core there).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     done = subprocess.run(
         [sys.executable, str(REPO / "ckpt_convert" / "hf2mcore.py"), "--load-dir", str(rm_export),
          "--save-dir", str(out), "--params-dtype", "fp32", "--tokenizer-model", str(rm_export)],

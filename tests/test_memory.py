@@ -78,3 +78,39 @@ def test_activations_follow_korthikanti_and_fit_search():
     one = estimate(load_config(None, base), 2)
     per_pair = one.activations
     assert fits == int((4 * 2**30 - one.model_states) // per_pair)
+
+
+@pytest.mark.slow
+def test_training_and_save_peaks_are_estimated_within_15_percent(tmp_path):
+    """tools/benchmark_save_memory.py on a 108M-parameter model (CPU, fp32, one rank):
+    the measured peak RSS of the iterations and of the save (VmHWM reset before it)
+    against the estimate printed at the start of every run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megarm.testing import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    shape = ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=2048",
+             "model.num_attention_heads=8", "model.num_query_groups=2", "model.vocab_size=151936",
+             "model.max_position_embeddings=1024", "model.params_dtype=fp32",
+             "data.seq_length=256", "data.synthetic_num_pairs=64", "training.micro_batch_size=1",
+             "training.global_batch_size=2", "training.train_iters=3", "logging.log_dir=null",
+             "data.allow_synthetic=true", "checkpoint.allow_random_init=true",
+             f"checkpoint.save={tmp_path / 'ckpt'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+         str(free_port()), str(root / "tools/benchmark_save_memory.py"), *shape],
+        capture_output=True, text=True, cwd=root, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"label"')][0]
+    est = row["estimate"]
+    measured_training = row["peak_training_gib"] * 2**30
+    measured_save = row["peak_during_save_gib"] * 2**30
+    assert est["training_peak"] == pytest.approx(measured_training, rel=0.15)
+    assert est["save_peak"] == pytest.approx(measured_save, rel=0.15)

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from megarm import distributed, platform
     from megarm.training.flops import peak_tflops, training_flops
     from megarm.training.loop import Trainer
+    from megarm.training.memory import estimate
 
     p = cfg.parallel
     with distributed.distributed_from_config(cfg) as env:
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_per_s": sum(h["pairs"] for h in timed) / seconds,
             "iteration_time_s": statistics.mean(h["iteration_time"] for h in timed),
             "peak_memory_gib": peak_mem.item() / 2**30,
+            "estimate_gib": estimate(cfg, env.world_size, platform.is_cuda()).total / 2**30,
+            "parameters": trainer.num_parameters,
             "tflops_per_device": flops / seconds / env.world_size / 1e12,
         }
         peak = peak_tflops(result["device"]) if platform.is_cuda() else None

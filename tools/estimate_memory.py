@@ -1,9 +1,11 @@
-"""Estimate per-GPU memory of a run before launching it:
-``python tools/estimate_memory.py --config X.yaml --world-size N [--gpu-memory-gib 80] [key=value ...]``
+"""Estimate the memory of a run before launching it:
+``python tools/estimate_memory.py --config X.yaml --world-size N [--gpu-memory-gib 80] [--cpu] [key=value ...]``
 
-Prints weights, gradients, optimizer state (with and without the distributed
-optimizer) and activations per GPU, and the largest micro-batch that fits the
-given GPU memory. Formulas: megarm/training/memory.py. Imports no torch.
+Prints, per GPU (per process with ``--cpu``): weights, gradients, optimizer state
+(with and without the distributed optimizer), activations, optimizer-step
+temporaries, the peak of an iteration and of a checkpoint save (host and device
+separately on GPU), and the largest micro-batch that fits the given GPU memory.
+Formulas and measured constants: megarm/training/memory.py. Imports no torch.
 """
 
 from __future__ import annotations
@@ -48,16 +50,29 @@ def main(argv: list[str] | None = None) -> int:
                           "largest_micro_batch": fits}))
         return 0
     with_d, without = (est, alt) if cfg.parallel.use_distributed_optimizer else (alt, est)
+    where = "GPU" if cuda else "process"
     rows = [
-        ("parameters per GPU", f"{est.parameters / 1e6:,.1f} M"),
+        (f"parameters per {where}", f"{est.parameters / 1e6:,.1f} M"),
         ("weights", f"{est.weights / GIB:.2f} GiB"),
         ("gradients (fp32)", f"{est.gradients / GIB:.2f} GiB"),
         ("optimizer, distributed", f"{with_d.optimizer / GIB:.2f} GiB"),
         ("optimizer, not distributed", f"{without.optimizer / GIB:.2f} GiB"),
         ("activations", f"{est.activations / GIB:.2f} GiB"),
-        ("total (as configured)", f"{est.total / GIB:.2f} GiB"),
-        (f"largest micro-batch in {args.gpu_memory_gib:g} GiB", f"{fits} pairs"),
+        ("optimizer-step temporaries", f"{est.step_transients / GIB:.2f} GiB"),
     ]
+    if cuda:
+        rows += [
+            ("peak per GPU, training", f"{est.training_peak / GIB:.2f} GiB"),
+            ("peak per GPU, saving", f"{est.save_peak / GIB:.2f} GiB (nothing added)"),
+            ("host memory a save adds", f"{est.save_extra_host / GIB:.2f} GiB"),
+            (f"largest micro-batch in {args.gpu_memory_gib:g} GiB", f"{fits} pairs"),
+        ]
+    else:
+        rows += [
+            ("libraries of the process", f"{est.runtime / GIB:.2f} GiB"),
+            ("peak per process, training", f"{est.training_peak / GIB:.2f} GiB"),
+            ("peak per process, saving", f"{est.save_peak / GIB:.2f} GiB"),
+        ]
     for name, value in rows:
         print(f"{name:<34} {value}")
     return 0

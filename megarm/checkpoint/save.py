@@ -165,8 +165,7 @@ def save_checkpoint(
         if problem:
             raise CheckpointWriteError(problem)
         try:
-            written = write_dcp(tmp, items, distributed.host_group())
-            files = describe_files(tmp, written)
+            files = write_dcp(tmp, items, distributed.host_group())
             if rank == 0:
                 write_common(tmp, common_state)
                 files.update(describe_files(tmp, [".metadata", "common.pt", "metadata.json"]))

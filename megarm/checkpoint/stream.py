@@ -139,11 +139,11 @@ def save_streaming(
                 )
             )
             total += math.prod(sizes) * shard.dtype.itemsize
-    written = write_dcp(out, items, progress=progress.update)
+    files = write_dcp(out, items, progress=progress.update)
     progress.close()
     cache.clear()
-    written += write_common(out, common)
-    write_manifest(out, describe_files(out, [*written, ".metadata"]))
+    files.update(describe_files(out, [*write_common(out, common), ".metadata"]))
+    write_manifest(out, files)
     return total
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
@@ -203,11 +204,14 @@ class _OneFileWriter(FileSystemWriter):
     def __init__(self, path: Path, progress: Callable[[int], None] | None = None) -> None:
         super().__init__(str(path), single_file_per_rank=True, thread_count=1, sync_files=True)
         self.progress = progress
+        self.written: dict[str, dict[str, Any]] = {}
+        """Manifest entries (size, xxh3_64) of the files written, hashed as written."""
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future:
         file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         results: list[WriteResult] = []
         if plan.items:
+            digest = xxhash.xxh3_64()
             with open(Path(self.path) / file_name, "wb") as stream:
                 for item in plan.items:
                     data = planner.resolve_data(item)
@@ -221,7 +225,10 @@ class _OneFileWriter(FileSystemWriter):
                     else:
                         buffer = data
                     offset = stream.tell()
-                    stream.write(buffer.getbuffer())
+                    view = buffer.getbuffer()
+                    digest.update(view)
+                    stream.write(view)
+                    del view
                     length = stream.tell() - offset
                     del buffer
                     results.append(
@@ -235,6 +242,7 @@ class _OneFileWriter(FileSystemWriter):
                         self.progress(1)
                 stream.flush()
                 os.fsync(stream.fileno())
+                self.written[file_name] = {"size": stream.tell(), "xxh3_64": digest.hexdigest()}
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(results)
         return future
@@ -245,17 +253,13 @@ def write_dcp(
     items: list[Item],
     process_group: Any = None,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:
+) -> dict[str, dict[str, Any]]:
     """Write every rank's ``items`` into the (existing) checkpoint ``directory``;
-    returns the data files this rank wrote. Collective over ``process_group``."""
-    dcp_save(
-        {},
-        storage_writer=_OneFileWriter(directory, progress),
-        planner=_FixedPlanner(items),
-        process_group=process_group,
-    )
-    rank = torch.distributed.get_rank(process_group) if torch.distributed.is_initialized() else 0
-    return sorted(p.name for p in directory.glob(f"__{rank}_*{DEFAULT_SUFFIX}"))
+    returns the manifest entries (size, xxh3_64 hashed while writing) of the data
+    files this rank wrote. Collective over ``process_group``."""
+    writer = _OneFileWriter(directory, progress)
+    dcp_save({}, storage_writer=writer, planner=_FixedPlanner(items), process_group=process_group)
+    return writer.written
 
 
 def write_common(directory: Path, common: dict[str, Any]) -> list[str]:

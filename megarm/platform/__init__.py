@@ -32,6 +32,7 @@ __all__ = [
     "is_cuda",
     "max_memory_allocated",
     "pin_memory",
+    "set_deterministic",
     "set_local_device",
     "synchronize",
 ]
@@ -164,6 +165,20 @@ def quiet_expected_warnings() -> None:
     """Silence megatron-core's warnings about optional fused kernels being absent."""
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels for bitwise-reproducible runs (``training.deterministic``).
+
+    On CUDA, SDPA's memory-efficient backward and the ``index_put`` backward of the
+    reward gather accumulate in a nondeterministic order; torch's deterministic mode
+    picks ordered implementations (warning where one is missing), and cuBLAS needs a
+    fixed workspace, set before it starts. CPU kernels are deterministic already.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def cuda_environment() -> None:

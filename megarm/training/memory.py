@@ -1,4 +1,5 @@
-"""Per-GPU memory estimate of a megarm run (torch-free, from the config alone).
+"""Memory estimate of a megarm run per GPU (per process on CPU), torch-free, from
+the config alone.
 
 Model states per rank, for the pipeline stage that holds the most:
 
@@ -7,7 +8,7 @@ Model states per rank, for the pipeline stage that holds the most:
 * optimizer: Adam's two fp32 moments, plus an fp32 main copy when the weights
   are bf16/fp16 (12 or 8 bytes per parameter), divided by the data-parallel size
   with the distributed optimizer. bf16 therefore costs 18 bytes per parameter,
-  or 6 + 12/d with the distributed optimizer (ARCHITECTURE.md).
+  or 6 + 12/d with the distributed optimizer.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation
 in Large Transformer Models") per layer, with s the sequence length, b the rows
@@ -19,6 +20,20 @@ that never materialises the score matrix: SDPA, TE) the ``5 a s / h`` term
 drops; with full recompute a layer keeps only its input, ``2 s b h`` (``/t``
 with sequence parallel). Under 1F1B the first stage holds PP micro-batches in
 flight, i.e. all L layers' worth; fp32 activations double everything.
+
+Peaks (measured with tools/benchmark_save_memory.py; docs/BENCHMARKS.md):
+
+* the optimizer step needs temporaries beyond the model states: none worth
+  counting with a fused Adam (transformer-engine / apex, the GPU set-up); with
+  torch's AdamW on CPU, measured at 2.2-2.5x the fp32 bytes of the parameters
+  (:data:`CPU_STEP_TRANSIENTS`). Activations are freed by then, so a step peaks at
+  ``model states + max(activations, step temporaries)``;
+* a checkpoint save (:mod:`megarm.checkpoint.writer`) writes one tensor at a time:
+  it holds at most two host copies of the largest tensor (its fp32 optimizer
+  state), and no extra device memory. On CPU the process keeps the heap an
+  iteration grew to (glibc does not hand freed blocks back), so its resident size
+  through a save stays near the iteration's peak;
+* a CPU process also holds its libraries (:data:`CPU_RUNTIME_BYTES`).
 """
 
 from __future__ import annotations
@@ -28,17 +43,30 @@ from dataclasses import asdict, dataclass
 from megarm.config import MegarmConfig, head_dim, padded_vocab_size
 
 GIB = 2**30
+# Python, torch, megatron-core and transformers in one training process (CPU, measured).
+CPU_RUNTIME_BYTES = int(0.4 * GIB)
+# torch's AdamW on CPU: step temporaries per fp32 byte of the parameters (measured
+# 2.2-2.5 at 108M and 0.5B parameters; the upper value is used).
+CPU_STEP_TRANSIENTS = 2.5
 
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per GPU (for the most loaded pipeline stage)."""
+    """Bytes per GPU (per process on CPU) for the most loaded pipeline stage."""
 
     parameters: int
     weights: int
     gradients: int
     optimizer: int
     activations: int
+    step_transients: int = 0
+    """Optimizer-step temporaries (0 with a fused Adam)."""
+    largest_tensor: int = 0
+    """fp32 bytes of the rank's largest parameter (its optimizer state): a save holds
+    two host copies of it at most."""
+    runtime: int = 0
+    """Libraries of the process (counted on CPU, where all memory is host memory)."""
+    on_gpu: bool = True
 
     @property
     def model_states(self) -> int:
@@ -47,22 +75,60 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """Everything estimated (no allocator fragmentation, no workspace)."""
+        """Model states and activations (no allocator fragmentation, no workspace)."""
         return self.model_states + self.activations
+
+    @property
+    def training_peak(self) -> int:
+        """Peak of an iteration: activations live in the backward, step temporaries
+        in the optimizer step, never both."""
+        return self.runtime + self.model_states + max(self.activations, self.step_transients)
+
+    @property
+    def save_extra_host(self) -> int:
+        """Host memory a checkpoint save adds: two copies of the largest tensor."""
+        return 2 * self.largest_tensor
+
+    @property
+    def save_peak(self) -> int:
+        """Peak while saving: on GPU the device's (a save adds nothing there; its host
+        copies are :attr:`save_extra_host`); on CPU the process's, which keeps the
+        heap an iteration grew to."""
+        if self.on_gpu:
+            return self.model_states
+        return max(self.training_peak, self.runtime + self.model_states + self.save_extra_host)
+
+    @property
+    def peak(self) -> int:
+        """The run's estimated peak (training or saving)."""
+        return max(self.training_peak, self.save_peak)
 
     def summary(self) -> str:
         """One line for the start of a training run."""
         g = GIB
-        return (
-            f"memory estimate per GPU: {self.parameters / 1e6:,.1f}M params | weights "
+        where = "GPU" if self.on_gpu else "process"
+        line = (
+            f"memory estimate per {where}: {self.parameters / 1e6:,.1f}M params | weights "
             f"{self.weights / g:.2f} GiB | grads {self.gradients / g:.2f} GiB | optimizer "
             f"{self.optimizer / g:.2f} GiB | activations {self.activations / g:.2f} GiB | "
-            f"total {self.total / g:.2f} GiB"
+        )
+        if self.on_gpu:
+            return line + (
+                f"peak {self.training_peak / g:.2f} GiB; a checkpoint save adds "
+                f"{self.save_extra_host / g:.2f} GiB of host memory and none on the GPU"
+            )
+        return line + (
+            f"peak {self.training_peak / g:.2f} GiB training, {self.save_peak / g:.2f} GiB "
+            "saving a checkpoint"
         )
 
     def to_dict(self) -> dict[str, int]:
         """Plain dict with the derived totals."""
-        return {**asdict(self), "model_states": self.model_states, "total": self.total}
+        return {
+            **asdict(self), "model_states": self.model_states, "total": self.total,
+            "training_peak": self.training_peak, "save_peak": self.save_peak,
+            "save_extra_host": self.save_extra_host, "peak": self.peak,
+        }
 
 
 def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
@@ -127,10 +193,27 @@ def _num_microbatches(cfg: MegarmConfig, world_size: int | None = None) -> int:
     return max(1, cfg.training.global_batch_size // (cfg.training.micro_batch_size * max(dp, 1)))
 
 
+def largest_parameter(cfg: MegarmConfig, pp_rank: int) -> int:
+    """Elements of the largest parameter one TP rank of stage ``pp_rank`` holds."""
+    m, p = cfg.model, cfg.parallel
+    t, h = p.tensor_model_parallel_size, m.hidden_size
+    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * head_dim(m) * h // t
+    biggest = max(qkv, 2 * m.ffn_hidden_size * h // t, h * m.num_attention_heads * head_dim(m) // t)
+    if pp_rank == 0:
+        biggest = max(biggest, padded_vocab_size(m) * h // t)
+    return biggest
+
+
 def estimate(
-    cfg: MegarmConfig, world_size: int, cuda: bool = True, pp_rank: int | None = None
+    cfg: MegarmConfig,
+    world_size: int,
+    cuda: bool = True,
+    pp_rank: int | None = None,
+    fused_adam: bool | None = None,
 ) -> MemoryEstimate:
-    """Per-GPU estimate for pipeline stage ``pp_rank`` (default: the most loaded)."""
+    """Per-GPU (per-process on CPU) estimate for pipeline stage ``pp_rank`` (default:
+    the most loaded). ``fused_adam`` (default: on GPU) means transformer-engine's or
+    apex's Adam, which needs no step temporaries."""
     p = cfg.parallel
     dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
     stages = range(p.pipeline_model_parallel_size) if pp_rank is None else [pp_rank]
@@ -138,14 +221,21 @@ def estimate(
     width = _dtype_bytes(cfg, cuda)
     optim_per_param = 8 + (4 if width < 4 else 0)  # moments (+ fp32 main weights)
     optimizer = params * optim_per_param
+    stepped = params  # parameters this rank's optimizer updates
     if p.use_distributed_optimizer:
         optimizer = -(-optimizer // dp)
+        stepped = -(-params // dp)
+    fused = cuda if fused_adam is None else fused_adam
     return MemoryEstimate(
         parameters=params,
         weights=params * width,
         gradients=params * 4,
         optimizer=optimizer,
         activations=activation_bytes(cfg, cuda, world_size=world_size),
+        step_transients=0 if fused else int(CPU_STEP_TRANSIENTS * 4 * stepped),
+        largest_tensor=4 * max(largest_parameter(cfg, r) for r in stages),
+        runtime=0 if cuda else CPU_RUNTIME_BYTES,
+        on_gpu=cuda,
     )
 
 

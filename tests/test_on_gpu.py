@@ -1,0 +1,173 @@
+"""What only a GPU can prove, in a few minutes (``pytest -m gpu``, run by
+``tools/gpu_check.sh``): rewards equal transformers' on the device (fp32 and bf16),
+TP=2 over gloo on one GPU equals TP=1, training reduces the loss and resumes bit for
+bit with deterministic kernels, and THD packing equals padding through megarm's SDPA.
+
+Skipped without CUDA, except under ``MEGARM_GPU_CHECK_CPU=1`` (what
+``tools/gpu_check.sh --dry-run`` sets): then the same steps run on CPU, so the check
+cannot rot between the rare GPU sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megarm.testing import run_distributed
+
+ON_CPU = os.environ.get("MEGARM_GPU_CHECK_CPU") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or ON_CPU),
+        reason="needs a GPU (or MEGARM_GPU_CHECK_CPU=1: tools/gpu_check.sh --dry-run)",
+    ),
+]
+PAD_ID = 151643
+# bf16 rewards against transformers in bf16: 1% of the largest |reward| (measured on
+# CPU: 0.62%, tests/test_bf16.py); the device's kernels may order sums differently.
+BF16_RTOL = 0.01
+
+
+def _batches(left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    lengths, seq = [12, 7, 9, 3, 12, 5], 12
+    tokens = torch.full((len(lengths), seq), PAD_ID, dtype=torch.long)
+    valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        span = slice(seq - n, seq) if left else slice(0, n)
+        tokens[i, span] = torch.randint(0, PAD_ID, (n,), generator=gen)
+        valid[i, span] = True
+    return tokens, valid
+
+
+def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = None) -> list:
+    """Rewards of the right- and left-padded batches on this rank's device; with
+    ``packed`` the right-padded rows also go through a packed layout."""
+    from megarm import distributed
+    from megarm.checkpoint import load_model_weights
+    from megarm.config import load_config
+    from megarm.model.builder import build_model
+    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.scoring import ScoreBatch, run_model
+
+    cfg = load_config(None, [f"model.hf_config={mcore_dir}", f"model.params_dtype={dtype}",
+                             f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64"])
+    distributed.init(tp, 1)
+    model = build_model(cfg)
+    load_model_weights(mcore_dir, model)
+    out = []
+    for left in (False, True):
+        tokens, valid = _batches(left)
+        batch = ScoreBatch(
+            tokens=tokens,
+            position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
+            reward_index=last_valid_index(valid),
+            rows=torch.arange(tokens.shape[0]),
+            attention_mask=padding_attention_mask(valid) if left else None,
+        )
+        found = run_model(model, [batch])
+        out.append(torch.tensor([found[r] for r in range(tokens.shape[0])]) if found else None)
+    if packed:
+        out.append(_packed_rewards(model[0], packed))
+    return out
+
+
+def _packed_rewards(model: torch.nn.Module, layout: str) -> torch.Tensor:
+    """The right-padded rows as pairs, packed (``thd`` or ``rows``), rewards in row order."""
+    import numpy as np
+
+    from megarm import platform
+    from megarm.data.packing import collate_packed, collate_thd
+    from megarm.training.data import to_pair_batch
+
+    tokens, valid = _batches(False)
+    rows = [tokens[i, : int(valid[i].sum())].numpy() for i in range(tokens.shape[0])]
+    half = len(rows) // 2
+    samples = [
+        {"chosen_input_ids": rows[i], "chosen_labels": np.full_like(rows[i], -100),
+         "rejected_input_ids": rows[half + i], "rejected_labels": np.full_like(rows[half + i], -100),
+         "margin": 0.0}
+        for i in range(half)
+    ]
+    if layout == "thd":
+        collated = collate_thd(samples, pad_token_id=PAD_ID)
+    else:
+        collated = collate_packed(samples, pad_token_id=PAD_ID, seq_length=32)
+    batch = to_pair_batch(collated).to(platform.device())
+    model.eval()
+    with torch.no_grad():
+        rewards = model(batch.tokens, batch.position_ids, batch.attention_mask, batch.reward_index,
+                        reward_row=batch.reward_row, packed_seq_params=batch.packed_seq_params(),
+                        plain_positions=False, max_position=batch.max_position)
+    return rewards.float().cpu()
+
+
+def _hf_rewards(export: Path, dtype: torch.dtype) -> list[torch.Tensor]:
+    from transformers import AutoModelForSequenceClassification
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(str(export), dtype=dtype).to(device)
+    model.eval()
+    out = []
+    for left in (False, True):
+        tokens, valid = _batches(left)
+        with torch.no_grad():
+            logits = model(input_ids=tokens.to(device), attention_mask=valid.long().to(device)).logits
+        out.append(logits[:, 0].float().cpu())
+    return out
+
+
+def test_rewards_equal_transformers_on_the_device(rm_export, rm_checkpoint):
+    (fp32,) = run_distributed(_megarm_rewards, 1, str(rm_checkpoint), 1, "fp32", "thd")
+    for mine, theirs in zip(fp32, _hf_rewards(rm_export, torch.float32), strict=False):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    # Packed (THD, megarm's SDPA per segment) = padded on the device, fp32.
+    expected = fp32[0]
+    torch.testing.assert_close(fp32[2], expected, rtol=0, atol=1e-5)
+    (bf16,) = run_distributed(_megarm_rewards, 1, str(rm_checkpoint), 1, "bf16")
+    for mine, theirs in zip(bf16, _hf_rewards(rm_export, torch.bfloat16), strict=True):
+        assert (mine - theirs).abs().max() <= BF16_RTOL * theirs.abs().max(), (mine, theirs)
+
+
+def test_tp2_over_gloo_on_one_device_equals_tp1(rm_checkpoint):
+    (tp1,) = run_distributed(_megarm_rewards, 1, str(rm_checkpoint), 1, "fp32")
+    ranks = run_distributed(_megarm_rewards, 2, str(rm_checkpoint), 2, "fp32",
+                            env={"MEGARM_DIST_BACKEND": "gloo"})
+    tp2 = next(r for r in ranks if r[0] is not None)
+    for a, b in zip(tp2, tp1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def _train(overrides: tuple[str, ...]) -> list[float]:
+    from megarm import distributed
+    from megarm.config import load_config
+    from megarm.training.loop import Trainer
+
+    cfg = load_config(None, [
+        "model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=1024",
+        "model.max_position_embeddings=256", "model.params_dtype=bf16", "data.seq_length=64",
+        "data.synthetic_num_pairs=512", "data.split=100,0,0", "training.micro_batch_size=4",
+        "training.global_batch_size=16", "training.train_iters=20", "training.deterministic=true",
+        "optimizer.lr=2e-3", "optimizer.lr_warmup_fraction=0.1", "logging.log_dir=null",
+        *overrides,
+    ])
+    distributed.init_from_config(cfg)
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.close()
+    return [h["loss"] for h in trainer.history]
+
+
+def test_training_learns_and_resumes_bit_for_bit(tmp_path):
+    save = f"checkpoint.save={tmp_path / 'ckpt'}"
+    (straight,) = run_distributed(_train, 1, ())
+    assert len(straight) == 20 and sum(straight[-5:]) < 0.5 * sum(straight[:5])
+    (first,) = run_distributed(_train, 1, (save, "training.exit_interval=10"))
+    (second,) = run_distributed(_train, 1, (save, f"checkpoint.load={tmp_path / 'ckpt'}"))
+    assert first == straight[:10]
+    assert second == straight[10:]  # bit for bit
