@@ -327,3 +327,16 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, limit):
     assert not list(root.glob("*.tmp")), "the partial save was left behind"
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (root / "iter_0000001" / "megarm_integrity.json").is_file()
+
+
+def test_verify_command_names_a_damaged_file(saved, tmp_path):
+    run = _copy(saved, tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ok = subprocess.run([sys.executable, "-m", "megarm.checkpoint", "verify", str(run)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert ok.returncode == 0 and "intact" in ok.stdout and "iteration 2" in ok.stdout
+    data = _data_file(run / "iter_0000002")
+    data.write_bytes(data.read_bytes()[:-5])  # a shard cut by 5 bytes
+    bad = subprocess.run([sys.executable, "-m", "megarm.checkpoint", "verify", str(run)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and data.name in bad.stderr and "bytes" in bad.stderr
