@@ -207,3 +207,34 @@ def test_two_nodes_train_exactly_like_one_node(tmp_path):
         rows = [r for r in wandb_history(run_file) if "train/loss" in r]
         assert [r["_step"] for r in rows] == [1, 2, 3]
         assert [r["train/loss"] for r in rows] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_and_ends_with_one_line(tmp_path):
+    """SLURM's preemption signal: the workers finish their step and save, the
+    launcher prints one line (not torchrun's SignalException traceback)."""
+    import signal
+    import time
+
+    full = {k: v for k, v in os.environ.items() if k not in ENV_VARS + ("DRY_RUN",)}
+    full.update({"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "2"})
+    log = tmp_path / "log"
+    proc = subprocess.Popen(
+        ["bash", str(RM / "orm_trainer.sh"), TINY, "training.train_iters=100000",
+         "training.eval_interval=0", f"checkpoint.save={tmp_path / 'ckpt'}", f"logging.log_dir={log}"],
+        cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (log / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        assert (log / "metrics.jsonl").is_file(), "training never started"
+        os.killpg(proc.pid, signal.SIGTERM)  # what SLURM sends the job step
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in out and "SignalException" not in out and "Traceback" not in out
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").is_file(), out[-2000:]

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{a.nproc_per_node} process(es) on this node, rendezvous at {where}")
 
     from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             "RDZV_TIMEOUT sets the wait"
         )
         return 1
+    except SignalException as exc:  # SIGTERM/SIGINT to torchrun (SLURM preemption, Ctrl-C)
+        say(
+            f"node {a.node_rank}: stopped by {exc.sigval.name}; the workers were told to stop "
+            "(a SIGTERM'd run saves its checkpoint first when checkpoint.save is set)"
+        )
+        return 128 + int(exc.sigval)
     return 0
 
 
