@@ -1,19 +1,26 @@
-"""What both converters' command lines share: the tokenizer files they carry, the
-dtype names, and the entry-point wrapper (CPU only, logging, exit status 2 with a
-one-line ``error:`` for a bad input)."""
+"""What the converters' command lines share: the tokenizer files they carry, the
+dtype names, the staged output directory (a temporary name, renamed when
+complete), the closing time and memory report, and the entry-point wrapper (CPU
+only, logging, exit status 2 with a one-line ``error:`` for a bad input)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megarm.data.integrity import tokenizer_problem as size_problem
+from megarm.data.tokenizer import TokenizerError, load_tokenizer, vocab_sha256
+from megarm.platform.host import peak_rss_bytes
 
 # Files a Hugging Face tokenizer directory may hold; copied next to the weights.
 TOKENIZER_FILES = (
@@ -51,9 +58,6 @@ def tokenizer_problem(
     ``vocab_size`` embeddings: it has more tokens than the model, or its vocabulary
     differs from the tokenizer already beside the weights in ``reference`` (the one
     hf2mcore copied from the HF model). ``None`` when it fits."""
-    from megarm.data.integrity import tokenizer_problem as size_problem
-    from megarm.data.tokenizer import TokenizerError, load_tokenizer, vocab_sha256
-
     try:
         tokenizer = load_tokenizer(str(directory))
     except TokenizerError as exc:
@@ -91,6 +95,35 @@ def save_dir_problem(load_dir: str | Path, save_dir: str | Path) -> str | None:
     return (
         f"--save-dir {save_dir} {relation} --load-dir {load_dir} ({load}); writing it would "
         "destroy the input: choose a directory outside it"
+    )
+
+
+@contextlib.contextmanager
+def staged_output(save: Path) -> Iterator[Path]:
+    """A temporary directory beside ``save`` to write into; renamed to ``save`` (an
+    existing one replaced: callers refuse that without ``--overwrite`` first) when the
+    block completes, removed when it fails, so ``save`` is never partial."""
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if save.exists():
+            shutil.rmtree(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def report(log: logging.Logger, done: str, started: float) -> None:
+    """``<done> in <s>s (peak RSS <MiB>)``: the closing line of a converter."""
+    log.info(
+        "%s in %.1fs (peak RSS %.0f MiB)",
+        done,
+        time.perf_counter() - started,
+        peak_rss_bytes() / 2**20,
     )
 
 

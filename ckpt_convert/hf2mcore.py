@@ -1,19 +1,23 @@
-"""Convert a Hugging Face Qwen2 / Qwen2.5 checkpoint into a megarm (megatron-core) one.
+"""Convert a Hugging Face checkpoint of a megarm family (Qwen2 / Qwen2.5, Qwen3
+dense, Llama 3.x: :mod:`megarm.families`) into a megarm (megatron-core) one.
 
     python ckpt_convert/hf2mcore.py --load-dir HF_DIR --save-dir MCORE_DIR \\
         [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] \\
         [--format torch_dist|legacy] [--params-dtype bf16|fp16|fp32] [--tokenizer-model DIR]
 
-Input: ``Qwen2ForCausalLM`` (the LM head is dropped and a fresh value head is drawn
-from N(0, 1/(hidden+1)), as megarm's model does) or ``Qwen2ForSequenceClassification``
-with ``num_labels=1`` (its ``score.weight`` becomes the value head unchanged). Weights
+Input: the family's ``*ForCausalLM`` (the LM head is dropped and a fresh value head
+is drawn from N(0, 1/(hidden+1)), as megarm's model does) or its
+``*ForSequenceClassification`` with ``num_labels=1`` (its score head becomes the value
+head unchanged). Weights
 may be sharded safetensors (``model.safetensors.index.json``), one
 ``model.safetensors``, or ``pytorch_model.bin`` (optionally indexed); tied embeddings
 (no ``lm_head.weight``) are fine. Tensors are read one at a time, file by file.
 
 Everything that can be checked from ``config.json`` is checked before any weight
-file is opened: the architecture, ``num_labels``, and that TP divides the KV heads
-and attention heads and PP divides the layers (the error lists the sizes allowed).
+file is opened: the family and architecture, what megarm cannot represent (experts,
+sliding windows, RoPE scaling other than Llama 3's: refused by name), ``num_labels``,
+and the target layout (the config validator's rules: TP divides the KV and attention
+heads, PP the layers; the error lists the sizes allowed).
 
 The vocabulary is padded to a multiple of ``--make-vocab-size-divisible-by`` (128,
 megarm's ``model.make_vocab_size_divisible_by``) with zero rows. The padding does
@@ -33,7 +37,7 @@ Next to the weights the save directory gets the HF ``config.json`` (so
 ``model.hf_config=MCORE_DIR`` gives megarm the shape), the tokenizer files (from
 ``--tokenizer-model``, else from HF_DIR) and ``megarm_model.json`` describing the
 conversion. Everything is written to a temporary directory beside MCORE_DIR and
-renamed into place only when complete.
+renamed into place only when complete (:func:`ckpt_convert.cli.staged_output`).
 
 Memory: weights stream from disk one model tensor (one q/k/v or gate/up group) at a
 time, one weight file open (memory-mapped) at a time. ``torch_dist`` never builds the
@@ -64,25 +68,30 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from safetensors import safe_open
 
+import megarm.model  # noqa: F401  (first: quiets megatron-core's import-time warnings about absent kernels)
 from ckpt_convert import cli
-from ckpt_convert.qwen2_mapping import (
-    Entry,
-    MappingError,
-    Qwen2Shape,
-    Spec,
-    entries,
-    hf_to_mcore,
-    is_dropped,
-    layout_problems,
-    megarm_model_overrides,
+from ckpt_convert.mapping import MappingError, hf_to_mcore, value_head_name
+from megarm import distributed, families
+from megarm.checkpoint import iteration_dir, write_tracker
+from megarm.checkpoint.stream import meta_sharded_state_dict, save_streaming
+from megarm.config import (
+    ConfigError,
+    MegarmConfig,
+    ParallelConfig,
+    layout_issues,
+    load_config,
+    read_hf_config,
+    to_dict,
 )
-from megarm.checkpoint import write_tracker
+from megarm.families import Entry, Family, FamilyError, Shape
+from megarm.model.builder import params_dtype
+from megarm.model.reward_model import init_value_head
+from megarm.model.sharding import chunk_layers, shard_state_dict
 
 log = logging.getLogger("hf2mcore")
 
-CAUSAL_LM = "Qwen2ForCausalLM"
-SEQ_CLS = "Qwen2ForSequenceClassification"
 ITERATION = 0
 
 
@@ -151,7 +160,8 @@ class HFCheckpoint:
             return self.weight_map[name]
         except KeyError:
             raise ConversionError(
-                f"{name} is not in {self.directory}'s weight index; is this a Qwen2 checkpoint?"
+                f"{name} is not in {self.directory}'s weight index; do the weights and "
+                "config.json belong together?"
             ) from None
 
     def where(self, name: str) -> str:
@@ -187,8 +197,6 @@ class HFCheckpoint:
         self.files_opened.append(file)
         try:
             if self.kind == "safetensors":
-                from safetensors import safe_open
-
                 self._handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
                 self._keys = set(self._handle.keys())
             else:
@@ -219,18 +227,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- config
 
 
-def read_hf_config(load_dir: Path) -> dict[str, Any]:
+def hf_config_of(load_dir: Path) -> dict[str, Any]:
     """The HF ``config.json`` of ``load_dir`` as a dict."""
-    path = load_dir / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"no config.json in {load_dir}; --load-dir must be an HF model dir")
     try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path} must hold a JSON object")
-    return data
+        return read_hf_config(str(load_dir))
+    except ConfigError as exc:
+        raise ConversionError(f"--load-dir {load_dir}: {exc.issues[0].message}") from exc
 
 
 _DTYPE_NAMES = {
@@ -249,8 +251,6 @@ def stored_dtype(load_dir: Path, hf: dict[str, Any]) -> str | None:
     if not files:
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(files[0]), framework="pt") as handle:
             names = list(handle.keys())
             return _DTYPE_NAMES.get(handle.get_slice(names[0]).get_dtype()) if names else None
@@ -267,51 +267,65 @@ def num_labels(hf: dict[str, Any]) -> int:
     return 2
 
 
-def architecture(hf: dict[str, Any], config_path: Path) -> str | None:
-    """``Qwen2ForCausalLM`` or ``Qwen2ForSequenceClassification`` (num_labels=1) from
-    config.json; ``None`` when config.json names no architecture."""
+def architecture(hf: dict[str, Any], family: Family, config_path: Path) -> str | None:
+    """The family's ``*ForCausalLM`` or ``*ForSequenceClassification`` (num_labels=1)
+    that config.json names; ``None`` when it names no architecture."""
     archs = hf.get("architectures") or []
     if not archs:
         return None
     arch = archs[0]
-    if arch == CAUSAL_LM:
-        return arch
-    if arch == SEQ_CLS:
-        labels = num_labels(hf)
-        if labels != 1:
-            raise ConversionError(
-                f"{config_path}: {SEQ_CLS} with num_labels={labels}; megarm's value head is a "
-                "single scalar (num_labels=1). Convert the base Qwen2ForCausalLM instead"
-            )
-        return arch
-    raise ConversionError(
-        f"{config_path}: architecture {arch!r} is not supported; expected {CAUSAL_LM} or "
-        f"{SEQ_CLS} (num_labels=1)"
-    )
+    if arch == family.sequence_classification and (labels := num_labels(hf)) != 1:
+        raise ConversionError(
+            f"{config_path}: {arch} with num_labels={labels}; megarm's value head is a "
+            f"single scalar (num_labels=1). Convert the base {family.causal_lm} instead"
+        )
+    return arch  # families.detect accepted it
 
 
 def build_config(
-    hf: dict[str, Any], config_path: Path, params_dtype: str, divisible_by: int, seed: int
-) -> Any:
-    """megarm's config (TP=1, PP=1) for the model config.json describes."""
-    from megarm.config import ConfigError, load_config
-
-    try:
-        overrides = megarm_model_overrides(hf, str(config_path))
-    except MappingError as exc:
-        raise ConversionError(str(exc)) from exc
-    overrides += [
+    config_path: Path, params_dtype: str, divisible_by: int, seed: int
+) -> MegarmConfig:
+    """megarm's config (TP=1, PP=1) for the model config.json describes, read by the
+    config validator's own HF reader (the family's table): a model megarm cannot
+    represent is refused there, by name."""
+    overrides = [
+        f"model.hf_config={config_path}",
         f"model.make_vocab_size_divisible_by={divisible_by}",
         f"model.params_dtype={params_dtype}",
         f"training.seed={seed}",
-        # The config only describes the model; keep its checks from tripping over
-        # the data defaults of a tiny model.
-        f"data.seq_length={min(1024, int(hf.get('max_position_embeddings') or 1024))}",
     ]
     try:
-        return load_config(None, overrides)
+        cfg = load_config(None, overrides)
     except ConfigError as exc:
-        raise ConversionError(f"{config_path}: {exc}") from exc
+        raise ConversionError(_one_line(exc)) from exc
+    cfg.model.hf_config = None  # the shape is resolved; the source dir may move
+    return cfg
+
+
+def _one_line(exc: ConfigError) -> str:
+    return "; ".join(
+        issue.message if issue.key == "model.hf_config" else str(issue) for issue in exc.issues
+    )
+
+
+# What the converter's command line calls the config keys of a layout problem.
+_LAYOUT_FLAGS = {
+    "parallel.tensor_model_parallel_size": "tensor-parallel size {tp} (--target-tensor-parallel-size)",
+    "parallel.pipeline_model_parallel_size": "pipeline-parallel size {pp} (--target-pipeline-parallel-size)",
+    "model.make_vocab_size_divisible_by": "--make-vocab-size-divisible-by {div}",
+}
+
+
+def layout_problems(cfg: MegarmConfig, tp: int, pp: int, config_path: Path) -> list[str]:
+    """Why TP x PP cannot hold the model (the config validator's rules), in the
+    converter's terms; empty when it can."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    div = cfg.model.make_vocab_size_divisible_by
+    return [
+        f"{_LAYOUT_FLAGS.get(issue.key, str(config_path)).format(tp=tp, pp=pp, div=div)}: "
+        f"{issue.message}"
+        for issue in layout_issues(cfg.model, parallel)
+    ]
 
 
 # --------------------------------------------------------------------------- writers
@@ -325,7 +339,8 @@ def _ordered(selected: list[Entry], ckpt: HFCheckpoint) -> list[Entry]:
 
 
 def write_torch_dist(
-    ckpt: HFCheckpoint, cfg: Any, shape: Qwen2Shape, with_score: bool, out: Path, hf: dict
+    ckpt: HFCheckpoint, cfg: MegarmConfig, selected: list[Entry], with_score: bool, out: Path,
+    hf: dict[str, Any],
 ) -> None:
     """Stream the HF tensors into a torch_dist checkpoint, one model tensor at a time.
 
@@ -333,12 +348,8 @@ def write_torch_dist(
     shapes and chunk layout); each tensor is read from the HF files, transformed,
     written and freed before the next (see :mod:`megarm.checkpoint.stream`).
     """
-    from megarm import distributed
-    from megarm.checkpoint import iteration_dir
-    from megarm.checkpoint.stream import meta_sharded_state_dict, save_streaming
-    from megarm.config import to_dict
-    from megarm.model.builder import params_dtype
-
+    shape = Shape.of(cfg.model)
+    head_name = value_head_name(families.family(cfg.model.family))
     # One process of its own: a converter started by torchrun must still be TP=PP=1.
     # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -346,14 +357,14 @@ def write_torch_dist(
     try:
         sharded = meta_sharded_state_dict(cfg)
         dtype = params_dtype(cfg)
-        by_name = {e.mcore: e for e in entries(shape.num_layers, with_score, "local")}
+        by_name = {e.mcore: e for e in selected}
         # Tensors in the order their HF files hold them: one weight file open at a time.
-        order = [e.mcore for e in _ordered(list(by_name.values()), ckpt)]
+        order = [e.mcore for e in _ordered(selected, ckpt)]
         if not with_score:
-            order.append("value_head.weight")
+            order.append(head_name)
 
         def produce(name: str) -> torch.Tensor:
-            if name == "value_head.weight" and not with_score:
+            if name == head_name and not with_score:
                 return fresh_value_head(shape.hidden_size, cfg.training.seed, dtype)
             ((_, tensor),) = hf_to_mcore(ckpt.read, shape, [by_name[name]], dtype, ckpt.where)
             return tensor
@@ -377,8 +388,6 @@ def write_torch_dist(
 
 def fresh_value_head(hidden_size: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The value head megarm's model would initialise: N(0, 1/(hidden+1)), seeded."""
-    from megarm.model.reward_model import init_value_head
-
     weight = torch.empty(1, hidden_size)
     init_value_head(weight, hidden_size, seed)
     return weight.to(dtype)
@@ -391,26 +400,22 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
 
 def write_legacy(
     ckpt: HFCheckpoint,
-    cfg: Any,
-    shape: Qwen2Shape,
+    cfg: MegarmConfig,
+    all_entries: list[Entry],
     with_score: bool,
     out: Path,
     tp: int,
     pp: int,
-    spec: Spec,
 ) -> None:
     """``mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly TP x PP, one rank file at a
     time: each full tensor is read, cut to the rank's slice and freed, so memory holds
     one rank's file plus one full tensor (the stage's HF tensors are read TP times)."""
-    from megarm.config import to_dict
-    from megarm.model.builder import params_dtype
-    from megarm.model.sharding import chunk_layers, shard_state_dict
-
+    shape = Shape.of(cfg.model)
+    head_name = value_head_name(families.family(cfg.model.family))
     dtype = params_dtype(cfg)
     saved_cfg = to_dict(cfg)
     saved_cfg["parallel"].update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    root = out / f"iter_{ITERATION:07d}"
-    all_entries = entries(shape.num_layers, with_score, spec)
+    root = iteration_dir(out, ITERATION)
     for pp_rank in range(pp):
         layers = chunk_layers(shape.num_layers, pp_rank, pp)
         first, last = pp_rank == 0, pp_rank == pp - 1
@@ -429,7 +434,7 @@ def write_legacy(
             stream = hf_to_mcore(ckpt.read, shape, selected, dtype, ckpt.where)
             if last and not with_score:
                 head = fresh_value_head(shape.hidden_size, cfg.training.seed, dtype)
-                stream = itertools.chain(stream, [("value_head.weight", head)])
+                stream = itertools.chain(stream, [(head_name, head)])
             for name, full in stream:
                 shard.update(
                     shard_state_dict({name: full}, shape.num_layers, tp_rank, tp, pp_rank, pp)
@@ -455,17 +460,10 @@ def write_legacy(
 def copy_side_files(
     out: Path, load_dir: Path, tokenizer_dir: Path | None, info: dict[str, Any]
 ) -> list[str]:
-    """config.json, tokenizer files and megarm_model.json (``info``, completed with the
-    tokenizer files copied) into ``out``; returns the tokenizer files copied."""
-    hf = dict(info["hf_config"])
-    if "rope_theta" not in hf:
-        # transformers 5 writes only rope_parameters.rope_theta; the top-level key
-        # (what transformers 4 and the published Qwen2.5 configs have) keeps readers
-        # of ``model.hf_config=MCORE_DIR`` that look for rope_theta correct.
-        hf["rope_theta"] = info["model"]["rotary_base"]
-        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    else:
-        shutil.copy2(load_dir / "config.json", out / "config.json")
+    """config.json (megarm reads RoPE settings in either transformers' layout), the
+    tokenizer files and megarm_model.json (``info``, completed with the tokenizer
+    files copied) into ``out``; returns the tokenizer files copied."""
+    shutil.copy2(load_dir / "config.json", out / "config.json")
     copied = cli.copy_tokenizer(tokenizer_dir or load_dir, out)
     info["tokenizer_files"] = copied
     (out / "megarm_model.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -479,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
         prog="hf2mcore.py",
-        description="Convert an HF Qwen2/Qwen2.5 checkpoint into a megarm reward-model checkpoint.",
+        description="Convert an HF checkpoint (Qwen2/Qwen2.5, Qwen3, Llama 3.x) into a megarm "
+        "reward-model checkpoint.",
     )
     p.add_argument("--load-dir", required=True, help="HF model directory (config.json + weights)")
     p.add_argument("--save-dir", required=True, help="output directory (must not exist)")
@@ -528,7 +527,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             "hf2mcore.py converts in one process; run it with python, not torchrun"
         )
     config_path = load / "config.json"
-    hf = read_hf_config(load)
+    hf = hf_config_of(load)
     stored = stored_dtype(load, hf)
     if stored is not None and stored != args.params_dtype:
         # The first line of the output: a narrower dtype loses bits for good.
@@ -542,14 +541,14 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     # Everything config.json can tell is checked before any weight file is opened.
-    arch = architecture(hf, config_path)
-    cfg = build_config(
-        hf, config_path, args.params_dtype, args.make_vocab_size_divisible_by, args.seed
-    )
-    shape = Qwen2Shape.from_megarm(cfg.model)
-    problems = layout_problems(shape, tp, pp)
-    if problems:
-        raise ConversionError(f"{config_path}: " + "; ".join(problems))
+    try:
+        family = families.detect(hf, str(config_path))
+    except FamilyError as exc:
+        raise ConversionError(str(exc)) from exc
+    arch = architecture(hf, family, config_path)
+    cfg = build_config(config_path, args.params_dtype, args.make_vocab_size_divisible_by, args.seed)
+    if problems := layout_problems(cfg, tp, pp, config_path):
+        raise ConversionError("; ".join(problems))
     if save.exists() and not args.overwrite:
         raise ConversionError(f"--save-dir {save} exists; remove it or pass --overwrite")
     tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else None
@@ -566,59 +565,58 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
     ckpt = HFCheckpoint(load)
     names = ckpt.names()
+    num_layers = cfg.model.num_layers
     if arch is None:
-        arch = SEQ_CLS if "score.weight" in names else CAUSAL_LM
+        scored = set(family.entries(num_layers, ("value",))) - set(family.entries(num_layers))
+        has_head = all(name in names for e in scored for name in e.hf)
+        arch = family.sequence_classification if has_head else family.causal_lm
         log.info("config.json names no architecture; the weights look like %s", arch)
-    with_score = arch == SEQ_CLS
-    selected = entries(shape.num_layers, with_score)
+    with_score = arch == family.sequence_classification
+    selected = family.entries(num_layers, ("value",) if with_score else ())
     wanted = {name for e in selected for name in e.hf}
     missing = sorted(wanted - set(names))
     if missing:
         raise ConversionError(
-            f"{load} lacks {len(missing)} tensor(s) a {arch} with {shape.num_layers} layers has, "
+            f"{load} lacks {len(missing)} tensor(s) a {arch} with {num_layers} layers has, "
             f"e.g. {missing[0]}; the weights and config.json disagree"
         )
-    extra = sorted(n for n in names if n not in wanted and not is_dropped(n))
+    extra = sorted(n for n in names if n not in wanted and not family.is_dropped(n))
     if extra:
         raise ConversionError(
-            f"{load} has tensor(s) the Qwen2 mapping does not know, e.g. {extra[0]} "
+            f"{load} has tensor(s) megarm's {family.name} table does not know, e.g. {extra[0]} "
             f"({len(extra)} in all); is this really a {arch}?"
         )
-    dropped = [n for n in names if is_dropped(n)]
+    dropped = [n for n in names if family.is_dropped(n)]
     if dropped:
         log.info("dropping %s (a reward model has no LM head)", ", ".join(dropped))
-    elif arch == CAUSAL_LM:
+    elif arch == family.causal_lm:
         log.info(
-            "no lm_head.weight (tie_word_embeddings=%s): nothing to drop",
-            hf.get("tie_word_embeddings"),
+            "no LM head tensor (tied embeddings: %s): nothing to drop",
+            cfg.model.tie_word_embeddings,
         )
 
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with cli.staged_output(save) as tmp:
         if args.format == "torch_dist":
-            write_torch_dist(ckpt, cfg, shape, with_score, tmp, hf)
+            write_torch_dist(ckpt, cfg, selected, with_score, tmp, hf)
         else:
-            write_legacy(ckpt, cfg, shape, with_score, tmp, tp, pp, args.spec)
+            all_entries = family.entries(num_layers, ("value",) if with_score else (), args.spec)
+            write_legacy(ckpt, cfg, all_entries, with_score, tmp, tp, pp)
+        (head_rule,) = [rule for rule in family.weights if rule.head == "value"]
         head = (
-            "score.weight of the Qwen2ForSequenceClassification input"
+            f"{head_rule.hf[0]} of the {arch} input"
             if with_score
             else f"fresh N(0, 1/(hidden+1)) draw, seed {args.seed}"
         )
         if not with_score:
             log.info("value head initialised: %s (the LM head is not a reward head)", head)
-        from megarm.config import to_dict
-
         info = {
             "format": args.format,
             "source": str(load.resolve()),
+            "family": family.name,
             "architecture": arch,
             "value_head": head,
             "params_dtype": args.params_dtype,
-            "padded_vocab_size": shape.padded_vocab_size,
+            "padded_vocab_size": Shape.of(cfg.model).padded_vocab_size,
             "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp,
             "iteration": ITERATION,
@@ -626,28 +624,15 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             "hf_config": hf,
         }
         copy_side_files(tmp, load, tokenizer_dir, info)
-        if save.exists():
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    from megarm.testing import peak_rss_bytes
-
-    usage = peak_rss_bytes() / 2**20
-    log.info(
-        "wrote %s checkpoint %s in %.1fs (peak RSS %.0f MiB)",
-        args.format,
-        save,
-        time.perf_counter() - started,
-        usage,
-    )
+    cli.report(log, f"wrote {args.format} checkpoint {save}", started)
     return info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input or layout)."""
-    return cli.run(log, build_parser(), convert, (ConversionError, MappingError), argv)
+    return cli.run(
+        log, build_parser(), convert, (ConversionError, MappingError, FamilyError), argv
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Export a megarm torch_dist checkpoint as an HF ``Qwen2ForSequenceClassification``.
+"""Export a megarm torch_dist checkpoint as an HF ``*ForSequenceClassification`` of
+its family (``Qwen2``, ``Qwen3``, ``Llama``: :mod:`megarm.families`).
 
     python ckpt_convert/mcore2hf.py --load-dir MCORE_DIR --save-dir HF_DIR \\
         [--iteration N] [--tokenizer-model DIR] [--max-shard-size 5GB]
@@ -13,24 +14,28 @@ MCORE_DIR). The output is what ``AutoModelForSequenceClassification.from_pretrai
   ``split_torch_state_dict_into_shards`` (``model.safetensors.index.json`` when there
   is more than one shard, as transformers itself writes them), the padded
   vocabulary rows stripped and ``score.weight`` = megarm's value head;
-- ``config.json``: a transformers ``Qwen2Config`` with
-  ``architectures: ["Qwen2ForSequenceClassification"]``, ``num_labels=1``,
-  ``pad_token_id`` (from the tokenizer, else the source config) and the reward
-  fields of :func:`reward_fields` (``problem_type``, ``reward_convention``, ``mean``/``std``);
+- ``config.json``: the family's transformers config, its keys written from the
+  model config through the family's table (the one ``model.hf_config`` is read
+  with), ``architectures`` the family's ``*ForSequenceClassification``,
+  ``num_labels=1``, ``pad_token_id`` (from the tokenizer, else the source config), the
+  family's carried keys (token ids, initialiser) from the source config, and the
+  reward fields of :func:`reward_fields` (``problem_type``, ``reward_convention``,
+  ``mean``/``std``);
 - the tokenizer files (``--tokenizer-model``, else those in MCORE_DIR).
 
 Memory holds one output shard: the megarm tensors a shard needs are read from the
 checkpoint (megatron-core's loader, any saved TP/PP) just before it is written. Everything
-is written to a temporary directory next to HF_DIR and renamed when complete.
+is written to a temporary directory next to HF_DIR and renamed when complete
+(:func:`ckpt_convert.cli.staged_output`).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,32 +47,34 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from megatron.core import dist_checkpointing
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
 
+import megarm.model  # noqa: F401  (first: quiets megatron-core's import-time warnings about absent kernels)
 from ckpt_convert import cli
-from ckpt_convert.qwen2_mapping import (
-    MappingError,
-    Qwen2Shape,
-    entries,
-    hf_shapes,
-    mcore_to_hf,
+from ckpt_convert.mapping import MappingError, mcore_to_hf
+from megarm import distributed, families
+from megarm.checkpoint import (
+    check_shapes,
+    checkpoint_model_overrides,
+    open_checkpoint,
+    read_common,
 )
 from megarm.checkpoint.integrity import CheckpointCorruptError, require_finite
+from megarm.checkpoint.stream import load_tensors, meta_sharded_state_dict
+from megarm.config import ConfigError, ModelConfig, load_config
+from megarm.data.templates import TemplateError, get_template, reward_convention
+from megarm.data.tokenizer import load_tokenizer
+from megarm.families import Family, Shape
 
 log = logging.getLogger("mcore2hf")
 
-ARCHITECTURE = "Qwen2ForSequenceClassification"
 _DTYPE_NAMES = {v: k for k, v in cli.DTYPES.items()}
-# HF config keys that describe more than the shape; carried over from a source
-# config.json when there is one (hf2mcore copies it beside the weights).
-CARRIED_KEYS = (
-    "bos_token_id",
-    "eos_token_id",
-    "sliding_window",
-    "max_window_layers",
-    "use_sliding_window",
-    "initializer_range",
-    "attention_dropout",
-)
+# The head the export writes: megarm's value head, as *ForSequenceClassification's
+# score head. (A critique model's LM head would be the family's causal_lm.)
+HEADS = ("value",)
 
 
 class ExportError(RuntimeError):
@@ -90,8 +97,6 @@ def source_hf_config(load: Path, checkpoint: Path) -> dict[str, Any]:
     checkpoint (hf2mcore copies it there), else the one hf2mcore stored in the
     checkpoint's common state, else the config.json that the training run's
     ``model.hf_config`` named (a Trainer checkpoint)."""
-    from megatron.core import dist_checkpointing
-
     if (load / "config.json").is_file():
         return _read_json(load / "config.json")
     try:
@@ -108,12 +113,11 @@ def source_hf_config(load: Path, checkpoint: Path) -> dict[str, Any]:
     return {}
 
 
-def stored_dtype(checkpoint: Path) -> torch.dtype:
-    """The dtype the checkpoint's weights were saved in (its embedding's)."""
-    from megatron.core import dist_checkpointing
-
+def stored_dtype(checkpoint: Path, family: Family) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (its first trunk tensor's)."""
     meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    for key in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight"):
+    for entry in family.entries(1):
+        key = entry.mcore
         if key in meta and getattr(meta[key], "dtype", None) is not None:
             return meta[key].dtype
     return torch.float32
@@ -122,8 +126,6 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
 def pad_token_id(tokenizer_dir: Path | None, base: dict[str, Any]) -> int | None:
     """The tokenizer's pad id, else the source config's ``pad_token_id``."""
     if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         if tokenizer.pad_token_id is not None:
             return int(tokenizer.pad_token_id)
@@ -148,39 +150,26 @@ def tokenizer_source(args: argparse.Namespace, load: Path) -> Path | None:
 # --------------------------------------------------------------------------- outputs
 
 
-def hf_config(model: Any, base: dict[str, Any], pad_id: int | None, dtype: torch.dtype) -> Any:
-    """transformers' ``Qwen2Config`` for the exported reward model."""
-    import inspect
-
-    from transformers import Qwen2Config
-
-    from megarm.config import head_dim
-
-    kwargs: dict[str, Any] = {key: base[key] for key in CARRIED_KEYS if key in base}
+def hf_config(
+    model: ModelConfig, base: dict[str, Any], pad_id: int | None, dtype: torch.dtype
+) -> Any:
+    """transformers' config of the exported reward model: the family's keys written
+    from ``model`` by its table, the keys it carries over from the source config
+    ``base``, one label."""
+    family = families.family(model.family)
+    kwargs: dict[str, Any] = {key: base[key] for key in family.carried if key in base}
+    kwargs.update(family.write(model))
+    model_type = kwargs.pop("model_type")
     kwargs.update(
-        architectures=[ARCHITECTURE],
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_query_groups,
-        max_position_embeddings=model.max_position_embeddings,
-        rope_theta=float(model.rotary_base),
-        rms_norm_eps=model.norm_epsilon,
-        hidden_act="silu",
-        tie_word_embeddings=model.tie_word_embeddings,
+        architectures=[family.sequence_classification],
         pad_token_id=pad_id,
         id2label={0: "LABEL_0"},
         label2id={"LABEL_0": 0},
     )
+    config = AutoConfig.for_model(model_type, **kwargs)
     # transformers 5 calls it ``dtype``, 4.x ``torch_dtype``.
-    signature = inspect.signature(Qwen2Config.__init__).parameters
-    kwargs["dtype" if "dtype" in signature else "torch_dtype"] = str(dtype).removeprefix("torch.")
-    config = Qwen2Config(**kwargs)
-    if head_dim(model) != model.hidden_size // model.num_attention_heads:
-        # Not a constructor argument of every Qwen2Config; the attention reads the attribute.
-        config.head_dim = head_dim(model)
+    accepted = inspect.signature(type(config).__init__).parameters
+    setattr(config, "dtype" if "dtype" in accepted else "torch_dtype", str(dtype).removeprefix("torch."))
     return config
 
 
@@ -190,10 +179,6 @@ def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any
     label), the ``reward_convention`` (recorded in the checkpoint by training, else the
     tokenizer's chat template's) and the ``mean``/``std`` that ``megarm.reward_stats``
     stored in ``reward_stats.json`` beside the weights (OpenRLHF's normalisation)."""
-    from megarm.checkpoint import read_common
-    from megarm.data.templates import TemplateError, get_template, reward_convention
-    from megarm.data.tokenizer import load_tokenizer
-
     fields: dict[str, Any] = {"problem_type": "regression"}
     # Weights-only, as every megarm read of common.pt; no common state: nothing recorded.
     common = read_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
@@ -217,7 +202,7 @@ def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any
 
 def write_weights(
     load: Callable[[list[str]], dict[str, torch.Tensor]],
-    shape: Qwen2Shape,
+    model: ModelConfig,
     out: Path,
     dtype: torch.dtype,
     max_shard_size: str,
@@ -226,13 +211,11 @@ def write_weights(
     """HF safetensors shards (and the index when there are several). Shards are
     planned from shapes alone; then, shard by shard, ``load(names)`` reads just the
     megarm tensors (state-dict names) that shard needs, so memory holds one shard."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    selected = entries(shape.num_layers, with_score=True, spec="local")
+    family, shape = families.family(model.family), Shape.of(model)
+    selected = family.entries(shape.num_layers, HEADS)
     planned = {
         name: torch.empty(size, dtype=dtype, device="meta")
-        for name, size in hf_shapes(shape, with_score=True).items()
+        for name, size in family.hf_shapes(shape, HEADS).items()
     }
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     for number, (filename, names) in enumerate(split.filename_to_tensors.items(), 1):
@@ -262,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
         prog="mcore2hf.py",
-        description="Export a megarm checkpoint as an HF Qwen2ForSequenceClassification.",
+        description="Export a megarm checkpoint as an HF *ForSequenceClassification of its "
+        "family (Qwen2, Qwen3, Llama).",
     )
     p.add_argument("--load-dir", required=True, help="megarm checkpoint (save root or iter dir)")
     p.add_argument("--save-dir", required=True, help="output HF directory (must not exist)")
@@ -283,15 +267,6 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     """Run the export ``args`` describe; returns a summary."""
     if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
         raise ExportError(problem)
-    from megarm import distributed
-    from megarm.checkpoint import (
-        check_shapes,
-        checkpoint_model_overrides,
-        open_checkpoint,
-    )
-    from megarm.checkpoint.stream import load_tensors, meta_sharded_state_dict
-    from megarm.config import ConfigError, load_config
-
     started = time.perf_counter()
     load, save = Path(args.load_dir), Path(args.save_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -305,14 +280,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     except (FileNotFoundError, CheckpointCorruptError) as exc:
         raise ExportError(str(exc)) from exc
     base = source_hf_config(load, checkpoint)
-    stored = stored_dtype(checkpoint)
-    # Load in the stored dtype: the export is then bit-exact (no round trip).
-    overrides += [f"model.params_dtype={_DTYPE_NAMES.get(stored, 'fp32')}", "training.seed=0"]
     try:
-        cfg = load_config(None, overrides)
+        cfg = load_config(None, [*overrides, "training.seed=0"])
     except ConfigError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from exc
-    shape = Qwen2Shape.from_megarm(cfg.model)
+    stored = stored_dtype(checkpoint, families.family(cfg.model.family))
+    # Load in the stored dtype: the export is then bit-exact (no round trip).
+    cfg.model.params_dtype = _DTYPE_NAMES.get(stored, "fp32")  # type: ignore[assignment]
     out_dtype = stored if args.params_dtype == "auto" else cli.DTYPES[args.params_dtype]
     tokenizer_dir = tokenizer_source(args, load)
     if tokenizer_dir is not None and (
@@ -326,22 +300,17 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             "then scores only batches of one; pass --tokenizer-model"
         )
 
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     # One process of its own, whatever launched it.
     # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    try:
+    with cli.staged_output(save) as tmp:
         distributed.init(1, 1, seed=0)
         try:
             sharded = meta_sharded_state_dict(cfg)
             check_shapes(checkpoint, sharded)  # names a mismatched tensor before any read
             weights = write_weights(
                 lambda names: load_tensors(checkpoint, sharded, names),
-                shape,
+                cfg.model,
                 tmp,
                 out_dtype,
                 args.max_shard_size,
@@ -354,23 +323,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             setattr(config, key, value)
         config.save_pretrained(str(tmp))
         copied = cli.copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else []
-        if save.exists():
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    from megarm.testing import peak_rss_bytes
-
-    peak = peak_rss_bytes() / 2**20
-    log.info(
-        "exported %s (%d shard(s), %s) to %s in %.1fs (peak RSS %.0f MiB)",
-        checkpoint,
-        len(weights["files"]),
-        str(out_dtype).removeprefix("torch."),
-        save,
-        time.perf_counter() - started,
-        peak,
+    cli.report(
+        log,
+        f"exported {checkpoint} ({len(weights['files'])} shard(s), "
+        f"{str(out_dtype).removeprefix('torch.')}, {config.architectures[0]}) to {save}",
+        started,
     )
     return {"checkpoint": str(checkpoint), "tokenizer_files": copied, **weights}
 

@@ -12,10 +12,11 @@ every shape key (layers, widths, heads, vocabulary, ``rope_theta``, ``rms_norm_e
 ``configs/orm_trainer_qwen25_<size>.yaml``; ``--config`` from any megarm config. The
 offline Qwen2.5 tokenizer (:func:`megarm.data.tokenizer.build_qwen25_tokenizer`) is
 written beside the weights. The files are what ``save_pretrained`` writes
-(``config.json`` from transformers' ``Qwen2Config``, shards split with
-huggingface_hub's helper, ``model.safetensors.index.json`` when there are several),
-so the converter reads them exactly like a downloaded checkpoint. Everything is
-written under a temporary name and renamed when complete.
+(``config.json`` from transformers' Qwen2 config, its keys written by the qwen2
+family's table; shards split with huggingface_hub's helper,
+``model.safetensors.index.json`` when there are several), so the converter reads
+them exactly like a downloaded checkpoint. Everything is written under a temporary
+name and renamed when complete (:func:`ckpt_convert.cli.staged_output`).
 """
 
 from __future__ import annotations
@@ -23,17 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    # Run as ``python ckpt_convert/random_qwen2.py``: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from ckpt_convert import cli
-from ckpt_convert.qwen2_mapping import Qwen2Shape, hf_shapes
+from megarm.config import ConfigError, ModelConfig, load_config
+from megarm.data.tokenizer import build_qwen25_tokenizer
+from megarm.families import Shape
+from megarm.families.qwen2 import QWEN2
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("random_qwen2")
@@ -56,61 +65,51 @@ def write_random_qwen2(
     num_layers: int,
     ffn_hidden_size: int,
     num_attention_heads: int,
-    num_key_value_heads: int,
+    num_query_groups: int,
     vocab_size: int = 151936,
     tie_word_embeddings: bool = False,
-    rope_theta: float = 1000000.0,
-    rms_norm_eps: float = 1e-6,
+    rotary_base: float = 1000000.0,
+    norm_epsilon: float = 1e-6,
     max_position_embeddings: int = 32768,
-    head_dim: int | None = None,
+    kv_channels: int | None = None,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = "1GB",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """A ``Qwen2ForCausalLM`` with N(0, 0.02) weights (norms 1) in ``path``; returns
-    ``{"total_bytes", "largest_shard_bytes", "largest_tensor_bytes", "files"}``.
-    The defaults of ``rope_theta``, ``rms_norm_eps`` and ``max_position_embeddings``
-    are Qwen2.5's (transformers' ``Qwen2Config`` defaults differ)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config
-
-    path.mkdir(parents=True, exist_ok=True)
-    head_dim = head_dim or hidden_size // num_attention_heads
-    extra: dict[str, Any] = {}
-    if head_dim != hidden_size // num_attention_heads:
-        extra["head_dim"] = head_dim
-    if vocab_size > QWEN25_EOS_ID:  # Qwen2.5's special ids exist in this vocabulary
-        extra.update(bos_token_id=QWEN25_BOS_ID, eos_token_id=QWEN25_EOS_ID)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=ffn_hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        tie_word_embeddings=tie_word_embeddings,
-        rope_theta=rope_theta,
-        rms_norm_eps=rms_norm_eps,
-        max_position_embeddings=max_position_embeddings,
-        architectures=["Qwen2ForCausalLM"],
-        **extra,
-    )
-    config.dtype = str(dtype).removeprefix("torch.")  # what the shards hold
-    config.save_pretrained(str(path))
-    shape = Qwen2Shape(
+    """A Qwen2 ``*ForCausalLM`` with N(0, 0.02) weights (norms 1) in ``path``, the shape
+    given in megarm's ``model.*`` names; returns ``{"total_bytes",
+    "largest_shard_bytes", "largest_tensor_bytes", "files"}``. The defaults of
+    ``rotary_base``, ``norm_epsilon`` and ``max_position_embeddings`` are Qwen2.5's
+    (transformers' own Qwen2 defaults differ)."""
+    model = ModelConfig(
+        family="qwen2",
         num_layers=num_layers,
         hidden_size=hidden_size,
         ffn_hidden_size=ffn_hidden_size,
         num_attention_heads=num_attention_heads,
-        num_query_groups=num_key_value_heads,
-        head_dim=head_dim,
+        num_query_groups=num_query_groups,
+        kv_channels=kv_channels,
         vocab_size=vocab_size,
-        padded_vocab_size=vocab_size,
+        make_vocab_size_divisible_by=1,
+        max_position_embeddings=max_position_embeddings,
+        rotary_base=rotary_base,
+        norm_epsilon=norm_epsilon,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    shapes = hf_shapes(shape, with_score=False)
+    path.mkdir(parents=True, exist_ok=True)
+    keys = QWEN2.write(model)
+    extra: dict[str, Any] = {}
+    if vocab_size > QWEN25_EOS_ID:  # Qwen2.5's special ids exist in this vocabulary
+        extra.update(bos_token_id=QWEN25_BOS_ID, eos_token_id=QWEN25_EOS_ID)
+    config = AutoConfig.for_model(
+        keys.pop("model_type"), architectures=[QWEN2.causal_lm], **keys, **extra
+    )
+    config.dtype = str(dtype).removeprefix("torch.")  # what the shards hold
+    config.save_pretrained(str(path))
+    shapes = QWEN2.hf_shapes(Shape.of(model))
     if not tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab_size, hidden_size)
+        (lm_head,) = QWEN2.dropped  # the LM head a CausalLM has when it is not tied
+        shapes[lm_head] = (vocab_size, hidden_size)
     planned = {name: torch.empty(size, dtype=dtype, device="meta") for name, size in shapes.items()}
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     generator = torch.Generator().manual_seed(seed)
@@ -180,13 +179,13 @@ class RandomCheckpointError(ValueError):
 
 def write(args: argparse.Namespace) -> dict[str, Any]:
     """Run what ``args`` describe; returns :func:`write_random_qwen2`'s summary."""
-    from megarm.config import ConfigError, head_dim, load_config
-
     config = Path(args.config) if args.config else shipped_shapes()[args.shape]
     try:
         m = load_config(config).model
     except ConfigError as exc:
         raise RandomCheckpointError(str(exc)) from exc
+    if m.family != "qwen2":
+        raise RandomCheckpointError(f"{config}: model.family is {m.family}; this writes Qwen2 models")
     if not args.no_tokenizer and m.vocab_size < QWEN25_TOKENIZER_SIZE:
         raise RandomCheckpointError(
             f"{config}: vocab_size {m.vocab_size} is smaller than the Qwen2.5 tokenizer's "
@@ -195,37 +194,26 @@ def write(args: argparse.Namespace) -> dict[str, Any]:
     save = Path(args.save_dir)
     if save.exists() and not args.overwrite:
         raise RandomCheckpointError(f"--save-dir {save} exists; remove it or pass --overwrite")
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save.with_name(f".{save.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with cli.staged_output(save) as tmp:
         info = write_random_qwen2(
             tmp,
             hidden_size=m.hidden_size,
             num_layers=m.num_layers,
             ffn_hidden_size=m.ffn_hidden_size,
             num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups,
+            num_query_groups=m.num_query_groups,
             vocab_size=m.vocab_size,
             tie_word_embeddings=m.tie_word_embeddings,
-            rope_theta=m.rotary_base,
-            rms_norm_eps=m.norm_epsilon,
+            rotary_base=m.rotary_base,
+            norm_epsilon=m.norm_epsilon,
             max_position_embeddings=m.max_position_embeddings,
-            head_dim=head_dim(m),
+            kv_channels=m.kv_channels,
             dtype=cli.DTYPES[args.dtype],
             max_shard_size=args.max_shard_size,
             seed=args.seed,
         )
         if not args.no_tokenizer:
-            from megarm.data.tokenizer import build_qwen25_tokenizer
-
             build_qwen25_tokenizer(tmp)
-        if save.exists():
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "wrote %s: %.2f GB of random %s weights in %d file(s), shape of %s%s",
         save, info["total_bytes"] / 1e9, args.dtype, info["files"], config,

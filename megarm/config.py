@@ -18,6 +18,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import json
 import math
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megarm import families
 from megarm.checkpoint.layout import CheckpointNotFoundError, resolve_checkpoint
 
 
@@ -43,6 +45,13 @@ class ModelConfig:
     """HuggingFace model directory (or its config.json). When set, the shape fields
     below are read from it. A shape field the YAML also sets must agree with it (else
     an error names both values); one set on the command line wins, with a note."""
+
+    family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
+    """Model family (:mod:`megarm.families`): the HF architecture the weights convert
+    from and export to, and the fields it fixes. ``qwen2``: Qwen2 / Qwen2.5 (QKV
+    bias); ``qwen3``: Qwen3 dense (QK-norm, no bias); ``llama``: Llama 3.x (no bias,
+    optional Llama-3 RoPE scaling). Read from ``model.hf_config``'s ``model_type``;
+    setting it sets ``add_qkv_bias`` and ``qk_layernorm`` to the family's values."""
 
     num_layers: int = 2
     """Number of transformer layers (HF ``num_hidden_layers``)."""
@@ -76,11 +85,38 @@ class ModelConfig:
     rotary_base: float = 1000000.0
     """RoPE base theta (HF ``rope_theta``; 1e6 for Qwen2.5)."""
 
+    use_rope_scaling: bool = False
+    """Llama 3.1's RoPE frequency scaling (HF ``rope_type: llama3``; family ``llama``
+    only): frequencies with wavelengths beyond ``rope_original_max_positions /
+    rope_low_freq_factor`` are divided by ``rope_scaling_factor``, those below
+    ``rope_original_max_positions / rope_high_freq_factor`` kept, and the band between
+    interpolated, as transformers computes it."""
+
+    rope_scaling_factor: float = 8.0
+    """With ``use_rope_scaling``: the factor low frequencies are divided by (HF
+    ``factor``; 8 in Llama 3.1, 32 in Llama 3.2)."""
+
+    rope_low_freq_factor: float = 1.0
+    """With ``use_rope_scaling``: HF ``low_freq_factor`` (1 in Llama 3.1 / 3.2)."""
+
+    rope_high_freq_factor: float = 4.0
+    """With ``use_rope_scaling``: HF ``high_freq_factor`` (4 in Llama 3.1 / 3.2)."""
+
+    rope_original_max_positions: int = 8192
+    """With ``use_rope_scaling``: the context length the model was pre-trained with
+    before scaling (HF ``original_max_position_embeddings``; 8192 in Llama 3.1 / 3.2)."""
+
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
 
     add_qkv_bias: bool = True
-    """Bias on the Q, K, V projections (Qwen2 has it; no other linear has a bias)."""
+    """Bias on the Q, K, V projections (Qwen2 has it; no other linear has a bias).
+    Fixed by ``family``."""
+
+    qk_layernorm: bool = False
+    """QK-norm: an RMSNorm over the head dimension applied to every query and key head
+    before RoPE, one weight shared by the heads (Qwen3; megatron-core's
+    ``qk_layernorm``). Fixed by ``family``."""
 
     tie_word_embeddings: bool = False
     """Whether the HF model ties its LM head to the embedding. A reward model has no
@@ -159,7 +195,9 @@ class DataConfig:
     """Longest sequence (prompt + response) in tokens; batches pad to the longest row."""
 
     tokenizer_name_or_path: str | None = None
-    """HF tokenizer directory; checked against the dataset's stats.json when set."""
+    """HF tokenizer directory. When set, training checks before its first step that it
+    is the tokenizer the data was made with (its vocabulary hash against the
+    dataset's stats.json) and that it fits ``model.vocab_size``."""
 
     synthetic_num_pairs: int = 512
     """Number of generated pairs when ``data_path`` is null."""
@@ -343,22 +381,6 @@ class MegarmConfig:
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(MegarmConfig)}
 SECTIONS = {name: globals()[tp] if isinstance(tp, str) else tp for name, tp in SECTIONS.items()}
-
-# HF config.json key -> ModelConfig field (Qwen2 / Qwen2.5).
-HF_CONFIG_KEYS: dict[str, str] = {
-    "num_hidden_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups",
-    "head_dim": "kv_channels",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "rope_theta": "rotary_base",
-    "rms_norm_eps": "norm_epsilon",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -614,6 +636,7 @@ def _load(
             _fill_from_hf(cfg, explicit)
         except ConfigError as exc:
             issues.extend(exc.issues)
+    _fill_from_family(cfg, explicit)
     return cfg, issues
 
 
@@ -640,6 +663,7 @@ def read_hf_config(hf_config: str) -> dict[str, Any]:
 
 
 COMMAND_LINE = "the command line"
+HF_CONFIG = "model.hf_config"
 
 
 def _note(message: str) -> None:
@@ -655,69 +679,57 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _fill_from_hf(cfg: MegarmConfig, explicit: dict[str, str]) -> None:
-    """Shape keys from ``model.hf_config``. A key the YAML also gives must agree with
-    it (a silent mismatch once trained and exported a wrong ``rope_theta``); one given
-    on the command line wins, and the run says so."""
+    """The model's keys from ``model.hf_config``, through its family's table
+    (:mod:`megarm.families`; a model megarm cannot represent is refused by name). A
+    key the YAML also gives must agree with it (a silent mismatch once trained and
+    exported a wrong ``rope_theta``); one given on the command line wins, and the
+    run says so."""
     hf_path = hf_config_path(cfg.model.hf_config)  # type: ignore[arg-type]
-    hf = dict(read_hf_config(cfg.model.hf_config))  # type: ignore[arg-type]
-    # HF: a config without num_key_value_heads has one KV head per query head.
-    hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
+    hf = read_hf_config(cfg.model.hf_config)  # type: ignore[arg-type]
+    try:
+        found = families.detect(hf, str(hf_path)).read(hf, str(hf_path))
+    except families.FamilyError as exc:
+        raise ConfigError([ConfigIssue("model.hf_config", str(exc))]) from exc
     issues: list[ConfigIssue] = []
-    # transformers 5 writes RoPE settings under rope_parameters only.
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if isinstance(rope, dict):
-        if "rope_theta" not in hf and "rope_theta" in rope:
-            hf["rope_theta"] = rope["rope_theta"]
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in (None, "default"):
-            issues.append(ConfigIssue(
-                "model.hf_config",
-                f"RoPE scaling {kind!r} is not supported; megarm implements plain RoPE",
-            ))
-    if hf.get("use_sliding_window"):
-        issues.append(ConfigIssue(
-            "model.hf_config",
-            "use_sliding_window=true is not supported; megarm attends over the whole sequence",
-        ))
     hints = _hints(ModelConfig)
-    for hf_key, ours in HF_CONFIG_KEYS.items():
-        value = hf.get(hf_key)
-        if value is None:
-            continue
+    for ours, read in found.items():
         source = explicit.get(f"model.{ours}")
         # An explicit kv_channels: null means "derive it", which the HF value does.
         if source is None or (ours == "kv_channels" and cfg.model.kv_channels is None):
-            _apply(cfg, "model", ours, value, issues)
+            if _apply(cfg, "model", ours, read.value, issues):
+                explicit[f"model.{ours}"] = HF_CONFIG
             continue
         try:
-            theirs = _coerce(value, hints[ours])
+            theirs = _coerce(read.value, hints[ours])
         except _BadValue:
-            _apply(MegarmConfig(), "model", ours, value, issues)  # records the type issue
+            _apply(MegarmConfig(), "model", ours, read.value, issues)  # records the type issue
             continue
         mine = getattr(cfg.model, ours)
         if _same(mine, theirs):
             continue
         if source == COMMAND_LINE:
             _note(
-                f"model.{ours}={mine!r} from the command line overrides {hf_key}={value!r} "
+                f"model.{ours}={mine!r} from the command line overrides {read.describe()} "
                 f"of model.hf_config {hf_path}"
             )
         else:
             issues.append(ConfigIssue(
                 f"model.{ours}",
-                f"{source} sets {mine!r} but model.hf_config {hf_path} has {hf_key}={value!r}; "
+                f"{source} sets {mine!r} but model.hf_config {hf_path} has {read.describe()}; "
                 f"remove model.{ours} from {source} to take the checkpoint's value, or choose "
                 f"one on the command line (model.{ours}=...)",
             ))
-    if hf.get("model_type") not in (None, "qwen2"):
-        issues.append(
-            ConfigIssue(
-                "model.hf_config",
-                f"model_type {hf.get('model_type')!r} is not supported; megarm trains Qwen2/Qwen2.5",
-            )
-        )
     if issues:
         raise ConfigError(issues)
+
+
+def _fill_from_family(cfg: MegarmConfig, explicit: dict[str, str]) -> None:
+    """The fields ``model.family`` fixes (QKV bias, QK-norm), where nothing set them;
+    a value set against the family is named by :func:`validate`."""
+    fixed = families.family(cfg.model.family).fixed
+    for name, value in fixed.items():
+        if f"model.{name}" not in explicit:
+            setattr(cfg.model, name, value)
 
 
 # --------------------------------------------------------------------------- validation
@@ -734,8 +746,98 @@ def head_dim(model: ModelConfig) -> int:
     return model.kv_channels or model.hidden_size // model.num_attention_heads
 
 
+def reads_cu_seqlens(model: ModelConfig) -> bool:
+    """Whether the model's attention takes packed sequences as one stream with
+    ``cu_seqlens`` (transformer-engine, megarm's SDPA); megatron-core's unfused
+    attention needs rows and a mask."""
+    return model.attention_backend != "unfused"
+
+
+def packed_format(cfg: MegarmConfig) -> Literal["rows", "thd"] | None:
+    """How packed micro-batches are laid out (``None`` without ``data.packing``):
+    ``thd`` (one stream + cu_seqlens) or ``rows`` (rows + dense block mask).
+    ``auto`` picks ``thd`` whenever the attention reads cu_seqlens, ``rows``
+    otherwise; :func:`validate` refuses an explicit ``thd`` it cannot read."""
+    if not cfg.data.packing:
+        return None
+    if cfg.data.packed_format != "auto":
+        return cfg.data.packed_format
+    return "thd" if reads_cu_seqlens(cfg.model) else "rows"
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def layout_issues(m: ModelConfig, p: ParallelConfig) -> list[ConfigIssue]:
+    """Why the TP/PP layout ``p`` cannot hold the model ``m`` (empty when it can), with
+    the sizes that would work. The one place these rules live: :func:`validate` and
+    the converters (their ``--target-*-parallel-size``) call it."""
+    issues: list[ConfigIssue] = []
+
+    def bad(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, message))
+
+    for key, value in [
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+    ]:
+        if value < 1:
+            bad(key, f"must be >= 1, got {value}")
+    if issues:
+        return issues
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if heads % groups:
+        bad("model.num_query_groups", f"{groups} KV heads must divide {heads} attention heads")
+    if m.kv_channels is None and m.hidden_size % heads:
+        bad("model.kv_channels", f"hidden_size {m.hidden_size} is not divisible by {heads} heads; set kv_channels")
+    if heads % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {heads} attention heads; allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if groups % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {groups} KV heads (query groups); each TP rank needs whole "
+            f"groups. Allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if m.ffn_hidden_size % tp:
+        bad("parallel.tensor_model_parallel_size", f"TP={tp} must divide ffn_hidden_size {m.ffn_hidden_size}")
+    if padded_vocab_size(m) % tp:
+        bad(
+            "model.make_vocab_size_divisible_by",
+            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP={tp}; use a multiple of {tp}",
+        )
+    layers_per_chunk = pp * (vpp or 1)
+    if m.num_layers % layers_per_chunk:
+        what = f"PP={pp}" + (f" x virtual {vpp}" if vpp else "")
+        bad(
+            "parallel.pipeline_model_parallel_size",
+            f"{what} must divide the {m.num_layers} layers; allowed PP: {_divisors(m.num_layers)}",
+        )
+    return issues
+
+
+def family_issues(m: ModelConfig) -> list[ConfigIssue]:
+    """Fields ``model.family`` cannot express (its HF config has no place for them),
+    and RoPE scaling parameters that make no frequencies."""
+    issues = [ConfigIssue(key, message) for key, message in families.family(m.family).model_problems(m)]
+    if m.use_rope_scaling:
+        if m.rope_scaling_factor < 1:
+            issues.append(ConfigIssue("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}"))
+        if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+            issues.append(ConfigIssue(
+                "model.rope_high_freq_factor",
+                f"needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                f"{m.rope_low_freq_factor} and {m.rope_high_freq_factor}",
+            ))
+        if m.rope_original_max_positions < 1:
+            issues.append(ConfigIssue(
+                "model.rope_original_max_positions", f"must be >= 1, got {m.rope_original_max_positions}"
+            ))
+    return issues
 
 
 def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIssue]:
@@ -772,37 +874,9 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
         return issues
 
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    heads, groups = m.num_attention_heads, m.num_query_groups
-    if heads % groups:
-        bad("model.num_query_groups", f"{groups} KV heads must divide {heads} attention heads")
-    if m.kv_channels is None and m.hidden_size % heads:
-        bad("model.kv_channels", f"hidden_size {m.hidden_size} is not divisible by {heads} heads; set kv_channels")
-    if heads % tp:
-        bad(
-            "parallel.tensor_model_parallel_size",
-            f"TP={tp} must divide the {heads} attention heads; allowed: {_divisors(math.gcd(heads, groups))}",
-        )
-    if groups % tp:
-        bad(
-            "parallel.tensor_model_parallel_size",
-            f"TP={tp} must divide the {groups} KV heads (query groups); each TP rank needs whole "
-            f"groups. Allowed: {_divisors(math.gcd(heads, groups))}",
-        )
-    if m.ffn_hidden_size % tp:
-        bad("parallel.tensor_model_parallel_size", f"TP={tp} must divide ffn_hidden_size {m.ffn_hidden_size}")
-    if padded_vocab_size(m) % tp:
-        bad(
-            "model.make_vocab_size_divisible_by",
-            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP={tp}; use a multiple of {tp}",
-        )
-    layers_per_chunk = pp * (vpp or 1)
-    if m.num_layers % layers_per_chunk:
-        what = f"PP={pp}" + (f" x virtual {vpp}" if vpp else "")
-        bad(
-            "parallel.pipeline_model_parallel_size",
-            f"{what} must divide the {m.num_layers} layers; allowed PP: {_divisors(m.num_layers)}",
-        )
-    if d.packing and d.packed_format == "thd" and m.attention_backend == "unfused":
+    issues.extend(layout_issues(m, p))
+    issues.extend(family_issues(m))
+    if d.packing and d.packed_format == "thd" and not reads_cu_seqlens(m):
         bad(
             "data.packed_format",
             "thd needs an attention that reads cu_seqlens (transformer-engine or sdpa); "
@@ -950,8 +1024,6 @@ def _wandb_problems(log: LoggingConfig) -> list[ConfigIssue]:
                  if getattr(log, k) is not None]
         return [ConfigIssue(f"logging.{k}", "has no effect without logging.wandb_project")
                 for k in stray]
-    import importlib.util
-
     if importlib.util.find_spec("wandb") is None:
         return [ConfigIssue(
             "logging.wandb_project",
@@ -965,6 +1037,8 @@ def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:
     """Check every prefix of ``data_path`` has its packed files, that they agree with
     each other and stats.json, fit data.seq_length and the model's vocabulary
     (:mod:`megarm.data.integrity`: the .idx files and sizes only, numpy)."""
+    # Imported here, only with a data path: megarm.data (numpy) takes 0.12-0.14 s,
+    # more than this whole module's 0.08-0.10 s (python -X importtime, this machine).
     from megarm.data.blend import parse_data_path, prefix_problems
     from megarm.data.integrity import prefix_issues
 

@@ -81,14 +81,20 @@ def build_hf_model(out: Path, tokenizer_dir: Path, seed: int) -> None:
     """A tiny random-init Qwen2ForCausalLM with Qwen2.5's vocabulary (tied embeddings
     like Qwen2.5-0.5B), saved with the tokenizer."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+
+    from megarm.config import ModelConfig
+    from megarm.families.qwen2 import QWEN2
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        bos_token_id=151643, eos_token_id=151645,
+    shape = ModelConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        num_query_groups=2, vocab_size=151936, max_position_embeddings=512,
+        rotary_base=1000000.0, norm_epsilon=1e-6, tie_word_embeddings=True,
+    )
+    keys = QWEN2.write(shape)  # the HF config keys, through the qwen2 family's table
+    config = AutoConfig.for_model(
+        keys.pop("model_type"), **keys, bos_token_id=151643, eos_token_id=151645
     )
     Qwen2ForCausalLM(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
@@ -142,8 +148,19 @@ def score_chat_text(model_dir: Path, pairs_file: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every step; exit non-zero if held-out accuracy is below ``--min-accuracy``."""
+    """Run every step; exit non-zero if held-out accuracy is below ``--min-accuracy``.
+    ``--recipe cloud`` runs the critique reward model demo instead
+    (:mod:`megarm.demo_cloud`)."""
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", choices=("orm", "cloud"), default="orm")
+    known, rest = recipe.parse_known_args(argv)
+    if known.recipe == "cloud":
+        from megarm.demo_cloud import main as cloud
+
+        return cloud(rest)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("orm", "cloud"), default="orm",
+                        help="orm: this demo; cloud: the critique reward model (CLoud) demo")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "demo")
     parser.add_argument("--train-pairs", type=int, default=3000)
     parser.add_argument("--heldout-pairs", type=int, default=400)

@@ -161,9 +161,11 @@ def teardown() -> None:
     """Destroy megatron-core's groups and the default process group."""
     global _HOST_GROUP
     from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    destroy_rerun_state_machine()  # init sets it up again (one process, several models)
     _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()

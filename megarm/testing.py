@@ -4,8 +4,8 @@
 every rank is a spawned process with torchrun's environment variables set, so code
 under test sees exactly what ``torchrun`` would give it. A failure on any rank
 raises in the caller with that rank's traceback; a hang raises after ``timeout``
-seconds. :func:`measure_peak_rss` runs a script in a fresh interpreter and reports
-its own peak memory (the converters' memory tests and benchmark).
+seconds. :func:`measure_peak_rss` (from :mod:`megarm.platform.host`) runs a script in a
+fresh interpreter and reports its own peak memory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+# Measuring a process's memory is not test-only (the converters report it, the
+# benchmarks measure with it): it lives in megarm.platform.host.
+from megarm.platform.host import measure_peak_rss, peak_rss_bytes
+
+__all__ = ["RankFailure", "free_port", "measure_peak_rss", "peak_rss_bytes", "run_distributed"]
 
 
 class RankFailure(RuntimeError):
@@ -122,67 +128,3 @@ def run_distributed(
 
 
 # --------------------------------------------------------------------------- peak memory
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started (or last exec'd).
-
-    Linux's ``VmHWM`` belongs to the process's own address space. ``ru_maxrss``
-    (the fallback elsewhere) also counts the image of the parent that forked it,
-    so a small tool launched from a large process would report the parent's size.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-_PEAK_MARK = "MEGARM_PEAK_RSS_BYTES="
-_PEAK_WRAPPER = f"""
-import atexit, runpy, sys
-from megarm.testing import peak_rss_bytes
-atexit.register(lambda: print("{_PEAK_MARK}%d" % peak_rss_bytes(), file=sys.stderr, flush=True))
-sys.argv = sys.argv[1:]
-if sys.argv[0] == "-c":
-    exec(compile(sys.argv[1], "<string>", "exec"), {{"__name__": "__main__"}})
-else:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def measure_peak_rss(
-    argv: list[str], env: dict[str, str] | None = None, timeout: float | None = None
-) -> tuple[int, float, str]:
-    """Run the Python script ``argv`` (``[script, args...]`` or ``["-c", code]``) in a
-    fresh interpreter; return (its peak RSS in bytes, wall seconds, its output).
-
-    Raises ``RuntimeError`` with the output's tail when it exits non-zero.
-    """
-    import subprocess
-    import sys
-    import time
-
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_WRAPPER, *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    wall = time.perf_counter() - start
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)[:200]} exited {proc.returncode}:\n{output[-3000:]}")
-    peaks = [line for line in proc.stderr.splitlines() if line.startswith(_PEAK_MARK)]
-    if not peaks:
-        raise RuntimeError(f"{argv[0]} did not report its peak memory:\n{output[-2000:]}")
-    return int(peaks[-1].removeprefix(_PEAK_MARK)), wall, output

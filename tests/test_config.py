@@ -576,13 +576,14 @@ def test_command_line_shape_key_wins_over_hf_config(tmp_path):
     # A YAML that disagrees with config.json is refused: tests/test_config_sources.py
 
 
-def test_non_qwen2_model_type_is_an_error(tmp_path):
-    hf = write_hf(tmp_path, model_type="llama")
+def test_unknown_model_type_is_an_error(tmp_path):
+    # (Llama and Qwen3 are families now: tests/test_families.py.)
+    hf = write_hf(tmp_path, model_type="gemma2")
     with pytest.raises(ConfigError) as exc:
         load_config(None, [f"model.hf_config={hf}"])
     (issue,) = exc.value.issues
     assert issue.key == "model.hf_config"
-    assert "'llama' is not supported" in issue.message
+    assert "'gemma2' is not supported" in issue.message
 
 
 def test_hf_config_with_bad_types_is_reported(tmp_path):

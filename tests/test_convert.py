@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megarm.families.qwen2 import QWEN2
 from megarm.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,11 +158,11 @@ def _megarm_rewards(mcore_dir: str, tp: int, pp: int, batches: list):
     """megarm's rewards for ``(tokens, valid, left)`` batches at TP x PP, loading the
     converted checkpoint with the config taken from it (``model.hf_config``)."""
     from megarm import distributed
+    from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
     from megarm.model.masks import last_valid_index, padding_attention_mask
     from megarm.score import ScoreBatch, run_model
-    from megarm.checkpoint import load_model_weights
 
     cfg = load_config(
         None,
@@ -269,9 +270,10 @@ def hf_reference(seq_model):
 
 
 def test_qkv_grouping_is_the_documented_layout_and_inverts():
-    from ckpt_convert.qwen2_mapping import Qwen2Shape, group_qkv, split_qkv
+    from ckpt_convert.mapping import group_qkv, split_qkv
+    from megarm.families import Shape
 
-    shape = Qwen2Shape(2, HIDDEN, FFN, HEADS, KV_HEADS, 16, 250, 256)
+    shape = Shape(2, HIDDEN, FFN, HEADS, KV_HEADS, 16, 250, 256)
     nh, ng, d, h = HEADS, KV_HEADS, 16, HIDDEN
     q, k, v = torch.randn(nh * d, h), torch.randn(ng * d, h), torch.randn(ng * d, h)
     grouped = group_qkv(q, k, v, shape)
@@ -293,20 +295,18 @@ def test_qkv_grouping_is_the_documented_layout_and_inverts():
 def test_mapping_covers_every_hf_tensor_and_pads_the_vocabulary():
     from transformers import Qwen2ForSequenceClassification
 
-    from ckpt_convert.qwen2_mapping import (
-        Qwen2Shape,
-        entries,
-        hf_shapes,
-        to_hf,
-        to_mcore,
-    )
+    from ckpt_convert.mapping import to_hf, to_mcore
+    from megarm.families import Shape
+
+    def entries(layers, with_score, spec="local"):
+        return QWEN2.entries(layers, ("value",) if with_score else (), spec)
 
     config = qwen2_config(num_labels=1)
     config.vocab_size, config.pad_token_id = 250, 0
     model = Qwen2ForSequenceClassification(config)
-    shape = Qwen2Shape(LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HIDDEN // HEADS, 250, 256)
+    shape = Shape(LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HIDDEN // HEADS, 250, 256)
     hf = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    assert hf == hf_shapes(shape, with_score=True)
+    assert hf == QWEN2.hf_shapes(shape, ("value",))
     listed = [name for e in entries(LAYERS, with_score=True) for name in e.hf]
     assert sorted(listed) == sorted(hf)
     (embedding,) = [e for e in entries(LAYERS, True) if e.kind == "vocab-pad"]
@@ -360,11 +360,12 @@ def test_layout_errors_come_before_any_weight_is_read(tmp_path, capsys, monkeypa
     out = tmp_path / "out"
     common = ["--load-dir", str(hf_dir), "--save-dir", str(out)]
     assert script.main([*common, "--target-tensor-parallel-size", "4"]) == 2
+    # The config validator's layout rules and words (megarm.config.layout_issues).
     err = capsys.readouterr().err
-    assert "tensor-parallel size 4" in err and "2 KV heads" in err and "allowed: 1, 2" in err
+    assert "tensor-parallel size 4" in err and "2 KV heads" in err and "Allowed: 1, 2" in err
     assert script.main([*common, "--target-pipeline-parallel-size", "3"]) == 2
     err = capsys.readouterr().err
-    assert "pipeline-parallel size 3" in err and "4 layers" in err and "allowed: 1, 2, 4" in err
+    assert "pipeline-parallel size 3" in err and "4 layers" in err and "allowed PP: 1, 2, 4" in err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
@@ -376,7 +377,8 @@ def test_unsupported_inputs_are_refused_by_name(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("opened"))
     cases = {
         "labels": ({"id2label": {"0": "A", "1": "B"}}, "num_labels=2"),
-        "arch": ({"architectures": ["LlamaForCausalLM"]}, "'LlamaForCausalLM' is not supported"),
+        # (Llama is a family now: its refusals are in tests/test_families.py.)
+        "arch": ({"architectures": ["GemmaForCausalLM"]}, "'GemmaForCausalLM' is not supported"),
         "window": ({"use_sliding_window": True}, "use_sliding_window"),
         "yarn": (
             {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
@@ -471,7 +473,8 @@ def test_causal_lm_round_trip_keeps_the_trunk(tmp_path, tied):
 def test_legacy_format_shards_and_every_input_format(seq_model, tmp_path):
     """legacy mp_rank files hold exactly megarm's TP/PP shards; a sharded safetensors
     input (with index) and a pytorch_model.bin input convert to the same weights."""
-    from ckpt_convert.qwen2_mapping import Qwen2Shape, group_qkv
+    from ckpt_convert.mapping import group_qkv
+    from megarm.families import Shape
     from megarm.model.sharding import shard_state_dict
 
     def legacy(path: Path, rank_dir: str) -> dict[str, torch.Tensor]:
@@ -483,7 +486,7 @@ def test_legacy_format_shards_and_every_input_format(seq_model, tmp_path):
     hf2mcore(seq_model, tmp_path / "tp1", "--format", "legacy")
     full = legacy(tmp_path / "tp1", "mp_rank_00")
     hf = load_hf_tensors(seq_model)
-    shape = Qwen2Shape(LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HIDDEN // HEADS, VOCAB, VOCAB)
+    shape = Shape(LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HIDDEN // HEADS, VOCAB, VOCAB)
     qkv = [hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]
     assert torch.equal(
         full["decoder.layers.1.self_attention.linear_qkv.weight"], group_qkv(*qkv, shape)
@@ -645,7 +648,7 @@ BIG = dict(
     num_layers=16,
     ffn_hidden_size=4096,
     num_attention_heads=8,
-    num_key_value_heads=2,
+    num_query_groups=2,
     vocab_size=4096,
     max_shard_size="100MB",
 )
@@ -657,7 +660,7 @@ def test_conversion_memory_is_one_shard_not_the_model(tmp_path):
     from safetensors import safe_open
 
     from ckpt_convert.random_qwen2 import CONVERTER_IMPORTS, write_random_qwen2
-    from megarm.testing import measure_peak_rss
+    from megarm.platform.host import measure_peak_rss
 
     info = write_random_qwen2(tmp_path / "hf", **BIG)
     assert info["total_bytes"] > 0.95e9 and info["largest_shard_bytes"] < 110e6

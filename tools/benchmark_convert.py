@@ -7,7 +7,7 @@
 Writes a random HF ``Qwen2ForCausalLM`` (untied, real Qwen2.5 vocabulary) shard by
 shard, then runs, each in a fresh process, ``hf2mcore.py`` (torch_dist, and legacy
 TP2xPP2) and ``mcore2hf.py``, and reports each one's peak RSS (its own ``VmHWM``,
-see ``megarm.testing.measure_peak_rss``), wall time, and the import-only baseline
+see ``megarm.platform.host.measure_peak_rss``), wall time, and the import-only baseline
 of a process that loads the same libraries. Prints a Markdown table for
 docs/BENCHMARKS.md.
 """
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from ckpt_convert.random_qwen2 import CONVERTER_IMPORTS
-    from megarm.testing import measure_peak_rss
+    from megarm.platform.host import measure_peak_rss
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "from ckpt_convert.random_qwen2 import write_random_qwen2;"
         f"info = write_random_qwen2(Path({str(work / 'hf')!r}), hidden_size={args.hidden_size},"
         f" num_layers={args.num_layers}, ffn_hidden_size={args.ffn_hidden_size},"
-        f" num_attention_heads={args.heads}, num_key_value_heads={args.kv_heads},"
+        f" num_attention_heads={args.heads}, num_query_groups={args.kv_heads},"
         f" vocab_size={args.vocab_size}, dtype=torch.{'float32' if itemsize == 4 else 'bfloat16'},"
         f" max_shard_size={args.max_shard_size!r});"
         "print(json.dumps(info))"

@@ -98,18 +98,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForSequenceClassification
 
+    from megarm.config import ModelConfig
     from megarm.data.tokenizer import build_qwen25_tokenizer
+    from megarm.families.qwen2 import QWEN2
 
     build_qwen25_tokenizer(work / "tokenizer")
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151936, hidden_size=args.hidden,
-                         intermediate_size=args.hidden * 11 // 4 // 8 * 8,
-                         num_hidden_layers=args.layers, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
-                         num_labels=1, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    ffn = args.hidden * 11 // 4 // 8 * 8
+    shape = ModelConfig(vocab_size=151936, hidden_size=args.hidden, ffn_hidden_size=ffn,
+                        num_layers=args.layers, num_attention_heads=4, num_query_groups=2,
+                        max_position_embeddings=4096, rotary_base=1e6, tie_word_embeddings=True)
+    keys = QWEN2.write(shape)  # the HF config keys, through the qwen2 family's table
+    config = AutoConfig.for_model(keys.pop("model_type"), **keys, num_labels=1,
+                                  pad_token_id=tok.pad_token_id)
     Qwen2ForSequenceClassification(config).save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
     with gzip.open(args.input, "rt") as src, open(work / "pairs.jsonl", "w") as dst:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             fh.write(json.dumps({"chosen_ids": c.tolist(), "rejected_ids": r.tolist()}) + "\n")
     kept = len(chosen)
     print(json.dumps({"pairs_kept": kept, "model": {"hidden": args.hidden,
-                      "layers": args.layers, "ffn": config.intermediate_size}}), flush=True)
+                      "layers": args.layers, "ffn": ffn}}), flush=True)
 
     (work / "trl_runner.py").write_text(TRL_RUNNER)
     done = sh([args.trl_python, work / "trl_runner.py", work / "hf", work / "trl.jsonl",

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarm import platform
-from megarm.config import MegarmConfig, head_dim, padded_vocab_size
+from megarm.config import MegarmConfig, head_dim, packed_format, padded_vocab_size
 from megarm.model.attention import SDPAttention
 from megarm.model.norm import RMSNorm
 from megarm.model.reward_model import RewardModel
@@ -37,7 +37,7 @@ def params_dtype(cfg: MegarmConfig) -> torch.dtype:
 
 
 def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
-    """megatron-core's TransformerConfig for a Qwen2-shaped trunk."""
+    """megatron-core's TransformerConfig for the trunk ``cfg.model`` describes."""
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
     return TransformerConfig(
@@ -53,6 +53,8 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=m.add_qkv_bias,
+        # Sums the QK-norm weights' gradients over TP ranks (each holds other heads).
+        qk_layernorm=m.qk_layernorm,
         # megatron-core defaults both to 0.1; a reward model wants them off.
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
@@ -86,20 +88,23 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
     )
 
 
+def rotary_scaling(cfg: MegarmConfig) -> tuple[float, float, float, int] | None:
+    """Llama 3.1's RoPE frequency scaling, ``(factor, low frequency factor, high
+    frequency factor, original context length)`` in the order megatron-core's
+    RotaryEmbedding takes them (``model.use_rope_scaling``); ``None``: plain RoPE."""
+    m = cfg.model
+    if not m.use_rope_scaling:
+        return None
+    return (
+        m.rope_scaling_factor,
+        m.rope_low_freq_factor,
+        m.rope_high_freq_factor,
+        m.rope_original_max_positions,
+    )
+
+
 def _te_attention(cfg: MegarmConfig) -> bool:
     return cfg.model.attention_backend == "auto" and platform.has_transformer_engine()
-
-
-def packed_format(cfg: MegarmConfig) -> str | None:
-    """How packed micro-batches are laid out (``None`` without ``data.packing``):
-    ``thd`` (one stream + cu_seqlens) or ``rows`` (rows + dense block mask).
-    ``auto`` picks ``thd`` whenever the attention reads cu_seqlens (transformer-
-    engine or megarm's SDPA), ``rows`` for megatron-core's unfused attention."""
-    if not cfg.data.packing:
-        return None
-    if cfg.data.packed_format != "auto":
-        return cfg.data.packed_format
-    return "rows" if cfg.model.attention_backend == "unfused" else "thd"
 
 
 def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
@@ -111,11 +116,15 @@ def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
     which TE's causal attention would ignore, so they take the local spec; packed
     ``thd`` runs on TE (cu_seqlens) as well as on SDPA.
     """
+    qk_norm = cfg.model.qk_layernorm
     if _te_attention(cfg) and packed_format(cfg) != "rows":
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm))
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if qk_norm:  # over the head dimension, computed as HF's Qwen3RMSNorm
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     if cfg.model.attention_backend in ("auto", "sdpa"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -154,6 +163,7 @@ def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardMode
                 vocab_size=padded_vocab_size(cfg.model),
                 max_sequence_length=cfg.model.max_position_embeddings,
                 rotary_base=cfg.model.rotary_base,
+                rotary_scaling=rotary_scaling(cfg),
                 pre_process=parallel_state.is_pipeline_first_stage(
                     ignore_virtual=False, vp_stage=stage
                 ),

@@ -1,11 +1,11 @@
 """The reward model: a megatron-core GPT trunk with a scalar value head.
 
 It has the same submodules and parameter names as megatron-core's ``GPTModel``
-(``embedding``, ``rotary_pos_emb``, ``decoder``) so checkpoints and the Qwen2
-mapping are shared with it, but it never builds ``GPTModel.output_layer``: the
-vocabulary projection (151,936 x hidden for Qwen2.5) would be dead weight in a
-reward model. The last pipeline stage ends in ``value_head``, a bias-free
-``Linear(hidden, 1)`` read at each sequence's reward token.
+(``embedding``, ``rotary_pos_emb``, ``decoder``) so checkpoints and the families'
+weight tables (:mod:`megarm.families`) are shared with it, but it never builds
+``GPTModel.output_layer``: the vocabulary projection (151,936 x hidden for Qwen2.5)
+would be dead weight in a reward model. The last pipeline stage ends in
+``value_head``, a bias-free ``Linear(hidden, 1)`` read at each sequence's reward token.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class RewardModel(MegatronModule):
         post_process: this stage holds the final norm and the value head.
         head_init_seed: seed for the value head's init, identical on every TP rank.
         vp_stage: virtual pipeline chunk index (interleaved schedule).
+        rotary_scaling: Llama 3.1's RoPE frequency scaling (factor, low and high
+            frequency factors, original context length); ``None``: plain RoPE.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class RewardModel(MegatronModule):
         post_process: bool = True,
         head_init_seed: int = 1234,
         vp_stage: int | None = None,
+        rotary_scaling: tuple[float, float, float, int] | None = None,
     ) -> None:
         super().__init__(config=config)
         self.pre_process = pre_process
@@ -77,6 +80,13 @@ class RewardModel(MegatronModule):
             rotary_base=rotary_base,
             use_cpu_initialization=config.use_cpu_initialization,
         )
+        if rotary_scaling is not None:
+            # Llama 3.1's frequency scaling. megatron-core's own switch for it fixes the
+            # low/high frequency factors and the original length (1, 4, 8192); its
+            # scaling function takes all four, which a checkpoint may set otherwise.
+            self.rotary_pos_emb.inv_freq = self.rotary_pos_emb._apply_scaling(
+                self.rotary_pos_emb.inv_freq, *rotary_scaling
+            )
         self.decoder = TransformerBlock(
             config=config,
             spec=layer_spec,

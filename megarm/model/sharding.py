@@ -1,9 +1,11 @@
 """Cut a full (TP=1, PP=1) megarm state dict into one rank's tensor/pipeline shard.
 
-The split rules are data (:data:`TP_SPLIT`): each parameter name pattern says how
-tensor parallelism divides it. Megatron-core's own ``dist_checkpointing`` does the
-same for torch_dist checkpoints; this table serves the legacy ``mp_rank_XX``
-format and tests that place known weights on every layout.
+How tensor parallelism splits each parameter, and which pipeline stage holds it, is
+data in the model families' weight tables (:class:`megarm.families.WeightRule`
+``tp`` and ``part``). Megatron-core's own ``dist_checkpointing`` does the same for
+torch_dist checkpoints; this serves the legacy ``mp_rank_XX`` format, loading a
+full state dict into any layout, and tests that place known weights on every
+layout.
 """
 
 from __future__ import annotations
@@ -12,31 +14,22 @@ import re
 from typing import Any
 
 import torch
+from megatron.core import parallel_state as ps
 
-# name pattern -> how TP splits it: dim 0 / dim 1 / "fc1" (gate and up halves each
-# split on dim 0) / None (replicated on every TP rank).
-TP_SPLIT: list[tuple[str, int | str | None]] = [
-    (r"embedding\.word_embeddings\.weight", 0),
-    (r"decoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)", 0),
-    (r"decoder\.layers\.\d+\.self_attention\.linear_qkv\.layer_norm_weight", None),
-    (r"decoder\.layers\.\d+\.self_attention\.linear_proj\.weight", 1),
-    (r"decoder\.layers\.\d+\.mlp\.linear_fc1\.weight", "fc1"),
-    (r"decoder\.layers\.\d+\.mlp\.linear_fc1\.layer_norm_weight", None),
-    (r"decoder\.layers\.\d+\.mlp\.linear_fc2\.weight", 1),
-    (r"decoder\.layers\.\d+\.(input_layernorm|pre_mlp_layernorm)\.weight", None),
-    (r"decoder\.final_layernorm\.weight", None),
-    (r"value_head\.weight", None),
-]
-_COMPILED = [(re.compile(pattern + r"$"), rule) for pattern, rule in TP_SPLIT]
+from megarm.families import megatron_rule, te_names
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+# megatron-core's local layer spec names -> transformer-engine spec names (TE fuses
+# the layer norms into the following linear layer), from the families' tables.
+TE_NAMES = te_names()
 
 
 def tp_rule(name: str) -> int | str | None:
-    """The TP split rule for a parameter name (KeyError for an unknown name)."""
-    for pattern, rule in _COMPILED:
-        if pattern.match(name):
-            return rule
-    raise KeyError(f"no tensor-parallel split rule for parameter {name!r}")
+    """The TP split of a full-model parameter name: dim 0 / dim 1 / ``fc1`` (gate and
+    up halves each split on dim 0) / ``None`` (replicated); KeyError for a name no
+    family has."""
+    return megatron_rule(name).tp
 
 
 def split_tp(name: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -89,23 +82,20 @@ def shard_state_dict(
     last = layers.stop == num_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in full.items():
-        match = _LAYER.match(name)
-        if match:
-            index = int(match.group(1))
-            if index not in layers:
+        try:
+            part = megatron_rule(name).part
+        except KeyError:
+            raise KeyError(f"unexpected parameter {name!r} in a reward-model state dict") from None
+        if part == "layer":
+            index, rest = _LAYER.match(name).groups()  # type: ignore[union-attr]
+            if int(index) not in layers:
                 continue
-            local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
-        elif name.startswith("embedding."):
-            if not first:
-                continue
-            local = name
-        elif name.startswith(("decoder.final_layernorm.", "value_head.")):
-            if not last:
-                continue
-            local = name
+            name_here = f"decoder.layers.{int(index) - layers.start}.{rest}"
+        elif (part == "embedding" and not first) or (part == "final" and not last):
+            continue
         else:
-            raise KeyError(f"unexpected parameter {name!r} in a reward-model state dict")
-        out[local] = split_tp(name, tensor, tp_rank, tp_size).clone()
+            name_here = name
+        out[name_here] = split_tp(name, tensor, tp_rank, tp_size).clone()
     return out
 
 
@@ -128,14 +118,6 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, Any]) -> No
         )
 
 
-# megatron-core's local layer spec names -> transformer-engine spec names (TE fuses
-# the layer norms into the following linear layer).
-TE_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-
-
 def spec_names(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
     """``state`` with local-spec layer-norm names renamed to TE's (or back) where
     the module (its state-dict names ``wanted``) uses the other spelling."""
@@ -156,9 +138,6 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
     for this rank's place in megatron-core's parallel groups (``cfg``: MegarmConfig).
     Layer-norm names of either layer spec are accepted; ``_extra_state`` entries
     (transformer-engine) are the module's own."""
-    from megatron.core import parallel_state as ps
-
-
     p = cfg.parallel
     vpp = p.virtual_pipeline_model_parallel_size
     for vp, chunk in enumerate(chunks):

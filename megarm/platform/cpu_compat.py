@@ -1,7 +1,7 @@
 """Let megatron-core's CUDA-only code run on CPU with gloo.
 
-megatron-core assumes CUDA in a handful of ways (ARCHITECTURE.md lists them). This
-module neutralises each one, in one place, so the model, schedules, DDP, optimizer
+megatron-core assumes CUDA in a handful of ways, listed below. This module
+neutralises each one, in one place, so the model, schedules, DDP, optimizer
 and dist_checkpointing run unchanged on CPU:
 
 * ``torch.cuda.current_device()`` returns the CPU device, and every ``device="cuda"`` /

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from megarm import platform
-from megarm.config import ConfigError, ConfigIssue, MegarmConfig
+from megarm.config import ConfigError, ConfigIssue, MegarmConfig, packed_format
 from megarm.data.blend import parse_data_path
 from megarm.data.dataset import (
     PairBatchSampler,
@@ -23,7 +23,6 @@ from megarm.data.dataset import (
 )
 from megarm.data.packing import collate_packed, collate_thd
 from megarm.data.synthetic import SyntheticPairs
-from megarm.model.builder import packed_format
 from megarm.training.step import PairBatch
 
 
@@ -164,7 +163,7 @@ def micro_batches(
     """Endless stream of this data-parallel rank's micro-batches, resumable at
     ``consumed_samples`` (counted over all ranks). With ``data.packing`` each
     micro-batch holds the same pairs, packed into rows or one THD stream
-    (:mod:`megarm.data.packing`, :func:`megarm.model.builder.packed_format`)."""
+    (:mod:`megarm.data.packing`, :func:`megarm.config.packed_format`)."""
     # Sequence parallelism scatters the sequence over TP ranks.
     multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
     layout = packed_format(cfg)
