@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megarm.config import ConfigError, load_config, resolve
-from megarm.families import FAMILIES, detect, megatron_rule
+from megarm.families import FAMILIES, detect, head_weight, megatron_rule
 from megarm.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,6 +218,8 @@ def test_the_weight_table_names_every_tensor_of_transformers_models(family):
     trunk = {k: tuple(v.shape) for k, v in causal.state_dict().items() if not fam.is_dropped(k)}
     assert trunk == fam.hf_shapes(shape)
     assert [k for k in causal.state_dict() if fam.is_dropped(k)] == list(fam.dropped)
+    # A critique model keeps it: the table's LM head (megarm's output layer).
+    assert {k: tuple(v.shape) for k, v in causal.state_dict().items()} == fam.hf_shapes(shape, ("lm",))
 
 
 def test_a_megatron_name_has_one_rule_in_every_family():
@@ -238,6 +240,8 @@ def test_a_megatron_name_has_one_rule_in_every_family():
     }
     with pytest.raises(KeyError):
         megatron_rule("decoder.layers.0.mlp.router.weight")
+    assert megatron_rule(head_weight("lm")).tp == 0  # vocab-parallel, as the embedding
+    assert megatron_rule(head_weight("value")).part == "final"
 
 
 def test_detect_reads_model_type_and_architecture():
@@ -346,8 +350,8 @@ _SPELLED = re.compile(r"\b(" + "|".join(map(re.escape, HF_CONFIG_KEYS + WEIGHT_N
 PRODUCTION = ("megarm", "ckpt_convert", "tools")
 # Known exceptions, each with its reason. The model's own definition names the
 # parameters it creates; the critique-model work in progress (output layer, SFT
-# checkpoints) still spells the head names in the training loop, pending
-# megarm.families.head_weight.
+# checkpoints) still spells the head names in the training loop (to move onto
+# megarm.families.head_weight).
 ALLOWED = {
     ("megarm/model/reward_model.py", "value_head.weight"),
     ("megarm/model/reward_model.py", "word_embeddings"),

@@ -32,6 +32,7 @@ __all__ = [
     "WeightRule",
     "detect",
     "family",
+    "head_weight",
     "megatron_rule",
     "te_names",
 ]
@@ -99,6 +100,13 @@ def megatron_rule(name: str) -> WeightRule:
         if rule is not None:
             return rule
     raise KeyError(f"no family has a parameter called {name!r}")
+
+
+def head_weight(head: str) -> str:
+    """The megatron-core name of an output head's weight (``value``: the value head;
+    ``lm``: the LM output layer), the same in every family."""
+    (name,) = {rule.local for _, rule in _rules() if rule.head == head}
+    return name
 
 
 @cache

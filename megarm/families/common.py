@@ -150,3 +150,10 @@ VALUE_HEAD = WeightRule(
     ("score.weight",), (("1", "H"),),
     "value_head.weight", "copy", "final", tp=None, head="value",
 )
+# *ForCausalLM's LM head is megarm's vocab-parallel output layer (critique models,
+# training.objective sft / joint); a reward model leaves it out (DROPPED), and a model
+# with tied embeddings has no tensor of its own.
+LM_HEAD = WeightRule(
+    ("lm_head.weight",), (("V", "H"),),
+    "output_layer.weight", "vocab-pad", "final", tp=0, head="lm",
+)

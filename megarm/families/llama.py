@@ -25,7 +25,7 @@ LLAMA = Family(
     refusals=c.DENSE_ONLY,
     weights=(
         c.EMBEDDING, c.INPUT_NORM, c.QKV, c.OUT_PROJ, c.MLP_NORM, c.FC1, c.FC2, c.FINAL_NORM,
-        c.VALUE_HEAD,
+        c.VALUE_HEAD, c.LM_HEAD,
     ),
     dropped=c.DROPPED,
     dropped_suffixes=c.DROPPED_SUFFIXES,

@@ -24,7 +24,7 @@ QWEN3 = Family(
     refusals=(*c.DENSE_ONLY, *c.FULL_ATTENTION),
     weights=(
         c.EMBEDDING, c.INPUT_NORM, c.QKV, c.Q_NORM, c.K_NORM, c.OUT_PROJ, c.MLP_NORM, c.FC1,
-        c.FC2, c.FINAL_NORM, c.VALUE_HEAD,
+        c.FC2, c.FINAL_NORM, c.VALUE_HEAD, c.LM_HEAD,
     ),
     dropped=c.DROPPED,
     dropped_suffixes=c.DROPPED_SUFFIXES,
