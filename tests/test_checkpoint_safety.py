@@ -250,6 +250,9 @@ def test_resume_on_other_data_is_refused_unless_asked(saved, tmp_path):
         _trainer_error, 1, (load, "training.seed=99", "checkpoint.allow_data_change=true")
     )
     assert ok is None
+    # Same shapes, other RoPE: named before any weight is read.
+    (message,) = run_distributed(_trainer_error, 1, (load, "model.rotary_base=10000"))
+    assert message and "model.rotary_base=1000000.0" in message and "model.rotary_base=10000" in message
 
 
 # --------------------------------------------------------------------------- item 9: lock

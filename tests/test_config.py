@@ -300,7 +300,8 @@ def test_valid_defaults_have_no_issues():
 def test_valid_parallel_config_has_no_issues(tmp_path):
     hf = write_hf(tmp_path)
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    (ckpt / "iter_0000001").mkdir(parents=True)  # a save root: the validator resolves it
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
     issues = issues_of(
         f"model.hf_config={hf}",
         "model.num_layers=4",
@@ -441,6 +442,7 @@ def test_missing_path_is_named(tmp_path, key):
 def test_existing_paths_are_accepted(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
+    (tmp_path / "iter_0000002").mkdir()  # a save root holding a checkpoint
     assert issues_of(f"checkpoint.load={tmp_path}", f"data.tokenizer_name_or_path={tok}") == []
 
 

@@ -101,15 +101,24 @@ SHAPE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
 )
+# Fields that change what the same tensors compute: a checkpoint loaded with another
+# value has every shape right and silently wrong outputs.
+ARCHITECTURE_FIELDS = (
+    "family", "add_qkv_bias", "qk_layernorm", "rotary_base", "norm_epsilon",
+    "use_rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+    "rope_high_freq_factor", "rope_original_max_positions",
+)
 
 
 def check_model_config(checkpoint: Path, common: dict[str, Any], model_cfg: Any) -> None:
-    """Compare the checkpoint's saved model shape with the configured one, naming
-    the first differing ``model.*`` key (before any shard is read)."""
+    """Compare the checkpoint's saved model (shape and the fields that change what its
+    tensors compute, such as RoPE) with the configured one, naming the first
+    differing ``model.*`` key (before any shard is read). Fields a checkpoint was
+    saved without (an older megarm) are not compared."""
     saved = (common.get("megarm_config") or {}).get("model")
     if not saved:
         return
-    for key in SHAPE_FIELDS:
+    for key in SHAPE_FIELDS + ARCHITECTURE_FIELDS:
         if key in saved and saved[key] != getattr(model_cfg, key):
             raise CheckpointMismatchError(
                 f"{checkpoint} was saved with model.{key}={saved[key]!r} but the config has "
