@@ -119,8 +119,11 @@ class ModelConfig:
     ``qk_layernorm``). Fixed by ``family``."""
 
     tie_word_embeddings: bool = False
-    """Whether the HF model ties its LM head to the embedding. A reward model has no
-    LM head; this is kept only to export the right HF config."""
+    """Whether the HF model ties its LM head to the embedding. A pure reward model
+    (``training.objective: rm``) has no LM head and only exports it in the HF config;
+    with ``sft`` or ``joint`` the output layer is the input embedding when this is
+    true (a copy kept in step on the last pipeline stage, as in megatron-core's
+    GPTModel), else a weight of its own."""
 
     init_method_std: float = 0.02
     """Std of the normal init for a randomly initialised trunk."""
@@ -253,6 +256,23 @@ class TrainingConfig:
 
     exit_duration_in_mins: float | None = None
     """Stop (after saving) after this many minutes of wall time."""
+
+    objective: Literal["rm", "sft", "joint"] = "rm"
+    """What the model learns. ``rm``: a reward model, the Bradley-Terry loss on
+    preference pairs (the value head only; no vocabulary-sized output layer is
+    built). ``sft``: supervised fine-tuning, the next-token cross-entropy on the
+    supervised (label) tokens of SFT records (the output layer only), e.g. CLoud's
+    stage 1 on critiques. ``joint``: both heads on preference pairs,
+    ``rm_loss_weight * BT + lm_loss_weight * LM`` with the LM loss over each side's
+    supervised tokens (a critique, or a generated reason), as CLoud's stage 3 and
+    WorldPM-style training. The LM loss is the mean over the supervised tokens of
+    the whole global batch."""
+
+    lm_loss_weight: float = 0.3
+    """Weight of the LM (cross-entropy) loss in ``objective: joint``."""
+
+    rm_loss_weight: float = 0.7
+    """Weight of the pairwise (Bradley-Terry) loss in ``objective: joint``."""
 
 
 @dataclass
@@ -943,6 +963,16 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
                 f"{m.recompute_num_layers} must divide the {per_stage} layers of a pipeline "
                 "stage with recompute_method uniform",
             )
+    if t.objective == "joint":
+        for key, value in [("lm_loss_weight", t.lm_loss_weight), ("rm_loss_weight", t.rm_loss_weight)]:
+            if value < 0:
+                bad(f"training.{key}", f"must be >= 0, got {value}")
+        if t.lm_loss_weight <= 0 and t.rm_loss_weight <= 0:
+            bad(
+                "training.lm_loss_weight",
+                "joint needs a positive lm_loss_weight or rm_loss_weight (both are 0); use "
+                "objective rm or sft for one loss alone",
+            )
     if m.params_dtype == "fp16":
         bad(
             "model.params_dtype",
@@ -963,6 +993,7 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
             bad("checkpoint.ckpt_step" if c.ckpt_step is not None else "checkpoint.load", str(exc))
     if d.data_path:
         issues.extend(_validate_data_path(d, m))
+        issues.extend(_objective_data_problems(d, t))
     issues.extend(_start_problems(cfg))
     issues.extend(_wandb_problems(cfg.logging))
     try:
@@ -1052,6 +1083,31 @@ def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:
             found = prefix_issues(prefix, d.seq_length, m.vocab_size, m.max_position_embeddings)
             issues += [ConfigIssue(key, msg) for key, msg in found]
     return issues
+
+
+def _objective_data_problems(d: DataConfig, t: TrainingConfig) -> list[ConfigIssue]:
+    """SFT records train ``objective: sft`` only; preference pairs ``rm`` or ``joint``."""
+    from megarm.data.blend import data_kind, parse_data_path
+
+    try:
+        kinds = {prefix: data_kind(prefix) for _, prefix in parse_data_path(d.data_path)}  # type: ignore[arg-type]
+    except ValueError:
+        return []  # named by _validate_data_path
+    wanted = "sft" if t.objective == "sft" else "pairs"
+    for prefix, kind in kinds.items():
+        if kind is not None and kind != wanted:
+            fix = (
+                "preprocess SFT records with --handler-name sft"
+                if wanted == "sft"
+                else "preprocess preference pairs (e.g. --handler-name critique_pairs)"
+            )
+            return [ConfigIssue(
+                "training.objective",
+                f"{t.objective} trains on {'SFT records' if wanted == 'sft' else 'preference pairs'}"
+                f" but {prefix} holds {'SFT records' if kind == 'sft' else 'preference pairs'}; "
+                f"set training.objective={'sft' if kind == 'sft' else 'rm or joint'} or {fix}",
+            )]
+    return []
 
 
 def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:

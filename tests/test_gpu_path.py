@@ -340,3 +340,49 @@ def test_training_step_reads_nothing_back_from_the_device():
     value on the host (RoPE layout and THD lengths come from the collate step)."""
     (out,) = run_distributed(_step_without_host_reads, 1)
     assert out["checked"] == [True, True]
+
+
+def _lm_step_without_host_reads() -> dict:
+    """The joint (critique) and SFT steps: supervised positions, targets and their
+    count come from the collate step; the LM head, the vocab-parallel cross-entropy,
+    the joint loss and its backward read nothing back."""
+    from functools import partial
+
+    from megarm import distributed
+    from megarm.data.dataset import collate_pairs
+    from megarm.data.packing import collate_packed
+    from megarm.model.builder import build_model
+    from megarm.training.data import to_pair_batch
+    from megarm.training.step import forward_step
+
+    distributed.init(1, 1)
+    checked = []
+    pairs = [
+        {"chosen_input_ids": list(range(5, 5 + n)), "chosen_labels": [-100] * 2 + list(range(7, 5 + n)),
+         "rejected_input_ids": list(range(9, 8 + n)), "rejected_labels": [-100] * 2 + list(range(11, 8 + n)),
+         "margin": 0.0}
+        for n in (4, 6)
+    ]
+    records = [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"]} for p in pairs]
+    for objective, samples, weights in (("joint", pairs, (0.7, 0.3)), ("sft", records, (0.0, 1.0))):
+        cfg = tiny_config("data.packing=true", f"training.objective={objective}",
+                          "model.tie_word_embeddings=true")
+        (model,) = build_model(cfg)
+        # (A THD forward is left out, as above: megatron-core's unfused THD RoPE reads
+        # cu_seqlens back; on a GPU transformer-engine's fused RoPE does not.)
+        for collated in (collate_pairs(samples, 0), collate_packed(samples, 0, 16)):
+            batch = to_pair_batch(collated, lm=True)
+            batch.lm_scale = 0.5
+            assert batch.lm_tokens > 0
+            step = partial(forward_step, rm_weight=weights[0], lm_weight=weights[1])
+            with _NoHostReads():
+                output, loss_func = step(iter([batch]), model)
+                loss, _ = loss_func(output)
+                loss.backward()
+            checked.append(objective)
+    return {"checked": checked}
+
+
+def test_lm_and_joint_steps_read_nothing_back_from_the_device():
+    (out,) = run_distributed(_lm_step_without_host_reads, 1)
+    assert out["checked"] == ["joint"] * 2 + ["sft"] * 2

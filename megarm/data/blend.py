@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 
 REQUIRED_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+# SFT records (tools/preprocess_data.py --handler-name sft): one sequence each.
+SFT_KEYS = ("input_ids", "labels")
 PACKED_RE = re.compile(r"_packed_(.*)_document(.*)$")
 
 
@@ -96,10 +98,24 @@ def prefix_problems(prefix: str) -> list[str]:
             "create them with tools/preprocess_data.py --output-prefix"
         ]
     problems = []
-    for key in REQUIRED_KEYS:
+    for key in SFT_KEYS if "input_ids" in files else REQUIRED_KEYS:
         if key not in files:
             problems.append(f"{prefix}: missing {prefix}_packed_{key}_document.idx")
     for stem in files.values():  # stats.json may list files that are gone
         problems += [f"{prefix}: missing {stem}{ext}" for ext in (".idx", ".bin")
                      if not Path(stem + ext).is_file()]
     return problems
+
+
+def data_kind(prefix: str) -> str | None:
+    """``"sft"`` (SFT records), ``"pairs"`` (preference pairs, critique pairs
+    included) or ``None`` when the prefix has no packed files."""
+    try:
+        with warnings.catch_warnings():  # packed_files already warns where it matters
+            warnings.simplefilter("ignore")
+            files = packed_files(prefix)
+    except ValueError:
+        return None
+    if not files:
+        return None
+    return "sft" if "input_ids" in files else "pairs"

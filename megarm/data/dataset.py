@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from megarm.data.blend import REQUIRED_KEYS, packed_files, parse_data_path, prefix_problems
+from megarm.data.blend import (
+    REQUIRED_KEYS,
+    SFT_KEYS,
+    data_kind,
+    packed_files,
+    parse_data_path,
+    prefix_problems,
+)
 
 PAIR_KEYS = REQUIRED_KEYS
 MARGIN_KEY = "margin"
@@ -110,6 +117,42 @@ class PairDataset:
         sample: dict[str, Any] = {key: self.files[key][index] for key in PAIR_KEYS}
         sample[MARGIN_KEY] = float(self.files[MARGIN_KEY][index][0]) if self.has_margin else 0.0
         return sample
+
+
+class SFTDataset:
+    """The SFT records under one prefix (``tools/preprocess_data.py --handler-name
+    sft``): ``sft_dataset[i]`` is ``{"input_ids", "labels"}`` (int32; labels -100
+    except over the supervised target tokens)."""
+
+    def __init__(
+        self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
+    ) -> None:
+        problems = prefix_problems(prefix)
+        if problems:
+            raise FileNotFoundError("; ".join(problems))
+        from megarm.data.integrity import check_files
+
+        check_files(prefix)
+        indexed = megatron_indexed_dataset()
+        self.prefix = prefix
+        found = packed_files(prefix)
+        self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in SFT_KEYS}
+        self.size = len(self.files["input_ids"])
+        if expected_vocab_sha256 is not None:
+            check_vocab(prefix, expected_vocab_sha256)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: self.files[key][index] for key in SFT_KEYS}
+
+
+def open_dataset(prefix: str, expected_vocab_sha256: str | None = None) -> Any:
+    """:class:`SFTDataset` or :class:`PairDataset`, whichever ``prefix`` holds."""
+    if data_kind(prefix) == "sft":
+        return SFTDataset(prefix, expected_vocab_sha256)
+    return PairDataset(prefix, expected_vocab_sha256)
 
 
 def check_vocab(prefix: str, expected: str | Any) -> None:
@@ -225,7 +268,13 @@ def build_pair_datasets(
     parts' total).
     """
     blend = parse_data_path(data_path)
-    opened = [(weight, PairDataset(prefix, expected_vocab_sha256)) for weight, prefix in blend]
+    kinds = {data_kind(prefix) for _, prefix in blend}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"data_path {data_path!r} blends SFT records with preference pairs; train them "
+            "in separate runs (training.objective sft, then rm or joint)"
+        )
+    opened = [(weight, open_dataset(prefix, expected_vocab_sha256)) for weight, prefix in blend]
     result: list[Any | None] = []
     for which in range(3):
         parts = []
@@ -246,6 +295,25 @@ def build_pair_datasets(
 # --------------------------------------------------------------------------- batching
 
 
+def sample_rows(samples: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """Token ids and labels of a micro-batch's sequences, in the order rewards and
+    losses use them: one per SFT record, or chosen of pairs ``0..b-1`` then rejected."""
+    if "input_ids" in samples[0]:
+        return [s["input_ids"] for s in samples], [s["labels"] for s in samples]
+    rows = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
+    labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+    return rows, labels
+
+
+def sample_margins(samples: Sequence[dict[str, Any]]) -> Any:
+    """``[b]`` float32 margins of ``b`` pairs (0 where none); empty for SFT records."""
+    import torch
+
+    if "input_ids" in samples[0]:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.tensor([float(s.get(MARGIN_KEY, 0.0)) for s in samples], dtype=torch.float32)
+
+
 def collate_pairs(
     samples: Sequence[dict[str, Any]],
     pad_token_id: int,
@@ -258,13 +326,13 @@ def collate_pairs(
     rejected; right-padded with ``pad_token_id`` / -100 to the longest row, or to
     ``seq_length`` when given, then up to a multiple of ``pad_to_multiple_of``),
     ``lengths`` ``[2b]`` (the reward is read at ``lengths - 1``) and ``margin`` ``[b]``.
+    ``b`` SFT records give ``b`` rows and an empty ``margin``.
     """
     import torch
 
     if not samples:
         raise ValueError("collate_pairs needs at least one pair")
-    rows = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
-    label_rows = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+    rows, label_rows = sample_rows(samples)
     lengths = [len(row) for row in rows]
     width = seq_length if seq_length is not None else max(lengths)
     if max(lengths) > width:
@@ -282,9 +350,7 @@ def collate_pairs(
         "tokens": tokens,
         "labels": labels,
         "lengths": torch.tensor(lengths, dtype=torch.long),
-        "margin": torch.tensor(
-            [float(s.get(MARGIN_KEY, 0.0)) for s in samples], dtype=torch.float32
-        ),
+        "margin": sample_margins(samples),
     }
 
 

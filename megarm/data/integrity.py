@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from megarm.data.blend import REQUIRED_KEYS, packed_files
+from megarm.data.blend import packed_files
 
 MARGIN_KEY = "margin"
 IGNORE_INDEX = -100
@@ -153,23 +153,33 @@ def _odd_one(
     )
 
 
+def sides(files: dict[str, str]) -> list[tuple[str, str, str]]:
+    """``(name in stats.json, input ids key, labels key)`` of each sequence a record
+    holds: chosen and rejected for pairs, one sequence for SFT records."""
+    if "input_ids" in files:
+        return [("sequences", "input_ids", "labels")]
+    return [(side, f"{side}_input_ids", f"{side}_labels") for side in ("chosen", "rejected")]
+
+
 def check_files(prefix: str) -> IndexFile:
     """Check the packed files of ``prefix`` against each other and its stats.json;
-    return the ``chosen_input_ids`` index. Raise :class:`DataFileError` naming the
-    file that is wrong."""
+    return the first input-ids index. Raise :class:`DataFileError` naming the file
+    that is wrong."""
     stats = read_stats(prefix) or {}
     files = packed_files(prefix)
-    indexes = {key: read_index(files[key] + ".idx") for key in REQUIRED_KEYS + (MARGIN_KEY,)
+    keys = [key for _, ids, labels in sides(files) for key in (ids, labels)]
+    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY)
                if key in files}
     for key, index in indexes.items():
         _check_index(index, key)
     kept = (stats.get("counts") or {}).get("kept")
-    problem = _odd_one(indexes, lambda i: i.count, kept, "pairs", prefix)
+    unit = "records" if "input_ids" in files else "pairs"
+    problem = _odd_one(indexes, lambda i: i.count, kept, unit, prefix)
     if problem:
         raise DataFileError(problem)
     tokens = stats.get("tokens") or {}
-    for side in ("chosen", "rejected"):
-        pair = {k: indexes[k] for k in (f"{side}_input_ids", f"{side}_labels")}
+    for side, ids_key, labels_key in sides(files):
+        pair = {k: indexes[k] for k in (ids_key, labels_key)}
         problem = _odd_one(pair, lambda i: int(i.lengths.sum(dtype=np.int64)), tokens.get(side),
                            f"{side} tokens", prefix)
         if problem:
@@ -185,16 +195,21 @@ def check_files(prefix: str) -> IndexFile:
             )
     if MARGIN_KEY in indexes and np.any(indexes[MARGIN_KEY].lengths != 1):
         raise DataFileError(f"{indexes[MARGIN_KEY].path} must hold one value per pair; {RERUN}")
-    if stats:  # megarm's own layout: labels mask a prompt both sides share
-        _check_sampled_pairs(indexes)
-    return indexes["chosen_input_ids"]
+    if stats:  # megarm's own layout: labels mask a prefix (a prompt both sides share)
+        # Critique pairs supervise the critique only: their masked prefixes differ.
+        _check_sampled_pairs(indexes, sides(files), stats.get("kind", "pairs") == "pairs")
+    return indexes[sides(files)[0][1]]
 
 
-def _check_sampled_pairs(indexes: dict[str, IndexFile]) -> None:
-    """For up to :data:`SAMPLED_PAIRS` pairs spread over the data: each side's labels
-    are -100 over a prompt and equal its input ids after it, and both sides share
-    that prompt. Files of the same shape from another run fail this."""
-    count = indexes["chosen_input_ids"].count
+def _check_sampled_pairs(
+    indexes: dict[str, IndexFile], layout: list[tuple[str, str, str]], shared_prompt: bool = True
+) -> None:
+    """For up to :data:`SAMPLED_PAIRS` records spread over the data: each sequence's
+    labels are -100 over a prefix and equal its input ids after it, and (plain
+    pairs) both sides share that prefix, the prompt. Files of the same shape from
+    another run fail this."""
+    count = indexes[layout[0][1]].count
+    unit = "pair" if len(layout) == 2 else "record"
     tokens = {
         key: np.memmap(index.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
         if index.bin_bytes() else np.zeros(0, np.int32)
@@ -208,20 +223,20 @@ def _check_sampled_pairs(indexes: dict[str, IndexFile]) -> None:
 
     for i in np.unique(np.linspace(0, count - 1, min(count, SAMPLED_PAIRS)).astype(np.int64)):
         prompts = []
-        for side in ("chosen", "rejected"):
-            ids, labels = row(f"{side}_input_ids", i), row(f"{side}_labels", i)
+        for _, ids_key, labels_key in layout:
+            ids, labels = row(ids_key, i), row(labels_key, i)
             masked = int(np.argmax(labels != IGNORE_INDEX)) if np.any(labels != IGNORE_INDEX) \
                 else len(labels)
             if np.any(labels[masked:] == IGNORE_INDEX) or not np.array_equal(
                 labels[masked:], ids[masked:]
             ):
                 raise DataFileError(
-                    f"{indexes[f'{side}_input_ids'].path} and {indexes[f'{side}_labels'].path} "
-                    f"hold different tokens for pair {i}: one of them belongs to another run; "
+                    f"{indexes[ids_key].path} and {indexes[labels_key].path} "
+                    f"hold different tokens for {unit} {i}: one of them belongs to another run; "
                     f"{RERUN}"
                 )
             prompts.append(ids[:masked])
-        if not np.array_equal(*prompts):
+        if shared_prompt and len(prompts) == 2 and not np.array_equal(*prompts):
             raise DataFileError(
                 f"{indexes['chosen_input_ids'].path} and {indexes['rejected_input_ids'].path} "
                 f"hold different prompts for pair {i}: one of them belongs to another run; {RERUN}"
@@ -232,16 +247,16 @@ def length_problem(prefix: str, seq_length: int, max_positions: int | None = Non
     """Why the pairs of ``prefix`` do not fit ``seq_length`` tokens (from the lengths
     in the index), or ``None``."""
     files = packed_files(prefix)
-    longest = np.maximum(
-        read_index(files["chosen_input_ids"] + ".idx").lengths,
-        read_index(files["rejected_input_ids"] + ".idx").lengths,
+    longest = np.max(
+        [read_index(files[ids] + ".idx").lengths for _, ids, _ in sides(files)], axis=0
     )
     over = int(np.count_nonzero(longest > seq_length))
     if not over:
         return None
     limit = f" (up to model.max_position_embeddings {max_positions})" if max_positions else ""
     return (
-        f"{over} of {len(longest)} pairs in {prefix} have a sequence longer than "
+        f"{over} of {len(longest)} {'records' if 'input_ids' in files else 'pairs'} in "
+        f"{prefix} have a sequence longer than "
         f"data.seq_length {seq_length} (longest {int(longest.max())} tokens); re-run "
         f"tools/preprocess_data.py --overwrite --seq-length {seq_length} (prompts are cut, "
         f"responses never), or raise data.seq_length{limit}"
@@ -259,7 +274,7 @@ def max_token_id(prefix: str, compute: bool = False) -> int | None:
         return None
     files = packed_files(prefix)
     largest = -1
-    for key in ("chosen_input_ids", "rejected_input_ids"):
+    for _, key, _ in sides(files):
         tokens = np.memmap(files[key] + ".bin", mode="r", dtype=np.int32)
         step = 1 << 26  # 256 MiB at a time
         for start in range(0, len(tokens), step):

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from megarm.data.dataset import sample_margins, sample_rows
+
 IGNORE_INDEX = -100
 
 
@@ -118,16 +120,14 @@ def padding_fraction(lengths: Sequence[int], rows: int, width: int) -> float:
 
 def _sequences(samples: Sequence[dict[str, Any]]) -> tuple[list, list, list[int]]:
     """Token ids, labels and lengths of a micro-batch's ``2b`` sequences: chosen of
-    pairs ``0..b-1`` first, then rejected (the order rewards and the loss use)."""
-    seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
-    labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+    pairs ``0..b-1`` first, then rejected (the order rewards and the loss use); or
+    the ``b`` sequences of SFT records."""
+    seqs, labels = sample_rows(samples)
     return seqs, labels, [len(x) for x in seqs]
 
 
 def _margins(samples: Sequence[dict[str, Any]]) -> Any:
-    import torch
-
-    return torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
+    return sample_margins(samples)
 
 
 def collate_packed(

@@ -1,4 +1,8 @@
-"""Turn a :class:`megarm.config.MegarmConfig` into reward-model chunks on this rank."""
+"""Turn a :class:`megarm.config.MegarmConfig` into reward-model chunks on this rank.
+
+Which heads the last stage gets follows ``training.objective``
+(:func:`heads`): the value head for ``rm`` and ``joint``, the vocabulary output
+layer for ``sft`` and ``joint`` only."""
 
 from __future__ import annotations
 
@@ -142,13 +146,21 @@ def block_spec(
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
+def heads(cfg: MegarmConfig) -> tuple[bool, bool]:
+    """``(value head, output layer)`` the objective needs."""
+    objective = cfg.training.objective
+    return objective in ("rm", "joint"), objective in ("sft", "joint")
+
+
 def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardModel]:
     """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size``).
 
     ``device="meta"`` builds them without allocating weights (the converters use
     that for the sharded state dict's keys and shapes); the default is the
-    platform's device.
+    platform's device. An output layer tied to the embedding on another pipeline
+    stage starts as a copy of it (megatron-core's setup; not on the meta device).
     """
+    value_head, output_layer = heads(cfg)
     config = transformer_config(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     target = torch.device(device) if device is not None else platform.device()
@@ -172,8 +184,14 @@ def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardMode
                 ),
                 head_init_seed=cfg.training.seed,
                 vp_stage=stage,
+                value_head=value_head,
+                output_layer=output_layer,
+                tie_output=cfg.model.tie_word_embeddings,
+                real_vocab_size=cfg.model.vocab_size,
             )
         model.to(target)
+        if output_layer and target.type != "meta":
+            model.setup_embeddings_and_output_layer()
         chunks.append(model)
     return chunks
 

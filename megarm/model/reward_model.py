@@ -2,22 +2,32 @@
 
 It has the same submodules and parameter names as megatron-core's ``GPTModel``
 (``embedding``, ``rotary_pos_emb``, ``decoder``) so checkpoints and the families'
-weight tables (:mod:`megarm.families`) are shared with it, but it never builds
-``GPTModel.output_layer``: the vocabulary projection (151,936 x hidden for Qwen2.5)
-would be dead weight in a reward model. The last pipeline stage ends in
-``value_head``, a bias-free ``Linear(hidden, 1)`` read at each sequence's reward token.
+weight tables (:mod:`megarm.families`) are shared with it. A pure reward model never
+builds ``GPTModel.output_layer``: the vocabulary projection (151,936 x hidden for
+Qwen2.5) would be dead weight. The last pipeline stage ends in ``value_head``, a
+bias-free ``Linear(hidden, 1)`` read at each sequence's reward token.
+
+Critique models (``training.objective: sft | joint``) also build ``output_layer``,
+megatron-core's vocab-parallel ``ColumnParallelLinear`` as in ``GPTModel``, tied to
+the input embedding when the HF model ties them (on a later pipeline stage a copy
+that megatron-core keeps equal to the embedding: same init, gradients all-reduced
+over the embedding group). The LM head only sees the hidden states of supervised
+positions (gathered first), so no ``[tokens, vocab]`` logits exist for the prompt
+and response.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -27,6 +37,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
 
@@ -45,7 +56,23 @@ class RewardModel(MegatronModule):
         vp_stage: virtual pipeline chunk index (interleaved schedule).
         rotary_scaling: Llama 3.1's RoPE frequency scaling (factor, low and high
             frequency factors, original context length); ``None``: plain RoPE.
+        value_head: build the value head (last stage).
+        output_layer: build the LM output layer (last stage).
+        tie_output: the output layer is the input embedding (``output_layer`` only).
+        real_vocab_size: the tokenizer-facing vocabulary (``model.vocab_size``); the
+            padding rows above it are left out of the LM's softmax, as the HF model
+            has no such rows.
     """
+
+    # megatron-core's handling of an output layer tied to the embedding across
+    # pipeline stages (GPTModel's), without LanguageModule.__init__ (it would set
+    # transformer-engine's attention environment for every reward model).
+    setup_embeddings_and_output_layer = LanguageModule.setup_embeddings_and_output_layer
+    shared_embedding_or_output_weight = LanguageModule.shared_embedding_or_output_weight
+    tie_embeddings_and_output_weights_state_dict = (
+        LanguageModule.tie_embeddings_and_output_weights_state_dict
+    )
+    _is_in_embd_group = LanguageModule._is_in_embd_group
 
     def __init__(
         self,
@@ -59,14 +86,22 @@ class RewardModel(MegatronModule):
         head_init_seed: int = 1234,
         vp_stage: int | None = None,
         rotary_scaling: tuple[float, float, float, int] | None = None,
+        value_head: bool = True,
+        output_layer: bool = False,
+        tie_output: bool = False,
+        real_vocab_size: int | None = None,
     ) -> None:
         super().__init__(config=config)
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
+        self.vp_size = config.virtual_pipeline_model_parallel_size
         # The pipeline schedules read these.
         self.model_type = ModelType.encoder_or_decoder
-        self.share_embeddings_and_output_weights = False
+        # finalize_model_grads all-reduces the tied copy's gradient when this is set.
+        self.share_embeddings_and_output_weights = output_layer and tie_output
+        # False: the checkpoint to load has no value head (an SFT model); it keeps its init.
+        self.value_head_in_checkpoint = True
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config,
@@ -94,11 +129,39 @@ class RewardModel(MegatronModule):
             post_process=post_process,
             vp_stage=vp_stage,
         )
-        if post_process:
+        self.value_head: torch.nn.Linear | None = None
+        if post_process and value_head:
             self.value_head = torch.nn.Linear(
                 config.hidden_size, 1, bias=False, dtype=config.params_dtype
             )
             init_value_head(self.value_head.weight, config.hidden_size, head_init_seed)
+        self.output_layer: tensor_parallel.ColumnParallelLinear | None = None
+        if post_process and output_layer:
+            # The head reads positions gathered from the whole sequence (lm_losses), so
+            # it runs as a plain column-parallel layer even under sequence parallelism.
+            head_config = copy.copy(config)
+            head_config.sequence_parallel = False
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=head_config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+            )
+            # This TP rank's vocabulary shard holds real_local_vocab real ids, then padding.
+            part = vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+            start = part * parallel_state.get_tensor_model_parallel_rank()
+            real = vocab_size if real_vocab_size is None else real_vocab_size
+            self.real_local_vocab = min(max(real - start, 0), part)
+        if output_layer:
+            # What megatron-core's tied-embedding code reads.
+            self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+            self.embd_group = parallel_state.get_embedding_group(check_initialized=False)
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._register_load_state_dict_pre_hook(self._keep_fresh_value_head)
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
         """Receive the previous pipeline stage's activations (called by the schedule)."""
@@ -117,7 +180,9 @@ class RewardModel(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
         plain_positions: bool | None = None,
         max_position: int | None = None,
-    ) -> Tensor:
+        lm_index: Tensor | None = None,
+        lm_target: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor | None, Tensor]:
         """Run this stage.
 
         Args:
@@ -138,10 +203,15 @@ class RewardModel(MegatronModule):
                 ``max_position`` their largest value); ``None``: look at
                 ``position_ids`` (one device sync). Training passes both.
             max_position: largest position id when ``plain_positions`` is False.
+            lm_index: ``[m]`` positions whose next token is supervised, as flat
+                indices ``position * b + row`` into the ``[s, b]`` sequence layout
+                (last stage, with an output layer).
+            lm_target: ``[m]`` the token id each of those positions must predict.
 
         Returns:
-            ``[n]`` rewards on the last stage; the hidden states ``[s, b, h]`` for
-            the next stage otherwise.
+            ``[n]`` rewards on the last stage (``(rewards or None, [m] per-token
+            cross-entropy)`` when ``lm_index`` is given); the hidden states
+            ``[s, b, h]`` for the next stage otherwise.
         """
         decoder_input = (
             self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -163,7 +233,13 @@ class RewardModel(MegatronModule):
         )
         if not self.post_process:
             return hidden
-        return self.rewards(hidden, reward_index, reward_row)
+        if lm_index is None:
+            return self.rewards(hidden, reward_index, reward_row)
+        hidden = self.full_sequence(hidden)
+        rewards = None
+        if self.value_head is not None:
+            rewards = self.value(hidden, reward_index, reward_row)
+        return rewards, self.lm_losses(hidden, lm_index, lm_target)
 
     def rotary(
         self,
@@ -192,23 +268,81 @@ class RewardModel(MegatronModule):
     def rewards(
         self, hidden: Tensor, reward_index: Tensor, reward_row: Tensor | None = None
     ) -> Tensor:
-        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]``.
+        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]``."""
+        return self.value(self.full_sequence(hidden), reward_index, reward_row)
+
+    def full_sequence(self, hidden: Tensor) -> Tensor:
+        """The last stage's ``[s, b, h]`` hidden states; under sequence parallelism
+        each TP rank holds s/TP positions, so they are gathered for the heads, which
+        read any position (the backward keeps each rank's slice of the gradient,
+        which every rank computes whole and identical)."""
+        if not self.config.sequence_parallel:
+            return hidden
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=False
+        )
+
+    def value(
+        self, hidden: Tensor, reward_index: Tensor, reward_row: Tensor | None = None
+    ) -> Tensor:
+        """Value head on full-sequence hidden states, at each reward token.
 
         The head runs in fp32 whatever the parameter dtype: a bf16 product would
         round every reward to 8 mantissa bits (steps of ~0.03 at |r| 4-8), creating
         ties in pairwise accuracy and a coarse loss.
         """
-        if self.config.sequence_parallel:
-            # Each TP rank holds s/TP positions; gather so every rank sees every
-            # row's reward token (the backward reduce-scatters the gradient).
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False
-            )
         if reward_row is None:
             reward_row = torch.arange(hidden.shape[1], device=hidden.device)
         picked = hidden[reward_index, reward_row]  # [n, h]
         weight = self.value_head.weight
         return torch.nn.functional.linear(picked.float(), weight.float()).squeeze(-1)
+
+    def lm_losses(self, hidden: Tensor, lm_index: Tensor, lm_target: Tensor) -> Tensor:
+        """Next-token cross-entropy ``[m]`` at the ``lm_index`` positions of the
+        full-sequence hidden states: only those rows reach the output layer, so the
+        logits are ``[m, vocab / TP]``, never ``[s * b, vocab / TP]``.
+
+        megatron-core's vocab-parallel cross-entropy reduces over the TP shards; the
+        vocabulary padding above ``real_vocab_size`` is masked out (-inf), so the
+        loss is the HF model's on the same weights.
+        """
+        s, b, h = hidden.shape
+        picked = hidden.reshape(s * b, h).index_select(0, lm_index).unsqueeze(1)  # [m, 1, h]
+        weight = None
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        logits, _ = self.output_layer(picked, weight=weight)  # [m, 1, vocab / TP]
+        part = logits.shape[-1]
+        if self.real_local_vocab < part:
+            padding = torch.arange(self.real_local_vocab, part, device=logits.device)
+            logits = logits.index_fill(-1, padding, float("-inf"))
+        losses = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), lm_target.unsqueeze(1)
+        )
+        return losses.squeeze(1)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron-core's sharded state dict; a tied output layer on a later pipeline
+        stage is stored as a replica of the first stage's embedding (as GPTModel
+        does), and a value head the checkpoint lacks is not asked for."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.output_layer is not None and self.share_embeddings_and_output_weights:
+            self.tie_embeddings_and_output_weights_state_dict(
+                sharded,
+                f"{prefix}output_layer.weight",
+                f"{prefix}embedding.word_embeddings.weight",
+                metadata,
+            )
+        if not self.value_head_in_checkpoint:
+            sharded.pop(f"{prefix}value_head.weight", None)
+        return sharded
+
+    def _keep_fresh_value_head(self, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+        if not self.value_head_in_checkpoint and self.value_head is not None:
+            state_dict.setdefault(f"{prefix}value_head.weight", self.value_head.weight.detach())
 
 
 def init_value_head(weight: Tensor, hidden_size: int, seed: int) -> None:

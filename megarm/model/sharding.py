@@ -152,4 +152,11 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
             vp if vpp else None,
             vpp,
         )
-        load_state_dict_strict(module, spec_names(shard, set(module.state_dict())))
+        wanted = set(module.state_dict())
+        tied = "embedding.word_embeddings.weight"
+        if "output_layer.weight" in wanted and "output_layer.weight" not in shard and tied in full:
+            # An output layer tied to the embedding on a later pipeline stage: its copy.
+            shard["output_layer.weight"] = split_tp(
+                tied, full[tied], ps.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size
+            ).clone()
+        load_state_dict_strict(module, spec_names(shard, wanted))

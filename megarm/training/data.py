@@ -1,4 +1,9 @@
-"""Training and validation micro-batches for this rank, from the config."""
+"""Training and validation micro-batches for this rank, from the config.
+
+``training.objective: sft`` reads SFT records (one row each), ``rm`` and ``joint``
+preference pairs (two rows each). With an LM loss (``sft``, ``joint``) each
+micro-batch also carries the positions whose next token is supervised and those
+tokens, found here on the host (:func:`lm_positions`)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from megarm import platform
 from megarm.config import ConfigError, ConfigIssue, MegarmConfig, packed_format
 from megarm.data.blend import parse_data_path
 from megarm.data.dataset import (
+    IGNORE_INDEX,
     PairBatchSampler,
     Subset,
     build_pair_datasets,
@@ -106,17 +112,50 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
         if train is None or len(train) == 0:
             raise ValueError(f"data.data_path {cfg.data.data_path!r} gives an empty training split")
         return Datasets(train, valid, pad_token_id(cfg, tokenizer))
-    pairs = SyntheticPairs(
+    pairs: Any = SyntheticPairs(
         cfg.data.synthetic_num_pairs,
         min(cfg.model.vocab_size, 1024),
         cfg.data.seq_length,
         seed=cfg.training.seed,
     )
+    if cfg.training.objective == "sft":
+        pairs = ChosenAsSFT(pairs)
     (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
     return Datasets(Subset(pairs, t0, t1), Subset(pairs, v0, v1) if v1 > v0 else None, 0)
 
 
-def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
+class ChosenAsSFT:
+    """Synthetic SFT records: each synthetic pair's chosen side, its response
+    supervised (``data_path: null`` with ``training.objective: sft``)."""
+
+    def __init__(self, pairs: Any) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.pairs[index]
+        return {"input_ids": sample["chosen_input_ids"], "labels": sample["chosen_labels"]}
+
+
+def lm_positions(
+    labels: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lm_index, lm_target)`` of a collated ``[rows, s]`` micro-batch, on the host.
+
+    Token ``t`` is supervised when its label is not -100; it is predicted from
+    position ``t - 1`` of the same sequence, so a token that starts a sequence
+    (position id 0: a packed sequence's first token) never is. ``lm_index`` holds
+    ``(t - 1) * rows + row``, the flat index into the model's ``[s, rows]`` layout,
+    whatever the layout (padded rows, packed rows, one THD stream)."""
+    rows = labels.shape[0]
+    supervised = (labels[:, 1:] != IGNORE_INDEX) & (position_ids[:, 1:] != 0)
+    row, before = supervised.nonzero(as_tuple=True)
+    return before * rows + row, labels[:, 1:][row, before]
+
+
+def to_pair_batch(collated: dict[str, torch.Tensor], lm: bool = False) -> PairBatch:
     """Collated right-padded rows -> the model's micro-batch, still on the host.
 
     A packed micro-batch (:func:`megarm.data.packing.collate_packed` or
@@ -124,7 +163,18 @@ def to_pair_batch(collated: dict[str, torch.Tensor]) -> PairBatch:
     and block-diagonal mask or ``cu_seqlens``. What the model must know about the
     layout (largest position, THD segment lengths) is read here, from host tensors,
     so the step never reads it back from the device; ``forward_step`` moves the
-    batch to the device (asynchronously from pinned memory on CUDA)."""
+    batch to the device (asynchronously from pinned memory on CUDA). With ``lm`` the
+    supervised positions and their count are found here too (:func:`lm_positions`)."""
+    batch = _layout(collated)
+    if lm:
+        index, target = lm_positions(collated["labels"], batch.position_ids)
+        if platform.pin_memory():
+            index, target = index.pin_memory(), target.pin_memory()
+        batch.lm_index, batch.lm_target, batch.lm_tokens = index, target, int(index.shape[0])
+    return batch
+
+
+def _layout(collated: dict[str, torch.Tensor]) -> PairBatch:
     tokens = collated["tokens"]
     if "reward_row" in collated:
         cu = collated.get("cu_seqlens")
@@ -191,5 +241,6 @@ def micro_batches(
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=platform.pin_memory()
     )
+    lm = cfg.training.objective != "rm"
     for collated in loader:
-        yield to_pair_batch(collated)
+        yield to_pair_batch(collated, lm=lm)

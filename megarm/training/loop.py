@@ -1,8 +1,8 @@
 """The training loop: megatron-core DDP, optimizer, scheduler and pipeline schedule.
 
-``Trainer.train()`` reads top to bottom: fetch a global batch, run the pipeline
-schedule, reduce metrics over data-parallel ranks, stop on a non-finite loss,
-step the optimizer, log, evaluate.
+``Trainer.train()`` reads top to bottom: fetch a global batch (and, with an LM
+loss, count its supervised tokens), run the pipeline schedule, reduce metrics over
+data-parallel ranks, stop on a non-finite loss, step the optimizer, log, evaluate.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -27,15 +28,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarm import platform
 from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
+from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
 from megarm.config import MegarmConfig, to_dict, to_yaml
-from megarm.distributed import all_gather_objects, any_rank, broadcast_object
-from megarm.model.builder import build_model, count_parameters, params_dtype
+from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
+from megarm.model.builder import build_model, count_parameters, heads, params_dtype
 from megarm.model.sharding import load_full_state_dict
 from megarm.reward_stats import after_training, data_convention
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.metrics import MetricsWriter
-from megarm.training.step import PairBatch, forward_step, reduce_stats
+from megarm.training.step import PairBatch, forward_step, loss_weights, reduce_stats
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +60,9 @@ class Trainer:
         self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.lock = self._lock_save_dir()
 
+        # (rm_weight, lm_weight) of training.objective; what loss_func and metrics use.
+        self.loss_weights = loss_weights(cfg)
+        self.has_value_head, self.has_lm_head = heads(cfg)
         chunks = build_model(cfg)
         config = chunks[0].config
         self.num_parameters = count_parameters(chunks)
@@ -115,9 +120,12 @@ class Trainer:
         self.consumed_samples = 0
         self.resumed: Resumed | None = None
         if cfg.checkpoint.load:
+            self._check_heads_in_checkpoint(chunks)
             # A previous run (exact resume) or converted weights (weights only), at any
             # TP/PP/DP; files verified and shapes checked before any shard is read.
             self.resumed = load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
+            for chunk in chunks:  # saved checkpoints hold the value head again
+                chunk.value_head_in_checkpoint = True
             self.iteration = self.resumed.iteration
             self.consumed_samples = self.resumed.consumed_samples
         self.history: list[dict[str, float]] = []
@@ -143,11 +151,12 @@ class Trainer:
         while self.iteration < t.train_iters:
             start = time.perf_counter()
             batches = list(islice(self.train_stream, self.num_microbatches))
+            self.scale_lm_loss(batches)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = self.run_schedule(batches, forward_only=False)
-            metrics = reduce_stats(outputs, self.contributes)
+            metrics = reduce_stats(outputs, self.contributes, self.loss_weights)
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "
@@ -165,7 +174,7 @@ class Trainer:
                 lr=lr,
                 iteration_time=elapsed,
                 tokens_per_s=metrics["tokens"] / elapsed,
-                samples_per_s=metrics["pairs"] / elapsed,
+                samples_per_s=(metrics["pairs"] or metrics["sequences"]) / elapsed,
             )
             self.history.append(dict(metrics, iteration=self.iteration))
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
@@ -183,22 +192,38 @@ class Trainer:
         if self.cfg.checkpoint.save and not self.should_save():
             self.save()
         # Reward mean/std over the validation split, beside the last checkpoint's weights.
-        after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
+        if self.has_value_head:
+            after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
         return metrics
 
     # ------------------------------------------------------------------ pieces
+
+    def scale_lm_loss(self, batches: list[PairBatch]) -> None:
+        """Give every micro-batch its ``lm_scale`` (see :mod:`megarm.training.step`):
+        the global batch's supervised tokens are the micro-batches' host counts,
+        summed over data-parallel ranks in one host all-reduce (one rank per replica
+        contributes), before the schedule runs."""
+        if not self.has_lm_head:
+            return
+        local = sum(b.lm_tokens for b in batches) if self.contributes else 0
+        total = float(all_reduce_host(torch.tensor([float(local)], dtype=torch.float64))[0])
+        scale = len(batches) * self.dp_size / total if total else 0.0
+        for batch in batches:
+            batch.lm_scale = scale
 
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
         # Every model chunk (virtual pipeline stage) reads the same micro-batches.
         iterators = [iter(batches) for _ in self.model]
+        rm_weight, lm_weight = self.loss_weights
+        rows = self.cfg.training.micro_batch_size * (1 if self.cfg.training.objective == "sft" else 2)
         return self.forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=partial(forward_step, rm_weight=rm_weight, lm_weight=lm_weight),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(batches),
             seq_length=self.cfg.data.seq_length,
-            micro_batch_size=2 * self.cfg.training.micro_batch_size,
+            micro_batch_size=rows,
             forward_only=forward_only,
         )
 
@@ -221,9 +246,10 @@ class Trainer:
             outputs = self.run_schedule(list(islice(stream, steps)), forward_only=True)
         for chunk in self.model:
             chunk.train()
-        metrics = reduce_stats(outputs, self.contributes)
+        metrics = reduce_stats(outputs, self.contributes, self.loss_weights)
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
-        self.write_eval_rewards(outputs)
+        if self.has_value_head:
+            self.write_eval_rewards(outputs)
         return metrics
 
     def write_eval_rewards(self, outputs: list[dict]) -> None:
@@ -246,6 +272,45 @@ class Trainer:
             path = Path(self.cfg.logging.log_dir) / "eval_rewards.jsonl"
             with open(path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def _check_heads_in_checkpoint(self, chunks: list[torch.nn.Module]) -> None:
+        """Before loading: an LM objective needs the checkpoint's output layer (the
+        tied embedding needs none); a value head the checkpoint lacks (an SFT model
+        for the joint stage) keeps its seeded init, said once. A checkpoint saved
+        for another objective is read as weights only (``checkpoint.finetune``)."""
+        from megatron.core import dist_checkpointing
+
+        from megarm.checkpoint import read_common, resolve_checkpoint
+        from megarm.families import head_weight
+
+        c = self.cfg.checkpoint
+        path = resolve_checkpoint(c.load, c.ckpt_step)
+        stored = dist_checkpointing.load_tensors_metadata(str(path))
+        common = read_common(path)
+        saved = ((common.get("megarm_config") or {}).get("training") or {}).get("objective", "rm")
+        objective = self.cfg.training.objective
+        if saved != objective and common.get("has_optimizer") and not c.finetune:
+            raise CheckpointMismatchError(
+                f"{path} was trained with training.objective={saved}, this run has "
+                f"{objective}: its optimizer state belongs to other heads. Pass "
+                "checkpoint.finetune=true to start from its weights"
+            )
+        if self.has_lm_head and not self.cfg.model.tie_word_embeddings:
+            if head_weight("lm") not in stored:
+                raise CheckpointMismatchError(
+                    f"{path} has no LM output layer ({head_weight('lm')}), which "
+                    f"training.objective={objective} trains: convert the HF model with "
+                    "ckpt_convert/hf2mcore.py --keep-lm-head (or start from an SFT run)"
+                )
+        if self.has_value_head and head_weight("value") not in stored:
+            for chunk in chunks:
+                chunk.value_head_in_checkpoint = False
+            if self.is_logging_rank:
+                print(
+                    f"megarm: {path} has no value head (an SFT model): the value head starts "
+                    f"from its init (training.seed={self.cfg.training.seed})",
+                    flush=True,
+                )
 
     def should_save(self) -> bool:
         """A save is due at this iteration (``save_interval``, or the last one)."""

@@ -1,6 +1,8 @@
 """Per-iteration metrics: a Megatron-style stdout line, metrics.jsonl, TensorBoard,
 and Weights & Biases when ``logging.wandb_project`` is set (wandb is optional and
-imported only then)."""
+imported only then). Every metric goes to the files; the line shows the loss (the
+objective's), the pairwise and LM losses, perplexity, supervised tokens, accuracy
+and rewards when the run has them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ if TYPE_CHECKING:
 
 _LINE_KEYS = (
     ("loss", "loss", ".4f"),
+    ("rm_loss", "rm loss", ".4f"),
+    ("lm_loss", "lm loss", ".4f"),
+    ("perplexity", "ppl", ".3f"),
+    ("lm_tokens", "lm tokens", ".0f"),
     ("accuracy", "acc", ".3f"),
     ("reward_gap", "gap", ".3f"),
     ("chosen_reward", "r_c", ".3f"),

@@ -1,16 +1,28 @@
-"""``forward_step`` and the Bradley-Terry loss for megatron-core's pipeline schedules.
+"""``forward_step`` and the losses for megatron-core's pipeline schedules.
 
 A micro-batch holds ``b`` preference pairs as ``2b`` rows: chosen rows first, then
-rejected rows, so both go through the model in one forward. The loss of a pair is
-``-logsigmoid(r_chosen - r_rejected - margin)``. ``loss_func`` returns the mean
-over the micro-batch; megatron-core's schedule divides by the number of
+rejected rows, so both go through the model in one forward (or, for
+``training.objective: sft``, ``b`` SFT records as ``b`` rows). The loss of a pair
+is ``-logsigmoid(r_chosen - r_rejected - margin)``; ``loss_func`` returns the mean
+over the micro-batch. megatron-core's schedule divides by the number of
 micro-batches and DDP averages over data-parallel ranks, so the gradient is
 exactly that of the mean over the global batch (every micro-batch has the same
 number of pairs).
+
+The LM loss is the mean cross-entropy over the supervised tokens of the *global*
+batch, whose micro-batches hold different numbers of them. The training loop
+counts them on the host before the schedule (each micro-batch's count is known at
+collate time; one host all-reduce adds the data-parallel ranks' counts) and sets
+every micro-batch's ``lm_scale = num_microbatches * dp_size / global_tokens``:
+``loss_func`` returns the micro-batch's cross-entropy *sum* times that scale, and
+the schedule's ``1 / num_microbatches`` and DDP's ``1 / dp_size`` turn the total
+into exactly ``sum / global_tokens``. The joint loss is
+``rm_weight * BT + lm_weight * LM`` of those two means.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from functools import partial
@@ -56,6 +68,17 @@ class PairBatch:
     """Largest position id when positions restart per packed sequence (packed
     rows); ``None``: every row is ``arange(s)``. A host int, so the model picks its
     RoPE path without a device sync."""
+    lm_index: Tensor | None = None
+    """``[m]`` positions whose next token is supervised (label not -100, in the same
+    sequence), as flat indices ``position * rows + row`` into the model's ``[s,
+    rows]`` layout; ``None`` when no LM loss is taken."""
+    lm_target: Tensor | None = None
+    """``[m]`` the supervised token each ``lm_index`` position must predict."""
+    lm_tokens: int = 0
+    """``m``, on the host (from the collate step)."""
+    lm_scale: float = 0.0
+    """Turns this micro-batch's cross-entropy sum into its share of the global
+    batch's token mean (set by the training loop; see the module docstring)."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
@@ -72,8 +95,13 @@ class PairBatch:
 
     @property
     def num_pairs(self) -> int:
-        """Pairs in this micro-batch."""
+        """Pairs in this micro-batch (0 for SFT records)."""
         return self.margin.shape[0]
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in this micro-batch (each has a reward index, the last token)."""
+        return self.reward_index.shape[0]
 
     def to(self, device: torch.device) -> PairBatch:
         """Move every tensor to ``device`` (asynchronously from pinned memory)."""
@@ -97,6 +125,9 @@ STAT_KEYS = (
     "gap_sum",
     "tokens",
     "tokens_sq",
+    "lm_loss_sum",
+    "lm_tokens",
+    "sequences",
 )
 
 
@@ -118,38 +149,85 @@ def sequence_lengths(batch: PairBatch) -> Tensor:
     return batch.position_ids[rows, batch.reward_index] + 1
 
 
-def loss_func(batch: PairBatch, rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean pairwise loss of the micro-batch, plus sums for the step's metrics."""
-    losses, gap = pairwise_loss(rewards, batch.margin)
+def _fill(value: float, device: torch.device) -> Tensor:
+    # A fill on the device; torch.tensor(n, device=cuda) would be a blocking copy.
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
+def loss_func(
+    batch: PairBatch,
+    output: Tensor | tuple[Tensor | None, Tensor],
+    rm_weight: float = 1.0,
+    lm_weight: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The micro-batch's loss and sums for the step's metrics.
+
+    ``output`` is the model's: ``[2b]`` rewards, or ``(rewards or None, [m]
+    per-token cross-entropy)`` when the batch asks for an LM loss. The loss is
+    ``rm_weight * mean pairwise loss + lm_weight * lm_scale * cross-entropy sum``
+    (each term only where its head ran); see the module docstring for why the LM
+    term is a scaled sum.
+    """
+    rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
+    device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
     # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
     lengths = sequence_lengths(batch).double()
-    chosen, rejected = rewards.detach().double().chunk(2)
-    stats = torch.stack(
-        [
+    zero = _fill(0.0, device)
+    terms: list[Tensor] = []
+    if rewards is not None and batch.num_pairs:
+        losses, gap = pairwise_loss(rewards, batch.margin)
+        chosen, rejected = rewards.detach().double().chunk(2)
+        pair_stats = [
             losses.detach().double().sum(),
             (gap.detach() > 0).double().sum(),
-            # A fill on the device; torch.tensor(n, device=cuda) would be a blocking copy.
-            torch.full((), float(batch.num_pairs), dtype=torch.float64, device=rewards.device),
+            _fill(float(batch.num_pairs), device),
             chosen.sum(),
             (chosen * chosen).sum(),
             rejected.sum(),
             (rejected * rejected).sum(),
             gap.detach().double().sum(),
+        ]
+        terms.append(rm_weight * losses.mean())
+    else:
+        pair_stats = [zero] * 8
+    lm_stats = [zero, zero]
+    if lm_losses is not None:
+        lm_sum = lm_losses.sum()
+        terms.append(lm_weight * batch.lm_scale * lm_sum)
+        lm_stats = [lm_sum.detach().double(), _fill(float(batch.lm_tokens), device)]
+    stats = torch.stack(
+        [
+            *pair_stats,
             lengths.sum(),
             (lengths**2).sum(),
+            *lm_stats,
+            _fill(float(batch.num_sequences), device),
         ]
     )
-    return losses.mean(), {"stats": stats, "rewards": rewards.detach()}
+    out = {"stats": stats}
+    if rewards is not None:
+        out["rewards"] = rewards.detach()
+    return sum(terms[1:], terms[0]), out
 
 
-def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+def forward_step(
+    data_iterator: Iterator[PairBatch],
+    model: torch.nn.Module,
+    rm_weight: float = 1.0,
+    lm_weight: float = 0.0,
+):
     """megatron-core forward step: every pipeline stage reads the same micro-batch.
 
     Batches arrive on the host (pinned on CUDA) and move to the model's device here,
-    asynchronously, one micro-batch at a time.
+    asynchronously, one micro-batch at a time. ``rm_weight`` and ``lm_weight`` weigh
+    the two losses (:func:`loss_weights`); the LM loss is taken where the batch has
+    ``lm_index``.
     """
     batch: PairBatch = next(data_iterator)
     batch = batch.to(next(model.parameters()).device)
+    extra = {}
+    if batch.lm_index is not None:
+        extra = {"lm_index": batch.lm_index, "lm_target": batch.lm_target}
     output = model(
         batch.tokens,
         batch.position_ids,
@@ -159,11 +237,24 @@ def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         packed_seq_params=batch.packed_seq_params(),
         plain_positions=batch.max_position is None,
         max_position=batch.max_position,
+        **extra,
     )
-    return output, partial(loss_func, batch)
+    return output, partial(loss_func, batch, rm_weight=rm_weight, lm_weight=lm_weight)
 
 
-def reduce_stats(outputs: list[dict[str, Tensor]], contribute: bool = True) -> dict[str, float]:
+def loss_weights(cfg) -> tuple[float, float]:  # noqa: ANN001 - a megarm.config.MegarmConfig
+    """``(rm_weight, lm_weight)`` of ``training.objective``."""
+    t = cfg.training
+    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0)}.get(
+        t.objective, (t.rm_loss_weight, t.lm_loss_weight)
+    )
+
+
+def reduce_stats(
+    outputs: list[dict[str, Tensor]],
+    contribute: bool = True,
+    weights: tuple[float, float] = (1.0, 0.0),
+) -> dict[str, float]:
     """Sum the micro-batches' stats over all ranks and turn them into metrics.
 
     ``outputs`` is what the schedule returned on this rank. Exactly one rank per
@@ -171,22 +262,41 @@ def reduce_stats(outputs: list[dict[str, Tensor]], contribute: bool = True) -> d
     stage); the others add zeros, so every rank ends with the same numbers. The
     sums leave the device in one copy, after the schedule, and are reduced on the
     host group (:func:`megarm.distributed.all_reduce_host`).
+
+    ``weights`` (``(rm_weight, lm_weight)``, :func:`loss_weights`) make ``loss`` the
+    objective's loss; with an LM term the metrics add ``rm_loss`` (pairs only),
+    ``lm_loss`` (mean over the global batch's supervised tokens), ``lm_tokens`` and
+    ``perplexity``.
     """
     total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
     if contribute and outputs:
         total += torch.stack([out["stats"].detach() for out in outputs]).sum(0).cpu()
     s = dict(zip(STAT_KEYS, all_reduce_host(total).tolist(), strict=True))
-    n = max(s["pairs"], 1.0)
-    chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
-    return {
-        "loss": s["loss_sum"] / n,
-        "accuracy": s["correct"] / n,
-        "chosen_reward": chosen_mean,
-        "chosen_reward_std": max(s["chosen_sq"] / n - chosen_mean**2, 0.0) ** 0.5,
-        "rejected_reward": rejected_mean,
-        "rejected_reward_std": max(s["rejected_sq"] / n - rejected_mean**2, 0.0) ** 0.5,
-        "reward_gap": s["gap_sum"] / n,
-        "pairs": s["pairs"],
-        "tokens": s["tokens"],
-        "tokens_sq": s["tokens_sq"],
-    }
+    rm_weight, lm_weight = weights
+    metrics: dict[str, float] = {}
+    if s["pairs"] or not lm_weight:
+        n = max(s["pairs"], 1.0)
+        chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
+        metrics = {
+            "loss": s["loss_sum"] / n,
+            "accuracy": s["correct"] / n,
+            "chosen_reward": chosen_mean,
+            "chosen_reward_std": max(s["chosen_sq"] / n - chosen_mean**2, 0.0) ** 0.5,
+            "rejected_reward": rejected_mean,
+            "rejected_reward_std": max(s["rejected_sq"] / n - rejected_mean**2, 0.0) ** 0.5,
+            "reward_gap": s["gap_sum"] / n,
+        }
+    metrics.update(pairs=s["pairs"], tokens=s["tokens"], tokens_sq=s["tokens_sq"])
+    metrics["sequences"] = s["sequences"]
+    if lm_weight:
+        lm_loss = s["lm_loss_sum"] / max(s["lm_tokens"], 1.0)
+        rm_loss = metrics.get("loss", 0.0)
+        if s["pairs"]:
+            metrics["rm_loss"] = rm_loss
+        metrics.update(
+            loss=rm_weight * rm_loss + lm_weight * lm_loss,
+            lm_loss=lm_loss,
+            lm_tokens=s["lm_tokens"],
+            perplexity=math.exp(min(lm_loss, 700.0)),
+        )
+    return metrics
