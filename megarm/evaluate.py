@@ -24,6 +24,10 @@ Formats (jsonl, json or parquet), scored as each benchmark's own code scores the
 - ``pairs``: preference records of any preprocessing handler (``--handler-name``),
   encoded by preprocessing's record encoder; accuracy, per ``subset`` when present.
 
+With ``--critique-model`` (a critique model's HF causal-LM export) every response
+first gets a critique written by it, and the reward is read at the end of prompt +
+response + critique turn + critique, as the model was trained.
+
 Every record is scored or listed under ``skipped`` with the reason. The output is a
 JSON file (metrics, every record's scores, the skipped records) and a markdown table
 (``<output>.md``, also printed). Training can run the same evaluation every
@@ -51,10 +55,13 @@ from megarm.data.readers import InputError, RawRecord, iter_records, resolve_inp
 from megarm.scoring import (
     Encoder,
     ScoringError,
+    add_critique_arguments,
     add_model_arguments,
     build_encoder,
     model_rewards,
+    open_critic,
     open_scorer,
+    prompt_messages,
 )
 
 FORMATS = ("auto", "rewardbench", "rewardbench2", "rmbench", "pairs")
@@ -153,9 +160,14 @@ def make_task(fmt: str, index: int, record: dict[str, Any]) -> Task:
 
 
 def load_tasks(
-    path: str, fmt: str, encoder: Encoder, handler_name: str = "pairwise_messages"
+    path: str,
+    fmt: str,
+    encoder: Encoder,
+    handler_name: str = "pairwise_messages",
+    critic: Any = None,
 ) -> tuple[str, list[Task], list[dict[str, Any]]]:
-    """The format, the encoded tasks and the skipped records of a benchmark file."""
+    """The format, the encoded tasks and the skipped records of a benchmark file
+    (with a ``critic``, each response's critique is written first)."""
     try:
         raws = list(iter_records(resolve_inputs(path)))
     except InputError as exc:
@@ -177,12 +189,14 @@ def load_tasks(
     if fmt == "auto":
         fmt = detect_format(first)
     tasks: list[Task] = []
+    if critic is not None:
+        return fmt, *_critique_tasks(fmt, records, skipped, encoder, handler_name, critic)
     if fmt == "pairs":
         handler = get_handler(handler_name)
         todo = [RawRecord(0, i, r) for i, r in enumerate(records) if r is not None]
         for raw, result in encoder.pairs(todo, handler):
             if result[0] == "ok":
-                _, prompt, chosen, rejected, _, _ = result
+                prompt, chosen, rejected = result[1:4]
                 subset = raw.payload.get("subset")  # type: ignore[union-attr]
                 rows = [prompt.tolist() + chosen.tolist(), prompt.tolist() + rejected.tolist()]
                 meta = {"subset": str(subset) if subset is not None else "all"}
@@ -201,6 +215,47 @@ def load_tasks(
                 skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
     skipped.sort(key=lambda s: s["index"])
     return fmt, tasks, skipped
+
+
+def _critique_tasks(
+    fmt: str,
+    records: list[dict[str, Any] | None],
+    skipped: list[dict[str, Any]],
+    encoder: Encoder,
+    handler_name: str,
+    critic: Any,
+) -> tuple[list[Task], list[dict[str, Any]]]:
+    """Tasks whose rows end with a critique ``critic`` wrote of each response."""
+    handler = get_handler(handler_name) if fmt == "pairs" else None
+    tasks: list[Task] = []
+    for i, record in enumerate(records):
+        if record is None:
+            continue
+        try:
+            if handler is not None:
+                pair = handler(record)
+                subset = record.get("subset")
+                meta = {"subset": str(subset) if subset is not None else "all"}
+                tasks.append(Task(i, pair.prompt, [pair.chosen, pair.rejected], meta))
+            else:
+                tasks.append(make_task(fmt, i, record))
+        except RecordError as exc:
+            skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
+    items = [(prompt_messages(t.prompt), r) for t in tasks for r in t.responses]
+    texts = critic.critiques(items)
+    kept, at = [], 0
+    for task in tasks:
+        task.meta["critiques"] = texts[at : at + len(task.responses)]
+        at += len(task.responses)
+        try:
+            task.rows = encoder.critique_rows(
+                task.prompt, task.responses, task.meta["critiques"], critic.critique_prompt
+            )[0]
+            kept.append(task)
+        except RecordError as exc:
+            skipped.append({"index": task.index, "reason": f"{exc.reason}: {exc.detail}"})
+    skipped.sort(key=lambda s: s["index"])
+    return kept, skipped
 
 
 # --------------------------------------------------------------------------- metrics
@@ -395,9 +450,10 @@ def evaluate(
     encoder: Encoder,
     rewards: Callable[[list[list[int]]], list[float]],
     handler_name: str = "pairwise_messages",
+    critic: Any = None,
 ) -> dict[str, Any]:
     """Load, score and measure one benchmark file; the full result record."""
-    fmt, tasks, skipped = load_tasks(path, fmt, encoder, handler_name)
+    fmt, tasks, skipped = load_tasks(path, fmt, encoder, handler_name, critic)
     if not tasks:
         raise EvaluateError(f"--data {path}: no record could be scored; first: {skipped[:1]}")
     scores = score_tasks(tasks, rewards)
@@ -408,7 +464,11 @@ def evaluate(
         "scored": len(tasks),
         "metrics": METRICS[fmt](tasks, scores),
         "skipped": skipped,
-        "records": [{"index": t.index, "scores": s} for t, s in zip(tasks, scores, strict=True)],
+        "records": [
+            {"index": t.index, "scores": s, **({"critiques": t.meta["critiques"]}
+                                              if "critiques" in t.meta else {})}
+            for t, s in zip(tasks, scores, strict=True)
+        ],
     }
 
 
@@ -446,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m megarm.evaluate", description=__doc__.split("\n")[0]
     )
     add_model_arguments(p)
+    add_critique_arguments(p)
     p.add_argument("--data", required=True, help="benchmark file (jsonl, json or parquet)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format")
     p.add_argument("--handler-name", default="pairwise_messages", help="handler for --format pairs")
@@ -464,12 +525,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     output = Path(args.output)
     if output.parent and not output.parent.is_dir():
         raise EvaluateError(f"--output {output}: directory {output.parent} does not exist")
-    scorer, encoder, _ = open_scorer(args)
+    scorer, encoder, info = open_scorer(args)
     with scorer:
         if not scorer.is_driver:
             scorer.follow()
             return None
-        result = evaluate(args.data, args.format, encoder, scorer.rewards, args.handler_name)
+        critic = open_critic(args, info, encoder)
+        result = evaluate(
+            args.data, args.format, encoder, scorer.rewards, args.handler_name, critic
+        )
     result["model"] = str(args.load)
     table = markdown(result["format"], result["metrics"], result["scored"], len(result["skipped"]))
     _write(output, json.dumps(result, indent=2) + "\n")

@@ -138,7 +138,7 @@ def _rows(args: argparse.Namespace, encoder: Any) -> tuple[list[list[int]], str]
         rows = []
         for _, result in encoder.pairs(records, handler):
             if result[0] == "ok":
-                _, prompt, chosen, rejected, _, _ = result
+                prompt, chosen, rejected = result[1:4]
                 rows += [prompt.tolist() + chosen.tolist(), prompt.tolist() + rejected.tolist()]
         return rows, f"pairs in {args.pairs}"
     saved = {}

@@ -15,6 +15,12 @@ Input records (jsonl/json/parquet/csv/arrow, read by :mod:`megarm.data.readers`)
 
 Every sequence ends as the model's reward convention says (``<|im_end|>\\n`` for
 ChatML, the end of ``apply_chat_template``'s output), see :mod:`megarm.scoring`.
+
+A critique model (``--critique-model``, its HF causal-LM export; ``--load`` is its
+reward head: the ``*ForSequenceClassification`` export or the megarm checkpoint)
+first writes a critique of each response, then the reward is read at the end of
+prompt + response + critique turn + critique; the output lines carry the critiques
+(``chosen_critique`` / ``rejected_critique`` / ``critique``).
 Rank 0 writes one line per input record, in input order (``{"index": i, "error":
 ...}`` for records it cannot score), to a temporary name renamed when complete. The
 output may not be the input, and its directory is checked for writing before the
@@ -38,7 +44,10 @@ from megarm.scoring import (
     Encoder,
     ScoreBatch,
     ScoringError,
+    add_critique_arguments,
     add_model_arguments,
+    chat_messages,
+    open_critic,
     open_scorer,
     prompt_messages,
     run_model,
@@ -59,6 +68,7 @@ class Item:
     kind: str  # "pair" | "single" | "error"
     rows: list[list[int]] = field(default_factory=list)
     error: str | None = None
+    critiques: list[str] | None = None
 
 
 def _record(payload: bytes | dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +79,51 @@ def _record(payload: bytes | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise RecordError("malformed_record", "the record is not a JSON object")
     return record
+
+
+def critique_records(
+    raws: list[RawRecord], encoder: Encoder, handler_name: str | None, map_keys: Any, critic: Any
+) -> list[Item]:
+    """Records -> items for a critique model: each response's critique is written by
+    ``critic`` (:class:`megarm.generate.CritiqueWriter`), then the rows are prompt +
+    response + critique turn + critique (:meth:`Encoder.critique_rows`)."""
+    handler = get_handler(handler_name or "pairwise_messages", map_keys)
+    items: list[Item] = []
+    work: list[tuple[Item, Any, list[str]]] = []
+    for i, raw in enumerate(raws):
+        try:
+            record = _record(raw.payload)
+            if handler_name or "chosen" in record or "rejected" in record:
+                pair = handler(record)
+                kind, prompt, responses = "pair", pair.prompt, [pair.chosen, pair.rejected]
+            elif "messages" in record:
+                messages = chat_messages(record["messages"])
+                if messages[-1]["role"] != "assistant":
+                    raise RecordError("malformed_record", "the last message must be the response")
+                kind, prompt, responses = "single", messages[:-1], [messages[-1]["content"]]
+            else:
+                if "response" not in record:
+                    raise RecordError("missing_key", "response (or chosen/rejected) is missing")
+                kind, prompt, responses = "single", prompt_messages(record.get("prompt")), [
+                    record["response"]
+                ]
+            item = Item(i, kind)
+            work.append((item, prompt_messages(prompt), responses))
+        except RecordError as exc:
+            item = Item(i, "error", error=f"{exc.reason}: {exc.detail}")
+        items.append(item)
+    texts = critic.critiques([(prompt, r) for _, prompt, responses in work for r in responses])
+    at = 0
+    for item, prompt, responses in work:
+        item.critiques = texts[at : at + len(responses)]
+        at += len(responses)
+        try:
+            item.rows = encoder.critique_rows(
+                prompt, responses, item.critiques, critic.critique_prompt
+            )[0]
+        except RecordError as exc:
+            item.kind, item.error, item.rows = "error", f"{exc.reason}: {exc.detail}", []
+    return items
 
 
 def format_records(
@@ -100,7 +155,7 @@ def format_records(
         handler = get_handler(handler_name or "pairwise_messages", map_keys)
         for raw, result in encoder.pairs(pairs, handler):
             if result[0] == "ok":
-                _, prompt, chosen, rejected, _, _ = result
+                prompt, chosen, rejected = result[1:4]
                 rows = [prompt.tolist() + chosen.tolist(), prompt.tolist() + rejected.tolist()]
                 items[raw.index] = Item(raw.index, "pair", rows)
             else:
@@ -112,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m megarm.score", description=__doc__.split("\n")[0])
     add_model_arguments(p)
+    add_critique_arguments(p)
     p.add_argument("--input", required=True, help="records: file, directory or glob")
     p.add_argument("--output", required=True, help="rewards jsonl (one line per input record)")
     p.add_argument("--handler-name", help="pair format (default: pairwise_messages / single)")
@@ -146,10 +202,14 @@ def write_output(handle: IO[str], items: list[Item], rewards: list[float]) -> di
         if item.kind == "pair":
             chosen, rejected = rewards[row], rewards[row + 1]
             line.update(chosen_reward=chosen, rejected_reward=rejected)
+            if item.critiques is not None:
+                line.update(chosen_critique=item.critiques[0], rejected_critique=item.critiques[1])
             pairs += 1
             correct += int(chosen > rejected)
         elif item.kind == "single":
             line["reward"] = rewards[row]
+            if item.critiques is not None:
+                line["critique"] = item.critiques[0]
             singles += 1
         else:
             line["error"] = item.error
@@ -180,12 +240,17 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
     except (InputError, ValueError) as exc:  # ValueError: bad handler name, keys or JSON
         raise ScoreError(str(exc)) from exc
     try:
-        scorer, encoder, _ = open_scorer(args)
+        scorer, encoder, info = open_scorer(args)
         with scorer:
             if not scorer.is_driver:
                 scorer.follow()
                 return None
-            items = format_records(list(iter_records(inputs)), encoder, args.handler_name, map_keys)
+            raws = list(iter_records(inputs))
+            critic = open_critic(args, info, encoder)
+            if critic is None:
+                items = format_records(raws, encoder, args.handler_name, map_keys)
+            else:
+                items = critique_records(raws, encoder, args.handler_name, map_keys, critic)
             if not items:
                 raise ScoreError(f"--input {args.input} holds no records")
             rewards = scorer.rewards([row for item in items for row in item.rows])

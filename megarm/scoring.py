@@ -15,6 +15,11 @@
   transformers' ``AutoModelForSequenceClassification``.
 
 :func:`open_scorer` picks the backend from what ``--load`` holds.
+
+Critique models (``--critique-model``, the HF ``*ForCausalLM`` export) first write a
+critique of each response (:class:`megarm.generate.CritiqueWriter`); the reward is
+then read at the end of prompt + response + critique turn + critique
+(:meth:`Encoder.critique_rows`, the rows preprocessing's ``critique_pairs`` writes).
 """
 
 from __future__ import annotations
@@ -46,7 +51,14 @@ from megarm.data.dataset import collate_pairs
 from megarm.data.handlers import Handler, RecordError
 from megarm.data.preprocess import TRUNCATION_POLICIES, encode_records, fit_prompt
 from megarm.data.readers import RawRecord
-from megarm.data.templates import Template, TemplateError, get_template, reward_convention
+from megarm.data.templates import (
+    DEFAULT_CRITIQUE_PROMPT,
+    Template,
+    TemplateError,
+    critique_turn,
+    get_template,
+    reward_convention,
+)
 from megarm.data.tokenizer import TokenizerError, load_tokenizer
 from megarm.model.builder import build_model, params_dtype
 from megarm.training.step import PairBatch, forward_step
@@ -162,6 +174,30 @@ class Encoder:
             raise RecordError("missing_key", "no responses to score")
         prompt_text = self.template.prompt(messages)
         return self._join(prompt_text, [self.template.response(r) for r in responses])
+
+    def critique_rows(
+        self,
+        prompt: Any,
+        responses: Sequence[str],
+        critiques: Sequence[str],
+        critique_prompt: str = DEFAULT_CRITIQUE_PROMPT,
+    ) -> tuple[list[list[int]], bool]:
+        """Rows of a critique model: prompt + response + critique turn + critique per
+        response, tokenized in the same parts as preprocessing's ``critique_pairs``
+        (one shared prompt, cut as there); and whether the prompt was cut."""
+        messages = prompt_messages(prompt)
+        head: list[int] = []
+        tails = []
+        for response, critique in zip(responses, critiques, strict=True):
+            text, rest = critique_turn(self.template, messages, response, critique_prompt)
+            head, rest_ids, critique_ids = self._encode(
+                [text, rest, self.template.response(critique)]
+            )
+            tails.append(rest_ids + critique_ids)
+        cut, truncated = fit_prompt(
+            head, max(map(len, tails)), self.seq_length, self.header_len, self.truncation
+        )
+        return [cut + tail for tail in tails], truncated
 
     def conversation(self, messages: Any) -> list[int]:
         """The row for a conversation whose last message is the scored assistant turn."""
@@ -643,6 +679,47 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)",
     )
+
+
+def add_critique_arguments(p: argparse.ArgumentParser) -> None:
+    """Options for scoring with a critique model (its critiques are written first)."""
+    g = p.add_argument_group("critique models")
+    g.add_argument(
+        "--critique-model",
+        help="HF causal-LM export of a critique model: write a critique of each response "
+        "first, then score prompt + response + critique",
+    )
+    g.add_argument(
+        "--critique-prompt",
+        help="the critique turn's text (default: the one the model was trained with, "
+        "recorded in its reward convention)",
+    )
+    g.add_argument("--critique-max-new-tokens", type=int, default=256)
+    g.add_argument("--critique-batch-size", type=int, default=16)
+    g.add_argument("--critique-backend", default="transformers", choices=("transformers", "vllm"))
+
+
+def open_critic(args: argparse.Namespace, info: RewardInfo, encoder: Encoder) -> Any:
+    """The :class:`megarm.generate.CritiqueWriter` of ``--critique-model`` (``None``
+    without one), asking with the recorded critique prompt unless one is given."""
+    if not getattr(args, "critique_model", None):
+        return None
+    from megarm.generate import CritiqueWriter, GenerateError, Sampling
+
+    prompt = args.critique_prompt or (info.convention or {}).get("critique_prompt")
+    try:
+        return CritiqueWriter(
+            args.critique_model,
+            prompt or DEFAULT_CRITIQUE_PROMPT,
+            Sampling(max_new_tokens=args.critique_max_new_tokens),
+            batch_size=args.critique_batch_size,
+            backend=args.critique_backend,
+            prompt_type=args.prompt_type,
+            seq_length=encoder.seq_length,
+            truncation=encoder.truncation,
+        )
+    except GenerateError as exc:
+        raise ScoringError(str(exc)) from exc
 
 
 def open_scorer(args: argparse.Namespace) -> tuple[Scorer, Encoder, RewardInfo]:

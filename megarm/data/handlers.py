@@ -4,6 +4,10 @@ Every handler reads its fields through ``map_keys`` (canonical name -> column na
 in the source; an empty string means "this dataset has no such column") and raises
 :class:`RecordError` with a reject reason for records it cannot use. The shared
 checks (empty response, identical responses) run once in :meth:`Handler.__call__`.
+
+Two handlers feed critique models: ``critique_pairs`` (a pair plus a critique of
+each side, :class:`Pair` ``chosen_critique`` / ``rejected_critique``) and ``sft``
+(a prompt and the target to supervise, :class:`SFTRecord`; ``kind = "sft"``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,20 @@ class Pair:
     chosen: str
     rejected: str
     margin: float | None = None
+    chosen_critique: str | None = None
+    """A critique of the chosen response (``critique_pairs``): each side becomes
+    prompt + response + critique turn, the critique supervised."""
+    rejected_critique: str | None = None
+    """A critique of the rejected response."""
+
+
+@dataclass
+class SFTRecord:
+    """One supervised fine-tuning record before templating: only ``target`` is
+    supervised."""
+
+    prompt: Messages
+    target: str
 
 
 def _maybe_json(value: Any) -> Any:
@@ -123,6 +141,8 @@ class Handler:
     name: ClassVar[str]
     keys: ClassVar[tuple[str, ...]]
     aliases: ClassVar[dict[str, str]] = {}
+    kind: ClassVar[str] = "pairs"
+    """``pairs`` (preference pairs, critique pairs included) or ``sft`` (records)."""
 
     def __init__(
         self, map_keys: dict[str, Any] | None = None, margin: str | list[str] | None = None
@@ -378,6 +398,76 @@ class HelpSteer2PreferenceHandler(Handler):
         )
 
 
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError("malformed_record", f"{field} is not text")
+    if not value.strip():
+        raise RecordError("empty_response", f"{field} is empty")
+    return value
+
+
+class CritiquePairsHandler(PairwiseMessagesHandler):
+    """Critique pairs (CLoud's stage 3 data, or WorldPM-style pairs with a reason):
+    a ``pairwise_messages`` record plus ``chosen_critique`` and ``rejected_critique``,
+    one critique of each response (what ``python -m megarm.generate`` writes).
+
+    Each side becomes prompt + response + a user turn asking for a critique (the
+    ``--critique-prompt`` text) + the critique as the assistant's answer; only the
+    critique is supervised and the reward is read at its end."""
+
+    name = "critique_pairs"
+    keys = ("prompt", "chosen", "rejected", "system", "chosen_critique", "rejected_critique")
+
+    def extract(self, record: dict[str, Any]) -> Pair:
+        pair = super().extract(record)
+        pair.chosen_critique = _text(self.get(record, "chosen_critique"), "chosen_critique")
+        pair.rejected_critique = _text(self.get(record, "rejected_critique"), "rejected_critique")
+        return pair
+
+
+class SFTHandler(Handler):
+    """Supervised fine-tuning records (CLoud's stage 1 on critiques, or a plain SFT
+    stage): ``prompt`` (text or messages) and ``target`` (the text to supervise), or
+    ``messages`` ending with the assistant turn to supervise; optional ``system``.
+    ``response``, ``completion`` and ``output`` are accepted as names of ``target``.
+    Only the target's tokens (and the end of its turn) are supervised."""
+
+    name = "sft"
+    kind = "sft"
+    keys = ("prompt", "target", "messages", "system")
+    aliases = {"response": "target", "completion": "target", "output": "target"}
+
+    def __init__(
+        self, map_keys: dict[str, Any] | None = None, margin: str | list[str] | None = None
+    ) -> None:
+        if margin is not None or (map_keys and "margin" in map_keys):
+            raise ValueError("handler sft reads no margin; drop --margin")
+        super().__init__(map_keys)
+
+    def extract(self, record: dict[str, Any]) -> SFTRecord:  # type: ignore[override]
+        target = self.get(record, "target", required=False)
+        if target is None:
+            for column in ("response", "completion", "output"):
+                if self.mapping["target"] == "target" and record.get(column) is not None:
+                    target = record[column]
+                    break
+        if target is None and self.get(record, "messages", required=False) is not None:
+            conversation = _messages(self.get(record, "messages"), "messages", "user")
+            prompt, target = _split_last_assistant(conversation, "messages")
+        else:
+            if target is None:
+                self.get(record, "target")  # raises missing_key naming the column
+            prompt = _messages(self.get(record, "prompt"), "prompt", default_role="user")
+        return SFTRecord(_with_system(prompt, self.get(record, "system", required=False)), target)
+
+    def __call__(self, record: dict[str, Any]) -> SFTRecord:  # type: ignore[override]
+        sample = self.extract(record)
+        _text(sample.target, "target")
+        if not sample.prompt:
+            raise RecordError("malformed_record", "the prompt has no messages")
+        return sample
+
+
 HANDLERS: dict[str, type[Handler]] = {
     cls.name: cls
     for cls in (
@@ -386,6 +476,8 @@ HANDLERS: dict[str, type[Handler]] = {
         HHRLHFHandler,
         StackExchangePairedHandler,
         HelpSteer2PreferenceHandler,
+        CritiquePairsHandler,
+        SFTHandler,
     )
 }
 # MindSpeed-RL's class names, so its dataset YAMLs work unchanged.

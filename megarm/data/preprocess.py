@@ -1,5 +1,11 @@
 """Raw preference pairs -> megatron-core indexed datasets (``tools/preprocess_data.py``).
 
+The handler decides what a record becomes: a preference pair (four files: chosen and
+rejected input ids and labels, labels -100 over the prompt), a critique pair (the
+same four files; each side is prompt + response + critique turn, only the critique
+supervised, ``kind: critique_pairs`` in stats.json) or an SFT record (``input_ids``
+and ``labels``, only the target supervised, ``kind: sft``).
+
 The pipeline: read records in order (:mod:`megarm.data.readers`), hand chunks to N
 worker processes that run the handler, the chat template and the fast tokenizer
 (batched), and write the results in input order through megatron-core's
@@ -35,7 +41,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from megarm.data.blend import PACKED_RE
+from megarm.data.blend import PACKED_RE, SFT_KEYS
 from megarm.data.dataset import (
     IGNORE_INDEX,
     MARGIN_KEY,
@@ -50,14 +56,18 @@ from megarm.data.handlers import (
     HANDLERS,
     REJECT_REASONS,
     Handler,
+    Pair,
     RecordError,
+    SFTRecord,
     get_handler,
 )
 from megarm.data.readers import InputError, RawRecord, iter_records, record_unit, resolve_inputs
 from megarm.data.templates import (
+    DEFAULT_CRITIQUE_PROMPT,
     PROMPT_TYPES,
     Template,
     TemplateError,
+    critique_turn,
     get_template,
     reward_convention,
 )
@@ -111,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt-type", default="auto", help=f"chat format: {', '.join(PROMPT_TYPES)}")
     p.add_argument("--map-keys", help='JSON renaming, e.g. \'{"prompt": "question"}\'')
+    p.add_argument(
+        "--critique-prompt",
+        default=DEFAULT_CRITIQUE_PROMPT,
+        help="critique_pairs: the user turn that asks for the critique after the response "
+        "({prompt} and {response} are filled in where named); recorded in stats.json and "
+        f"used again at scoring. Default: {DEFAULT_CRITIQUE_PROMPT!r}",
+    )
     p.add_argument(
         "--margin",
         nargs="+",
@@ -209,6 +226,20 @@ class _Job:
     seq_length: int | None
     truncation: str
     header_len: int
+    critique_prompt: str = DEFAULT_CRITIQUE_PROMPT
+
+    def texts(self, item: Pair | SFTRecord) -> list[str]:
+        """The texts a record is tokenized as: prompt, then each sequence's tail (a
+        critique pair's tail is two texts: response + critique turn, then critique)."""
+        t = self.template
+        if isinstance(item, SFTRecord):
+            return [t.prompt(item.prompt), t.response(item.target)]
+        if item.chosen_critique is None:
+            return [t.prompt(item.prompt), t.response(item.chosen), t.response(item.rejected)]
+        prompt, chosen = critique_turn(t, item.prompt, item.chosen, self.critique_prompt)
+        _, rejected = critique_turn(t, item.prompt, item.rejected, self.critique_prompt)
+        return [prompt, chosen, t.response(item.chosen_critique), rejected,
+                t.response(item.rejected_critique)]  # type: ignore[arg-type]
 
 
 _JOB: _Job | None = None
@@ -260,13 +291,18 @@ def fit_prompt(
 
 
 def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
-    """Records -> ``("ok", prompt, chosen, rejected, margin, truncated)`` or
-    ``("reject", reason, detail)``, one per record, in order."""
+    """Records -> ``("ok", prompt, chosen, rejected, margin, truncated, supervised)``
+    or ``("reject", reason, detail)``, one per record, in order.
+
+    ``chosen`` / ``rejected`` are everything after the prompt; ``supervised`` gives,
+    per sequence, where its labels start within it (0: all of it; a critique pair's
+    critique starts after the response and critique turn). An SFT record has its
+    target as ``chosen`` and ``rejected`` and ``margin`` ``None``."""
     job = _JOB
     assert job is not None, "worker not initialised"
     results: list[tuple | None] = [None] * len(chunk)
-    todo: list[tuple[int, Any]] = []
-    prompts: list[str] = []
+    todo: list[tuple[int, Any, int]] = []
+    texts: list[str] = []
     for i, raw in enumerate(chunk):
         try:
             record = raw.payload
@@ -277,36 +313,39 @@ def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
                     raise RecordError("malformed_json", str(exc)) from None
             if not isinstance(record, dict):
                 raise RecordError("malformed_record", "the record is not a JSON object")
-            pair = job.handler(record)
-            prompts.append(job.template.prompt(pair.prompt))
-            todo.append((i, pair))
+            item = job.handler(record)
+            parts = job.texts(item)
+            todo.append((i, item, len(texts)))
+            texts += parts
         except RecordError as exc:
             results[i] = ("reject", exc.reason, exc.detail)
     if todo:
-        texts = prompts + [job.template.response(p.chosen) for _, p in todo]
-        texts += [job.template.response(p.rejected) for _, p in todo]
         ids = _encode(job.tokenizer, texts)
-        n = len(todo)
-        for k, (i, pair) in enumerate(todo):
-            chosen, rejected = ids[n + k], ids[2 * n + k]
+        for i, item, at in todo:
+            prompt, tails, supervised = ids[at], [], []
+            if isinstance(item, SFTRecord):
+                tails, supervised = [ids[at + 1]], [0]
+            elif item.chosen_critique is None:
+                tails, supervised = [ids[at + 1], ids[at + 2]], [0, 0]
+            else:  # response + critique turn, then the critique (supervised)
+                tails = [ids[at + 1] + ids[at + 2], ids[at + 3] + ids[at + 4]]
+                supervised = [len(ids[at + 1]), len(ids[at + 3])]
             try:
                 prompt, truncated = fit_prompt(
-                    ids[k],
-                    max(len(chosen), len(rejected)),
-                    job.seq_length,
-                    job.header_len,
-                    job.truncation,
+                    prompt, max(map(len, tails)), job.seq_length, job.header_len, job.truncation
                 )
             except RecordError as exc:
                 results[i] = ("reject", exc.reason, exc.detail)
                 continue
+            arrays = [np.asarray(tail, dtype=np.int32) for tail in tails]
             results[i] = (
                 "ok",
                 np.asarray(prompt, dtype=np.int32),
-                np.asarray(chosen, dtype=np.int32),
-                np.asarray(rejected, dtype=np.int32),
-                pair.margin,
+                arrays[0],
+                arrays[1] if len(arrays) > 1 else None,
+                getattr(item, "margin", None),
                 truncated,
+                tuple(supervised),
             )
     return results  # type: ignore[return-value]
 
@@ -362,13 +401,15 @@ def encode_records(
     tokenizer: Any,
     seq_length: int | None = None,
     truncation: str = "left",
+    critique_prompt: str = DEFAULT_CRITIQUE_PROMPT,
 ) -> Iterator[tuple[RawRecord, tuple]]:
     """Preprocessing's record encoder in this process (``megarm.score`` and
     ``megarm.evaluate`` use it): ``(raw record, result)`` in input order, each result
-    ``("ok", prompt, chosen, rejected, margin, truncated)`` or ``("reject", reason,
-    detail)``, exactly as a preprocessing run computes it."""
+    ``("ok", prompt, chosen, rejected, margin, truncated, supervised)`` or
+    ``("reject", reason, detail)``, exactly as a preprocessing run computes it
+    (``prompt + chosen`` and ``prompt + rejected`` are the two token rows)."""
     header_len = len(tokenizer.encode(template.header, add_special_tokens=False))
-    job = _Job(handler, template, tokenizer, seq_length, truncation, header_len)
+    job = _Job(handler, template, tokenizer, seq_length, truncation, header_len, critique_prompt)
     return _results(job, _chunks(iter(records), 128), 1)
 
 
@@ -421,11 +462,11 @@ def _raise_write_error(exc: OSError, prefix: str) -> NoReturn:
 class _Outputs:
     """The temporary files of one run and their promotion to final names."""
 
-    def __init__(self, prefix: str, has_margin: bool) -> None:
+    def __init__(self, prefix: str, has_margin: bool, sft: bool = False) -> None:
         IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
         self.prefix = prefix
         self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
-        self.keys = PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
+        self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
         self.paths: list[tuple[str, str]] = []  # (temporary, final)
         self.builders = {}
         self.rejects = None
@@ -445,14 +486,26 @@ class _Outputs:
             raise
 
     def add(
-        self, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, margin: float | None
+        self,
+        prompt: np.ndarray,
+        chosen: np.ndarray,
+        rejected: np.ndarray | None,
+        margin: float | None,
+        supervised: tuple[int, ...] = (0, 0),
     ) -> None:
-        masked = np.full(len(prompt), IGNORE_INDEX, dtype=np.int32)
-        for side, response in (("chosen", chosen), ("rejected", rejected)):
-            tokens = np.concatenate([prompt, response])
-            labels = np.concatenate([masked, response])
-            self.builders[f"{side}_input_ids"].add_document(tokens, [len(tokens)])
-            self.builders[f"{side}_labels"].add_document(labels, [len(labels)])
+        """One record: a pair (``chosen`` / ``rejected`` tails after the prompt), or an
+        SFT record (``chosen`` is its target, ``rejected`` ``None``). Labels are -100
+        over the prompt and the first ``supervised[k]`` tokens of tail ``k``."""
+        if rejected is None:
+            sequences = [("", chosen, supervised[0])]
+        else:
+            sequences = [("chosen_", chosen, supervised[0]), ("rejected_", rejected, supervised[1])]
+        for side, tail, start in sequences:
+            tokens = np.concatenate([prompt, tail])
+            labels = tokens.copy()
+            labels[: len(prompt) + start] = IGNORE_INDEX
+            self.builders[f"{side}input_ids"].add_document(tokens, [len(tokens)])
+            self.builders[f"{side}labels"].add_document(labels, [len(labels)])
         if MARGIN_KEY in self.builders:
             self.builders[MARGIN_KEY].add_document(np.array([margin], dtype=np.float32), [1])
 
@@ -606,7 +659,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seq_length=args.seq_length,
         truncation=args.truncation,
         header_len=len(tokenizer.encode(template.header, add_special_tokens=False)),
+        critique_prompt=args.critique_prompt,
     )
+    sft = handler.kind == "sft"
+    critiques = handler.name == "critique_pairs"
+    sides = ("sequences",) if sft else ("chosen", "rejected")
     if args.seq_length is not None and args.seq_length <= job.header_len:
         raise PreprocessError(
             f"--seq-length {args.seq_length} leaves no room after the {job.header_len}-token "
@@ -629,13 +686,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     units = [record_unit(path) for path in files]
     counts = {"records": 0, "kept": 0, "rejected": 0, "truncated": 0}
     reasons = dict.fromkeys(REJECT_REASONS, 0)
-    lengths = {"chosen": array("i"), "rejected": array("i")}
-    tokens = {"chosen": 0, "rejected": 0}
+    lengths = {side: array("i") for side in sides}
+    tokens = dict.fromkeys(sides, 0)
+    supervised_tokens = 0
     examples: list[str] = []  # the first rejects, quoted if the run fails
     max_token_id = -1  # checked against the model's vocabulary before training
 
     try:
-        outputs = _Outputs(args.output_prefix, handler.has_margin)
+        outputs = _Outputs(args.output_prefix, handler.has_margin, sft)
     except OSError as exc:
         _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
@@ -645,16 +703,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for raw, result in _results(job, _chunks(records, args.chunk_size), args.workers):
             counts["records"] += 1
             if result[0] == "ok":
-                _, prompt, chosen, rejected, margin, truncated = result
-                outputs.add(prompt, chosen, rejected, margin)
-                for ids in (prompt, chosen, rejected):
+                _, prompt, chosen, rejected, margin, truncated, supervised = result
+                outputs.add(prompt, chosen, rejected, margin, supervised)
+                tails = [chosen] if rejected is None else [chosen, rejected]
+                for ids in (prompt, *tails):
                     if len(ids):
                         max_token_id = max(max_token_id, int(ids.max()))
                 counts["kept"] += 1
                 counts["truncated"] += int(truncated)
-                for side, response in (("chosen", chosen), ("rejected", rejected)):
-                    lengths[side].append(len(prompt) + len(response))
-                    tokens[side] += len(prompt) + len(response)
+                for side, tail, start in zip(sides, tails, supervised, strict=True):
+                    lengths[side].append(len(prompt) + len(tail))
+                    tokens[side] += len(prompt) + len(tail)
+                    supervised_tokens += len(tail) - start
             else:
                 _, reason, detail = result
                 counts["rejected"] += 1
@@ -677,7 +737,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
             progress.update(
-                counts["records"], tokens["chosen"] + tokens["rejected"], counts["rejected"]
+                counts["records"], sum(tokens.values()), counts["rejected"]
             )
         outputs.close()
         elapsed = progress.elapsed()
@@ -700,6 +760,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stats = {
             "megarm_version": megarm_version(),
             "handler": handler.name,
+            # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
+            "kind": "sft" if sft else "critique_pairs" if critiques else "pairs",
             "tokenizer": {
                 "name_or_path": args.tokenizer_name_or_path,
                 "vocab_sha256": vocab_sha256(tokenizer),
@@ -712,13 +774,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "end_of_turn": template.end_of_turn,
                 "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
                 # Where the reward is read; training records it in its checkpoints.
-                "reward_convention": reward_convention(template, tokenizer),
+                "reward_convention": reward_convention(
+                    template, tokenizer, args.critique_prompt if critiques else None
+                ),
             },
             "inputs": [str(path) for path in files],
             "counts": counts,
             "rejects": reasons,
             "lengths": {side: _percentiles(values) for side, values in lengths.items()},
             "tokens": tokens,
+            "supervised_tokens": supervised_tokens,
             "has_margin": handler.has_margin,
             "max_token_id": max_token_id,
             "seq_length": args.seq_length,
@@ -760,8 +825,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; no output written", file=sys.stderr)
         return 130
     counts = stats["counts"]
+    what = "SFT records" if stats["kind"] == "sft" else stats["kind"].replace("_", " ")
     print(
-        f"wrote {counts['kept']} pairs ({counts['rejected']} rejected, {counts['truncated']} "
+        f"wrote {counts['kept']} {what} ({counts['rejected']} rejected, {counts['truncated']} "
         f"truncated) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "
         f"stats in {stats_path(args.output_prefix)}",
         file=sys.stderr,

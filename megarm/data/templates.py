@@ -15,6 +15,12 @@ A reward model reads its score at one fixed token, so every template defines:
 
 :meth:`Template.split_text` puts a chat-formatted text from a client (ending at
 ``<|im_end|>``, at ``<|im_end|>\\n``, with padding, or cut off) into that form.
+
+Critique models read ``prompt + response + critique turn``: :func:`critique_turn`
+renders the user turn asking for a critique (the ``critique_prompt`` text, which
+users set) and the assistant header after the response; the critique is then a
+response like any other (it ends with ``response_end`` and the reward is read at its
+last token). Preprocessing, generation and scoring all build it here.
 """
 
 from __future__ import annotations
@@ -238,15 +244,61 @@ def get_template(prompt_type: str, tokenizer: Any, response_end: str | None = No
     return template
 
 
-def reward_convention(template: Template, tokenizer: Any) -> dict[str, Any]:
+def reward_convention(
+    template: Template, tokenizer: Any, critique_prompt: str | None = None
+) -> dict[str, Any]:
     """Where the reward is read, as recorded in stats.json, checkpoints and exports:
     every sequence ends with ``sequence_end`` (the end of ``apply_chat_template``'s
     output for an assistant turn, unless overridden) and the reward is the value at
-    its last token, ``reward_token_id``."""
+    its last token, ``reward_token_id``. A critique model also records the
+    ``critique_prompt`` its critique turn asks with (scoring asks the same)."""
     ids = tokenizer.encode(template.response_end, add_special_tokens=False)
-    return {
+    convention = {
         "sequence_end": template.response_end,
         "end_of_turn": template.end_of_turn,
         "reward_token_id": int(ids[-1]),
         "reward_position": "last token",
     }
+    if critique_prompt is not None:
+        convention["critique_prompt"] = critique_prompt
+        convention["reward_position"] = "last token of the critique"
+    return convention
+
+
+DEFAULT_CRITIQUE_PROMPT = (
+    "Critique the response above: say what is wrong with it, or that it is correct."
+)
+
+
+def critique_request(critique_prompt: str, prompt: Messages, response: str) -> str:
+    """The user turn asking for a critique: ``critique_prompt`` with ``{prompt}`` (the
+    last user message) and ``{response}`` filled in where it names them."""
+    last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return critique_prompt.replace("{prompt}", last_user).replace("{response}", response)
+
+
+def critique_turn(
+    template: Template, prompt: Messages, response: str, critique_prompt: str
+) -> tuple[str, str]:
+    """``(prompt text, rest)``: the templated prompt (ending with the assistant
+    header), and what follows it before the critique: the response with its turn's
+    end, the user turn asking for a critique, and the assistant header. The
+    critique itself is ``template.response(critique)``.
+
+    Both come from rendering the whole conversation once, so the text equals what
+    the chat template writes for it; a template that rewrites earlier turns (so the
+    prompt is not a prefix) is refused for the record."""
+    head = template.prompt(prompt)
+    conversation = [
+        *prompt,
+        {"role": "assistant", "content": response},
+        {"role": "user", "content": critique_request(critique_prompt, prompt, response)},
+    ]
+    full = template.prompt(conversation)
+    if not full.startswith(head):
+        raise RecordError(
+            "malformed_record",
+            f"the {template.name} chat template renders the conversation with its critique "
+            "turn differently from the prompt alone; use another --prompt-type",
+        )
+    return head, full[len(head) :]

@@ -28,9 +28,11 @@ def reason_of(handler, record) -> str:
 def test_registry():
     assert sorted(HANDLERS) == [
         "alpaca_pairwise",
+        "critique_pairs",
         "helpsteer2_preference",
         "hh_rlhf",
         "pairwise_messages",
+        "sft",
         "stack_exchange_paired",
     ]
     assert get_handler("AlpacaStylePairwiseHandler").name == "alpaca_pairwise"
