@@ -8,7 +8,9 @@ dense, Llama 3.x: :mod:`megarm.families`) into a megarm (megatron-core) one.
 Input: the family's ``*ForCausalLM`` (the LM head is dropped and a fresh value head
 is drawn from N(0, 1/(hidden+1)), as megarm's model does) or its
 ``*ForSequenceClassification`` with ``num_labels=1`` (its score head becomes the value
-head unchanged). Weights
+head unchanged). ``--keep-lm-head`` keeps a ``*ForCausalLM``'s LM head as megarm's
+output layer, for critique models (``training.objective: sft | joint``; a model with
+tied embeddings needs no tensor of its own); the checkpoint then holds both heads. Weights
 may be sharded safetensors (``model.safetensors.index.json``), one
 ``model.safetensors``, or ``pytorch_model.bin`` (optionally indexed); tied embeddings
 (no ``lm_head.weight``) are fine. Tensors are read one at a time, file by file.
@@ -511,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(torch_dist keys do not depend on the spec)",
     )
     p.add_argument("--seed", type=int, default=1234, help="seed of a freshly drawn value head")
+    p.add_argument(
+        "--keep-lm-head",
+        action="store_true",
+        help="keep the *ForCausalLM's LM head (or the tied embedding) as the output layer of "
+        "a critique model (training.objective sft or joint); torch_dist only",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     return p
 
@@ -572,7 +580,18 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         arch = family.sequence_classification if has_head else family.causal_lm
         log.info("config.json names no architecture; the weights look like %s", arch)
     with_score = arch == family.sequence_classification
-    selected = family.entries(num_layers, ("value",) if with_score else ())
+    heads: tuple[str, ...] = ("value",) if with_score else ()
+    if args.keep_lm_head:
+        if with_score or args.format != "torch_dist":
+            raise ConversionError(
+                f"--keep-lm-head needs a {family.causal_lm} input and --format torch_dist "
+                f"(got {arch}, {args.format})"
+            )
+        # Both heads in the checkpoint (the meta model builds what the objective needs).
+        cfg.training.objective = "joint"
+        if not cfg.model.tie_word_embeddings:
+            heads = ("lm",)
+    selected = family.entries(num_layers, heads)
     wanted = {name for e in selected for name in e.hf}
     missing = sorted(wanted - set(names))
     if missing:
@@ -587,7 +606,13 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             f"({len(extra)} in all); is this really a {arch}?"
         )
     dropped = [n for n in names if family.is_dropped(n)]
-    if dropped:
+    (lm_rule,) = [rule for rule in family.weights if rule.head == "lm"]
+    if args.keep_lm_head:
+        log.info(
+            "keeping the LM head as the output layer (%s)",
+            "the tied embedding" if cfg.model.tie_word_embeddings else lm_rule.hf[0],
+        )
+    elif dropped:
         log.info("dropping %s (a reward model has no LM head)", ", ".join(dropped))
     elif arch == family.causal_lm:
         log.info(
@@ -615,6 +640,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             "family": family.name,
             "architecture": arch,
             "value_head": head,
+            "output_layer": (
+                ("tied embedding" if cfg.model.tie_word_embeddings else lm_rule.hf[0])
+                if args.keep_lm_head else "none (LM head dropped)"
+            ),
             "params_dtype": args.params_dtype,
             "padded_vocab_size": Shape.of(cfg.model).padded_vocab_size,
             "tensor_model_parallel_size": tp,

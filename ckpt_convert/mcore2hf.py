@@ -23,6 +23,13 @@ MCORE_DIR). The output is what ``AutoModelForSequenceClassification.from_pretrai
   ``mean``/``std``);
 - the tokenizer files (``--tokenizer-model``, else those in MCORE_DIR).
 
+A critique model (a checkpoint trained with ``training.objective: sft | joint``, or
+converted with ``hf2mcore.py --keep-lm-head``) has an output layer: it is exported as
+``HF_DIR/causal_lm``, the family's ``*ForCausalLM`` (generation; vLLM loads it; the
+output layer as ``lm_head.weight``, or tied to the embedding), and, when it also has a
+value head, ``HF_DIR/reward``, the ``*ForSequenceClassification`` above; both hold the
+same trunk weights.
+
 Memory holds one output shard: the megarm tensors a shard needs are read from the
 checkpoint (megatron-core's loader, any saved TP/PP) just before it is written. Everything
 is written to a temporary directory next to HF_DIR and renamed when complete
@@ -72,8 +79,9 @@ from megarm.families import Family, Shape
 log = logging.getLogger("mcore2hf")
 
 _DTYPE_NAMES = {v: k for k, v in cli.DTYPES.items()}
-# The head the export writes: megarm's value head, as *ForSequenceClassification's
-# score head. (A critique model's LM head would be the family's causal_lm.)
+# The head a reward model's export writes: megarm's value head, as
+# *ForSequenceClassification's score head (a critique model's output layer goes to the
+# family's *ForCausalLM: exports()).
 HEADS = ("value",)
 
 
@@ -151,21 +159,28 @@ def tokenizer_source(args: argparse.Namespace, load: Path) -> Path | None:
 
 
 def hf_config(
-    model: ModelConfig, base: dict[str, Any], pad_id: int | None, dtype: torch.dtype
+    model: ModelConfig,
+    base: dict[str, Any],
+    pad_id: int | None,
+    dtype: torch.dtype,
+    causal_lm: bool = False,
 ) -> Any:
     """transformers' config of the exported reward model: the family's keys written
     from ``model`` by its table, the keys it carries over from the source config
-    ``base``, one label."""
+    ``base``, one label (or, ``causal_lm``, the family's ``*ForCausalLM``)."""
     family = families.family(model.family)
     kwargs: dict[str, Any] = {key: base[key] for key in family.carried if key in base}
     kwargs.update(family.write(model))
     model_type = kwargs.pop("model_type")
-    kwargs.update(
-        architectures=[family.sequence_classification],
-        pad_token_id=pad_id,
-        id2label={0: "LABEL_0"},
-        label2id={"LABEL_0": 0},
-    )
+    kwargs.update(pad_token_id=pad_id)
+    if causal_lm:
+        kwargs.update(architectures=[family.causal_lm])
+    else:
+        kwargs.update(
+            architectures=[family.sequence_classification],
+            id2label={0: "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        )
     config = AutoConfig.for_model(model_type, **kwargs)
     # transformers 5 calls it ``dtype``, 4.x ``torch_dtype``.
     accepted = inspect.signature(type(config).__init__).parameters
@@ -207,15 +222,18 @@ def write_weights(
     dtype: torch.dtype,
     max_shard_size: str,
     source: Path | None = None,
+    heads: tuple[str, ...] = HEADS,
 ) -> dict[str, Any]:
     """HF safetensors shards (and the index when there are several). Shards are
     planned from shapes alone; then, shard by shard, ``load(names)`` reads just the
-    megarm tensors (state-dict names) that shard needs, so memory holds one shard."""
+    megarm tensors (state-dict names) that shard needs, so memory holds one shard.
+    ``heads``: the output heads to write (``value``; ``lm`` for a critique model's
+    untied output layer)."""
     family, shape = families.family(model.family), Shape.of(model)
-    selected = family.entries(shape.num_layers, HEADS)
+    selected = family.entries(shape.num_layers, heads)
     planned = {
         name: torch.empty(size, dtype=dtype, device="meta")
-        for name, size in family.hf_shapes(shape, HEADS).items()
+        for name, size in family.hf_shapes(shape, heads).items()
     }
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     for number, (filename, names) in enumerate(split.filename_to_tensors.items(), 1):
@@ -239,6 +257,25 @@ def write_weights(
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def exports(checkpoint: Path, model: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
+    """What to write: ``(subdirectory, heads, causal LM?)`` per HF model. A checkpoint
+    with an output layer (saved for ``training.objective`` sft or joint) gives
+    ``causal_lm`` and, with a value head, ``reward``; a reward model gives ``.``."""
+    stored = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    common = read_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
+    objective = ((common.get("megarm_config") or {}).get("training") or {}).get("objective", "rm")
+    value = families.head_weight("value") in stored
+    if objective not in ("sft", "joint"):
+        return [(".", ("value",), False)]
+    if not model.tie_word_embeddings and families.head_weight("lm") not in stored:
+        raise ExportError(
+            f"{checkpoint} was trained with training.objective={objective} but holds no "
+            f"{families.head_weight('lm')} (and model.tie_word_embeddings is false)"
+        )
+    lm_heads = () if model.tie_word_embeddings else ("lm",)
+    return [("causal_lm", lm_heads, True)] + ([("reward", ("value",), False)] if value else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,36 +337,55 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             "then scores only batches of one; pass --tokenizer-model"
         )
 
+    plan = exports(checkpoint, cfg.model)
+    has_lm, has_value = plan[0][2], any(not lm for _, _, lm in plan)
+    # The meta model (checkpoint keys) with exactly the heads the checkpoint holds.
+    cfg.training.objective = "joint" if has_lm and has_value else "sft" if has_lm else "rm"
     # One process of its own, whatever launched it.
     # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    written: dict[str, Any] = {}
     with cli.staged_output(save) as tmp:
         distributed.init(1, 1, seed=0)
         try:
             sharded = meta_sharded_state_dict(cfg)
             check_shapes(checkpoint, sharded)  # names a mismatched tensor before any read
-            weights = write_weights(
-                lambda names: load_tensors(checkpoint, sharded, names),
-                cfg.model,
-                tmp,
-                out_dtype,
-                args.max_shard_size,
-                checkpoint,
-            )
+            for subdir, heads, _ in plan:
+                (tmp / subdir).mkdir(exist_ok=True)
+                written[subdir] = write_weights(
+                    lambda names: load_tensors(checkpoint, sharded, names),
+                    cfg.model,
+                    tmp / subdir,
+                    out_dtype,
+                    args.max_shard_size,
+                    checkpoint,
+                    heads,
+                )
         finally:
             distributed.teardown()
-        config = hf_config(cfg.model, base, pad_id, out_dtype)
-        for key, value in reward_fields(checkpoint, tokenizer_dir).items():
-            setattr(config, key, value)
-        config.save_pretrained(str(tmp))
-        copied = cli.copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else []
+        for subdir, _, causal_lm in plan:
+            config = hf_config(cfg.model, base, pad_id, out_dtype, causal_lm)
+            for key, value in reward_fields(checkpoint, tokenizer_dir).items():
+                # The causal LM carries where its critique model reads the reward too.
+                if not causal_lm or key == "reward_convention":
+                    setattr(config, key, value)
+            config.save_pretrained(str(tmp / subdir))
+            copied = cli.copy_tokenizer(tokenizer_dir, tmp / subdir) if tokenizer_dir else []
+    weights = written[plan[0][0]]
+    family = families.family(cfg.model.family)
+    names = ", ".join(
+        (family.causal_lm if lm else family.sequence_classification)
+        + ("" if sub == "." else f" in {sub}/")
+        for sub, _, lm in plan
+    )
     cli.report(
         log,
         f"exported {checkpoint} ({len(weights['files'])} shard(s), "
-        f"{str(out_dtype).removeprefix('torch.')}, {config.architectures[0]}) to {save}",
+        f"{str(out_dtype).removeprefix('torch.')}, {names}) to {save}",
         started,
     )
-    return {"checkpoint": str(checkpoint), "tokenizer_files": copied, **weights}
+    return {"checkpoint": str(checkpoint), "tokenizer_files": copied,
+            "exports": [sub for sub, _, _ in plan], **weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

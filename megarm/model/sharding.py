@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
-from megarm.families import megatron_rule, te_names
+from megarm.families import head_weight, megatron_rule, te_names
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -153,10 +153,11 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
             vpp,
         )
         wanted = set(module.state_dict())
-        tied = "embedding.word_embeddings.weight"
-        if "output_layer.weight" in wanted and "output_layer.weight" not in shard and tied in full:
+        output = head_weight("lm")
+        if output in wanted and output not in shard:
             # An output layer tied to the embedding on a later pipeline stage: its copy.
-            shard["output_layer.weight"] = split_tp(
+            (tied,) = [name for name in full if megatron_rule(name).part == "embedding"]
+            shard[output] = split_tp(
                 tied, full[tied], ps.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size
             ).clone()
         load_state_dict_strict(module, spec_names(shard, wanted))
