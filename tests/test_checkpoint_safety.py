@@ -100,6 +100,7 @@ def _data_file(checkpoint: Path) -> Path:
 # --------------------------------------------------------------------------- item 7
 
 
+@pytest.mark.slow
 def test_damaged_shard_is_named_and_nan_weights_stop_the_load(saved, tmp_path):
     from megarm.checkpoint.integrity import read_dcp_metadata
 
@@ -166,6 +167,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_crafted_metadata_never_runs(saved, tmp_path):
     run = _copy(saved, tmp_path)
     marker = tmp_path / "pwned"
@@ -317,7 +319,9 @@ def _save_into_full_disk(root: str, limit: int | None) -> dict:
     return {"error": None}
 
 
-@pytest.mark.parametrize("limit", [4096, None], ids=["write-fails", "space-check"])
+@pytest.mark.parametrize(
+    "limit", [pytest.param(4096, marks=pytest.mark.slow), None], ids=["write-fails", "space-check"]
+)
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, limit):
     root = tmp_path / "run"
     (out,) = run_distributed(_save_into_full_disk, 1, str(root), limit)
@@ -332,6 +336,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, limit):
     assert (root / "iter_0000001" / "megarm_integrity.json").is_file()
 
 
+@pytest.mark.slow
 def test_verify_command_names_a_damaged_file(saved, tmp_path):
     run = _copy(saved, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -38,7 +38,7 @@ def _held_bytes(overrides: tuple[str, ...]):
 
 @pytest.mark.parametrize("world, overrides", [
     pytest.param(1, (), id="tp1"),
-    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2", marks=pytest.mark.slow),
     pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2",
                  marks=pytest.mark.slow),
     pytest.param(2, ("parallel.use_distributed_optimizer=true",), id="dp2-distopt",

@@ -196,22 +196,27 @@ def reference():
     return history, full
 
 
+_TP2 = ("parallel.tensor_model_parallel_size=2",)
+_PP2 = ("parallel.pipeline_model_parallel_size=2",)
+_FULL = ("model.recompute_granularity=full",)
+_SP = ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")
+_slow = pytest.mark.slow
+# The quick subset keeps one layout per packing format and TP=2 for THD (the default).
 PACKED = [
-    pytest.param(1, (), id="tp1-pp1"),
-    pytest.param(1, ("model.recompute_granularity=full",), id="full-recompute"),
-    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
-    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
-    pytest.param(
-        2,
-        ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
-        id="tp2-sp",
-        marks=pytest.mark.slow,
-    ),
+    pytest.param(1, (), "rows", id="tp1-pp1-rows"),
+    pytest.param(1, (), "thd", id="tp1-pp1-thd"),
+    pytest.param(1, _FULL, "rows", id="full-recompute-rows", marks=_slow),
+    pytest.param(1, _FULL, "thd", id="full-recompute-thd", marks=_slow),
+    pytest.param(2, _TP2, "rows", id="tp2-rows", marks=_slow),
+    pytest.param(2, _TP2, "thd", id="tp2-thd"),
+    pytest.param(2, _PP2, "rows", id="pp2-rows", marks=_slow),
+    pytest.param(2, _PP2, "thd", id="pp2-thd", marks=_slow),
+    pytest.param(2, _SP, "rows", id="tp2-sp-rows", marks=_slow),
+    pytest.param(2, _SP, "thd", id="tp2-sp-thd", marks=_slow),
 ]
 
 
-@pytest.mark.parametrize("layout", ["rows", "thd"])
-@pytest.mark.parametrize("world, overrides", PACKED)
+@pytest.mark.parametrize("world, overrides, layout", PACKED)
 def test_packed_training_equals_padded(reference, world, overrides, layout):
     expected, full = reference
     packing = ("data.packing=true", f"data.packed_format={layout}")

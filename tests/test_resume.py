@@ -109,6 +109,7 @@ def test_distributed_optimizer_state_written_by_each_dp_rank_reshards(tmp_path):
         assert all(abs(a - b) < 1e-4 for a, b in zip(rest, straight[3:], strict=True))
 
 
+@pytest.mark.slow
 def test_finetune_loads_weights_only(tmp_path):
     save = f"checkpoint.save={tmp_path / 'ckpt'}"
     _losses(1, save, "training.exit_interval=3")

@@ -155,7 +155,8 @@ def test_two_rank_run_from_shipped_config_learns(tmp_path):
     "world, overrides",
     [
         pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
-        pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
+        pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_bf16_trains_like_fp32(reference, world, overrides):
