@@ -43,7 +43,6 @@ def value_head_name(family: Family) -> str:
     return next(rule.local for rule in family.weights if rule.head == "value")
 
 
-
 # --------------------------------------------------------------------------- transforms
 
 

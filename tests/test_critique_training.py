@@ -154,7 +154,8 @@ def test_lm_and_joint_losses_are_the_hand_computed_ones(references, tie):
 # its parts and grad norm (step 2) together; "tie" says which reference it meets.
 LAYOUTS = [
     pytest.param(2, ("parallel.tensor_model_parallel_size=2",), False, id="tp2"),
-    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), True, id="pp2-tied"),
+    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), True, id="pp2-tied",
+                 marks=pytest.mark.slow),
     pytest.param(2, ("training.micro_batch_size=1",), False, id="dp2-grad-accumulation",
                  marks=pytest.mark.slow),
     pytest.param(
@@ -211,3 +212,25 @@ def test_sft_objective_trains_lm_only_and_matches_hand_and_pp2(references):
     ):
         for key in ("loss", "grad_norm", "lm_tokens"):
             assert math.isclose(history[0][key], single[0][key], rel_tol=1e-6), key
+
+
+def test_shipped_critique_configs_validate():
+    """The CLoud / WorldPM recipes at their stated GPUs (once they name data and
+    weights), and the CPU demo's stages at 2 ranks."""
+    import re
+    from pathlib import Path
+
+    from megarm.config import resolve
+
+    root = Path(__file__).resolve().parents[1]
+    allow = ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"]
+    for name, objective in [("cloud_qwen25_7b_sft", "sft"), ("cloud_qwen25_7b_joint", "joint"),
+                            ("worldpm_qwen25_7b_joint", "joint")]:
+        path = root / "configs" / f"{name}.yaml"
+        world = int(re.search(r"^# gpus: (\d+)$", path.read_text(), re.M).group(1))
+        cfg = resolve(path, allow, world)
+        assert cfg.training.objective == objective and cfg.model.vocab_size == 152064
+        if objective == "joint":
+            assert (cfg.training.rm_loss_weight, cfg.training.lm_loss_weight) == (0.7, 0.3)
+    for name in ("cloud_demo_sft", "cloud_demo_joint"):
+        resolve(root / "configs" / f"{name}.yaml", [], 2)
