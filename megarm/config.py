@@ -251,6 +251,16 @@ class TrainingConfig:
     eval_iters: int = 4
     """Global batches per evaluation (fewer when the validation split is smaller)."""
 
+    eval_benchmark: str | None = None
+    """A benchmark file scored at every evaluation, with the model being trained:
+    RewardBench, RewardBench 2, RM-Bench or plain pairs (jsonl/json/parquet; the
+    formats of ``python -m megarm.evaluate``). Its per-subset accuracies and scores
+    are logged as ``benchmark/...``. Needs ``data.tokenizer_name_or_path`` and a
+    value head (objective ``rm`` or ``joint``)."""
+
+    eval_benchmark_format: Literal["auto", "rewardbench", "rewardbench2", "rmbench", "pairs"] = "auto"
+    """Format of ``eval_benchmark`` (``auto``: told from its fields)."""
+
     exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this."""
 
@@ -986,6 +996,13 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
     ]:
         if value and not Path(value).exists():
             bad(key, f"path does not exist: {value}")
+    if t.eval_benchmark:
+        if not Path(t.eval_benchmark).is_file():
+            bad("training.eval_benchmark", f"no such file: {t.eval_benchmark}")
+        if not d.tokenizer_name_or_path:
+            bad("training.eval_benchmark", "needs data.tokenizer_name_or_path to encode its records")
+        if t.objective == "sft":
+            bad("training.eval_benchmark", "scores rewards: objective sft has no value head")
     if c.load and Path(c.load).exists():
         try:  # file names only: a garbled tracker or an empty directory is named now
             resolve_checkpoint(c.load, c.ckpt_step)

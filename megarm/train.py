@@ -47,13 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from megarm import distributed
-    from megarm.config import to_dict
     from megarm.training.loop import Trainer
 
     p = cfg.parallel
     with distributed.distributed_from_config(cfg) as launch:
         trainer = Trainer(cfg)
-        trainer.writer.start_wandb(cfg.logging, to_dict(cfg))
         if launch.rank == 0:
             from megarm import platform
             from megarm.training.memory import estimate
@@ -63,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"megarm: world {launch.world_size} = TP {p.tensor_model_parallel_size} x "
                 f"PP {p.pipeline_model_parallel_size} x DP {trainer.dp_size}; "
                 f"{trainer.num_microbatches} micro-batch(es) of {cfg.training.micro_batch_size} "
-                f"pair(s) per step; {trainer.num_parameters:,} parameters on rank 0",
+                f"{'record' if cfg.training.objective == 'sft' else 'pair'}(s) per step; "
+                f"{trainer.num_parameters:,} parameters on rank 0",
                 flush=True,
             )
         try:

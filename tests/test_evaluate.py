@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megarm.evaluate import BenchmarkEvaluator, evaluate, flatten, main
+from megarm.evaluate import evaluate, flatten, main
 from megarm.scoring import build_encoder
 from megarm.testing import run_distributed
 
@@ -162,14 +162,25 @@ def _evaluate_checkpoint(argv: list[str]) -> int:
     return main(argv)
 
 
-def _training_time(checkpoint: str, data: str, tokenizer: str) -> dict[str, float]:
-    """BenchmarkEvaluator on a model built in this process group, every rank in step,
-    as training runs it (the process group is torn down by run_distributed)."""
-    from megarm.scoring import MegatronScorer
+def _training_time(checkpoint: str, data: str, tokenizer: str, log_dir: str) -> None:
+    """A Trainer with ``training.eval_benchmark`` evaluating once at TP=2 (every rank in
+    step): the scores go to metrics.jsonl as the ``benchmark`` split."""
+    from megarm import distributed
+    from megarm.checkpoint import checkpoint_model_overrides
+    from megarm.config import load_config
+    from megarm.training.loop import Trainer
 
-    evaluator = BenchmarkEvaluator(data, tokenizer)
-    model = MegatronScorer(checkpoint, tp=2).model
-    return evaluator(model, evaluator.encoder.pad_id)
+    cfg = load_config(None, [
+        *checkpoint_model_overrides(checkpoint), "model.params_dtype=fp32",
+        "parallel.tensor_model_parallel_size=2", f"checkpoint.load={checkpoint}",
+        f"training.eval_benchmark={data}", f"data.tokenizer_name_or_path={tokenizer}",
+        "data.seq_length=64", "data.synthetic_num_pairs=16", "training.global_batch_size=2",
+        "training.micro_batch_size=1", f"logging.log_dir={log_dir}", "logging.tensorboard=false",
+    ])
+    distributed.init_from_config(cfg)
+    trainer = Trainer(cfg)
+    trainer.evaluate()
+    trainer.close()
 
 
 @pytest.mark.slow
@@ -186,7 +197,9 @@ def test_export_and_tp2_checkpoint_give_equal_results(rm_export, rm_checkpoint, 
     for a, b in zip(hf["records"], tp["records"], strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     assert "| subsets/alpacaeval-easy |" in hf_out.with_suffix(".md").read_text()
-    during_training = run_distributed(
-        _training_time, 2, str(rm_checkpoint), str(data), str(rm_export)
-    )
-    assert during_training[0] == flatten(hf["metrics"])
+    log_dir = tmp_path / "run"
+    run_distributed(_training_time, 2, str(rm_checkpoint), str(data), str(rm_export), str(log_dir))
+    rows = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    (logged,) = [r for r in rows if r["split"] == "benchmark"]
+    expected = flatten(hf["metrics"])
+    assert {k: logged[k] for k in expected} == pytest.approx(expected)

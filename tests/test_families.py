@@ -355,7 +355,6 @@ PRODUCTION = ("megarm", "ckpt_convert", "tools")
 ALLOWED = {
     ("megarm/model/reward_model.py", "value_head.weight"),
     ("megarm/model/reward_model.py", "word_embeddings"),
-    ("megarm/training/loop.py", "value_head.weight"),
 }
 
 

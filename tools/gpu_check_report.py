@@ -56,7 +56,7 @@ def markdown(report: dict) -> str:
         f"# megarm GPU check ({report['mode']})", "",
         f"- GPU: {env.get('gpu') or 'none (CPU dry run)'}; torch {env.get('torch')}, CUDA "
         f"{env.get('cuda')}, Python {env.get('python')}, megatron-core {env.get('megatron_core')}",
-        f"- steps: " + ", ".join(f"{s['step']} {'ok' if s['rc'] == 0 else 'FAILED'} ({s['seconds']} s)"
+        "- steps: " + ", ".join(f"{s['step']} {'ok' if s['rc'] == 0 else 'FAILED'} ({s['seconds']} s)"
                                   for s in report["steps"]),
         "", "## Tests (pytest -m gpu)", "", "| test | outcome | s |", "| --- | --- | --- |",
     ]

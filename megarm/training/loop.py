@@ -32,6 +32,7 @@ from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
 from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
+from megarm.evaluate import BenchmarkEvaluator
 from megarm.model.builder import build_model, count_parameters, heads, params_dtype
 from megarm.model.sharding import load_full_state_dict
 from megarm.reward_stats import after_training, data_convention
@@ -139,6 +140,15 @@ class Trainer:
         self.writer = MetricsWriter(
             cfg.logging.log_dir, self.is_logging_rank, cfg.logging.tensorboard
         )
+        self.writer.start_wandb(cfg.logging, to_dict(cfg))
+        self.benchmark = (
+            BenchmarkEvaluator(
+                t.eval_benchmark, cfg.data.tokenizer_name_or_path, t.eval_benchmark_format,
+                cfg.data.seq_length,
+            )
+            if t.eval_benchmark
+            else None
+        )
         if self.is_logging_rank and cfg.logging.log_dir:
             (Path(cfg.logging.log_dir) / "config.yaml").write_text(to_yaml(cfg))
 
@@ -228,6 +238,15 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float] | None:
+        """Validation metrics (and ``training.eval_benchmark``'s scores, every rank
+        scoring in step); returns the validation metrics."""
+        metrics = self.validate()
+        if self.benchmark is not None:
+            scores = self.benchmark(self.model, self.data.pad_token_id)
+            self.writer.log("benchmark", self.iteration, scores, self.cfg.training.train_iters)
+        return metrics
+
+    def validate(self) -> dict[str, float] | None:
         """Metrics over up to ``eval_iters`` global batches of the validation split."""
         valid = self.data.valid
         if valid is None:

@@ -144,12 +144,36 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
         + 3 * h * m.ffn_hidden_size // t
         + 2 * h  # the two RMSNorm weights, replicated over TP
     )
+    if m.qk_layernorm:
+        per_layer += 2 * d
     count = m.num_layers // p.pipeline_model_parallel_size * per_layer
+    last = pp_rank == p.pipeline_model_parallel_size - 1
     if pp_rank == 0:
         count += padded_vocab_size(m) * h // t
-    if pp_rank == p.pipeline_model_parallel_size - 1:
-        count += 2 * h  # final norm + value head
+    if last:
+        count += h  # final norm
+        if cfg.training.objective != "sft":
+            count += h  # value head
+        # The output layer of sft/joint: its own weight, or (tied) a copy of the
+        # embedding on the last stage when that is not also the first.
+        if cfg.training.objective != "rm" and (not m.tie_word_embeddings or pp_rank > 0):
+            count += padded_vocab_size(m) * h // t
     return count
+
+
+# sft/joint: the share of a micro-batch's tokens that are supervised (the LM head runs
+# on those only). A target of half the sequence is typical of SFT and critique data.
+SUPERVISED_FRACTION = 0.5
+
+
+def lm_logits_bytes(cfg: MegarmConfig, micro_batch_size: int | None = None) -> int:
+    """The LM head's fp32 logits, their softmax and gradient at the supervised
+    positions of one micro-batch (0 for a pure reward model)."""
+    if cfg.training.objective == "rm":
+        return 0
+    rows = (1 if cfg.training.objective == "sft" else 2) * (micro_batch_size or cfg.training.micro_batch_size)
+    tokens = SUPERVISED_FRACTION * rows * cfg.data.seq_length
+    return int(3 * 4 * tokens * padded_vocab_size(cfg.model) / cfg.parallel.tensor_model_parallel_size)
 
 
 def _dtype_bytes(cfg: MegarmConfig, cuda: bool) -> int:
@@ -231,7 +255,7 @@ def estimate(
         weights=params * width,
         gradients=params * 4,
         optimizer=optimizer,
-        activations=activation_bytes(cfg, cuda, world_size=world_size),
+        activations=activation_bytes(cfg, cuda, world_size=world_size) + lm_logits_bytes(cfg),
         step_transients=0 if fused else int(CPU_STEP_TRANSIENTS * 4 * stepped),
         largest_tensor=4 * max(largest_parameter(cfg, r) for r in stages),
         runtime=0 if cuda else CPU_RUNTIME_BYTES,
@@ -244,4 +268,5 @@ def largest_micro_batch(cfg: MegarmConfig, world_size: int, gpu_gib: float, cuda
     base = estimate(cfg, world_size, cuda)
     budget = gpu_gib * GIB - base.model_states
     per_pair = activation_bytes(cfg, cuda, micro_batch_size=1, world_size=world_size)
+    per_pair += lm_logits_bytes(cfg, micro_batch_size=1)
     return max(0, int(budget // per_pair)) if per_pair else 0
