@@ -58,6 +58,7 @@ from megarm.scoring import (
     add_critique_arguments,
     add_model_arguments,
     build_encoder,
+    entry_point,
     model_rewards,
     open_critic,
     open_scorer,
@@ -546,13 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ScoringError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return entry_point(build_parser(), run, argv, (ScoringError, ValueError))
 
 
 if __name__ == "__main__":

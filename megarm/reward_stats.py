@@ -38,6 +38,7 @@ from megarm.scoring import (
     ScoringError,
     add_model_arguments,
     checkpoint_common,
+    entry_point,
     is_hf_export,
     mean_std,
     model_rewards,
@@ -184,13 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ScoringError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return entry_point(build_parser(), run, argv, (ScoringError, ValueError))
 
 
 if __name__ == "__main__":

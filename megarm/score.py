@@ -47,6 +47,7 @@ from megarm.scoring import (
     add_critique_arguments,
     add_model_arguments,
     chat_messages,
+    entry_point,
     open_critic,
     open_scorer,
     prompt_messages,
@@ -275,13 +276,7 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        score(args)
-    except ScoringError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return entry_point(build_parser(), score, argv)
 
 
 if __name__ == "__main__":

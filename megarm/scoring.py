@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -772,6 +773,23 @@ def open_scorer(args: argparse.Namespace) -> tuple[Scorer, Encoder, RewardInfo]:
         scorer.close()
         raise
     return scorer, encoder, info
+
+
+def entry_point(
+    parser: argparse.ArgumentParser,
+    body: Any,
+    argv: Sequence[str] | None,
+    errors: tuple[type[BaseException], ...] = (ScoringError,),
+) -> int:
+    """What every scoring command line does: parse ``argv``, run ``body(args)``; exit
+    status 0, or 2 with one ``error:`` line for a bad input or set-up (``errors``)."""
+    args = parser.parse_args(argv)
+    try:
+        body(args)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -59,6 +59,7 @@ from megarm.scoring import (
     Scorer,
     ScoringError,
     add_model_arguments,
+    entry_point,
     open_scorer,
 )
 
@@ -476,14 +477,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for a bad setup)."""
-    args = build_parser().parse_args(argv)
-    try:
-        serve(args)
-    except ScoringError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point; returns the exit status (2 for a bad set-up)."""
+    return entry_point(build_parser(), serve, argv)
 
 
 if __name__ == "__main__":

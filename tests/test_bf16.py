@@ -20,6 +20,7 @@ from tests.test_convert import (
     mcore2hf,
     token_batch,
 )
+from tests.test_on_gpu import _megarm_rewards
 
 # Measured on the 12 rewards below (|r| up to 11.3): largest |megarm - transformers|
 # 0.070 at TP=1 and 0.051 at TP=2, i.e. <= 0.62% of the largest reward. bf16 keeps 8
@@ -59,47 +60,19 @@ def test_bf16_round_trip_is_bit_identical(bf16_hf, bf16_mcore, tmp_path):
         assert torch.equal(tensor, exported[name]), name
 
 
-def _bf16_rewards(mcore_dir: str, tp: int, batches: list) -> list:
-    from megarm import distributed
-    from megarm.checkpoint import load_model_weights
-    from megarm.config import load_config
-    from megarm.model.builder import build_model
-    from megarm.model.masks import last_valid_index, padding_attention_mask
-    from megarm.score import ScoreBatch, run_model
-
-    cfg = load_config(None, [f"model.hf_config={mcore_dir}", "model.params_dtype=bf16",
-                             f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64"])
-    distributed.init(tp, 1)
-    model = build_model(cfg)
-    load_model_weights(mcore_dir, model)
-    out = []
-    for tokens, valid, left in batches:
-        batch = ScoreBatch(
-            tokens=tokens,
-            position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
-            reward_index=last_valid_index(valid),
-            rows=torch.arange(tokens.shape[0]),
-            attention_mask=padding_attention_mask(valid) if left else None,
-        )
-        found = run_model(model, [batch])
-        out.append(torch.tensor([found[r] for r in range(tokens.shape[0])]) if found else None)
-    return out
-
-
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_bf16_rewards_agree_with_transformers_in_bf16(bf16_hf, bf16_mcore, tp):
     from transformers import AutoModelForSequenceClassification
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(bf16_hf), dtype=torch.bfloat16)
     hf.eval()
-    batches, expected = [], []
-    for left in (False, True):
+    expected = []
+    for left in (False, True):  # the batches tests.test_on_gpu._megarm_rewards scores
         tokens, valid = token_batch(left)
-        batches.append((tokens, valid, left))
         with torch.no_grad():
             logits = hf(input_ids=tokens, attention_mask=valid.long()).logits[:, 0]
         expected.append(logits.float())
-    results = run_distributed(_bf16_rewards, tp, str(bf16_mcore), tp, batches)
+    results = run_distributed(_megarm_rewards, tp, str(bf16_mcore), tp, "bf16")
     got = [r for r in results if r[0] is not None][0]
     for mine, theirs in zip(got, expected, strict=True):
         assert (mine - theirs).abs().max() <= BF16_RTOL * theirs.abs().max(), (mine, theirs)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megarm.testing import run_distributed
+from tests.test_convert import token_batch
 
 ON_CPU = os.environ.get("MEGARM_GPU_CHECK_CPU") == "1"
 pytestmark = [
@@ -26,22 +27,10 @@ pytestmark = [
         reason="needs a GPU (or MEGARM_GPU_CHECK_CPU=1: tools/gpu_check.sh --dry-run)",
     ),
 ]
-PAD_ID = 151643
+PAD_ID = 151643  # Qwen2.5's pad token, as in tests.test_convert's batches
 # bf16 rewards against transformers in bf16: 1% of the largest |reward| (measured on
 # CPU: 0.62%, tests/test_bf16.py); the device's kernels may order sums differently.
 BF16_RTOL = 0.01
-
-
-def _batches(left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(11)
-    lengths, seq = [12, 7, 9, 3, 12, 5], 12
-    tokens = torch.full((len(lengths), seq), PAD_ID, dtype=torch.long)
-    valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        span = slice(seq - n, seq) if left else slice(0, n)
-        tokens[i, span] = torch.randint(0, PAD_ID, (n,), generator=gen)
-        valid[i, span] = True
-    return tokens, valid
 
 
 def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = None) -> list:
@@ -61,7 +50,7 @@ def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = No
     load_model_weights(mcore_dir, model)
     out = []
     for left in (False, True):
-        tokens, valid = _batches(left)
+        tokens, valid = token_batch(left)
         batch = ScoreBatch(
             tokens=tokens,
             position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
@@ -84,7 +73,7 @@ def _packed_rewards(model: torch.nn.Module, layout: str) -> torch.Tensor:
     from megarm.data.packing import collate_packed, collate_thd
     from megarm.training.data import to_pair_batch
 
-    tokens, valid = _batches(False)
+    tokens, valid = token_batch(False)
     rows = [tokens[i, : int(valid[i].sum())].numpy() for i in range(tokens.shape[0])]
     half = len(rows) // 2
     samples = [
@@ -114,7 +103,7 @@ def _hf_rewards(export: Path, dtype: torch.dtype) -> list[torch.Tensor]:
     model.eval()
     out = []
     for left in (False, True):
-        tokens, valid = _batches(left)
+        tokens, valid = token_batch(left)
         with torch.no_grad():
             logits = model(input_ids=tokens.to(device), attention_mask=valid.long().to(device)).logits
         out.append(logits[:, 0].float().cpu())
