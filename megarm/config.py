@@ -35,6 +35,7 @@ import yaml
 
 from megarm import families
 from megarm.checkpoint.layout import CheckpointNotFoundError, resolve_checkpoint
+from megarm.families.base import head_dim, padded_vocab_size
 
 
 @dataclass
@@ -763,17 +764,6 @@ def _fill_from_family(cfg: MegarmConfig, explicit: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def padded_vocab_size(model: ModelConfig) -> int:
-    """Vocabulary rounded up to ``make_vocab_size_divisible_by`` (independent of TP)."""
-    div = model.make_vocab_size_divisible_by
-    return int(math.ceil(model.vocab_size / div) * div)
-
-
-def head_dim(model: ModelConfig) -> int:
-    """The per-head channel count."""
-    return model.kv_channels or model.hidden_size // model.num_attention_heads
 
 
 def reads_cu_seqlens(model: ModelConfig) -> bool:

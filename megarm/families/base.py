@@ -161,6 +161,18 @@ class WeightRule:
 # --------------------------------------------------------------------------- shape
 
 
+def padded_vocab_size(model: Any) -> int:
+    """A ModelConfig's vocabulary rounded up to ``make_vocab_size_divisible_by``
+    (independent of TP, so checkpoints reshard freely)."""
+    div = model.make_vocab_size_divisible_by
+    return int(math.ceil(model.vocab_size / div) * div)
+
+
+def head_dim(model: Any) -> int:
+    """A ModelConfig's per-head channel count (``kv_channels``, else hidden / heads)."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
 @dataclass(frozen=True)
 class Shape:
     """The sizes the weight table needs."""
@@ -182,16 +194,15 @@ class Shape:
     @classmethod
     def of(cls, model: Any) -> Shape:
         """From a :class:`megarm.config.ModelConfig`."""
-        divisible = model.make_vocab_size_divisible_by
         return cls(
             num_layers=model.num_layers,
             hidden_size=model.hidden_size,
             ffn_hidden_size=model.ffn_hidden_size,
             num_attention_heads=model.num_attention_heads,
             num_query_groups=model.num_query_groups,
-            head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
+            head_dim=head_dim(model),
             vocab_size=model.vocab_size,
-            padded_vocab_size=int(math.ceil(model.vocab_size / divisible) * divisible),
+            padded_vocab_size=padded_vocab_size(model),
         )
 
     def size(self, symbol: str) -> int:
