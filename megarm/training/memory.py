@@ -30,9 +30,10 @@ Peaks (measured with tools/benchmark_save_memory.py; docs/BENCHMARKS.md):
   ``model states + max(activations, step temporaries)``;
 * a checkpoint save (:mod:`megarm.checkpoint.writer`) writes one tensor at a time:
   it holds at most two host copies of the largest tensor (its fp32 optimizer
-  state), and no extra device memory. On CPU the process keeps the heap an
-  iteration grew to (glibc does not hand freed blocks back), so its resident size
-  through a save stays near the iteration's peak;
+  state), and no extra device memory. On CPU the process keeps part of the heap an
+  iteration grew to (glibc does not hand every freed block back): measured at
+  1.1-1.8x the fp32 parameter bytes on top of the model states when a save starts
+  (:data:`CPU_RETAINED_HEAP`), plus the one serialised copy of the tensor being written;
 * a CPU process also holds its libraries (:data:`CPU_RUNTIME_BYTES`).
 """
 
@@ -48,6 +49,9 @@ CPU_RUNTIME_BYTES = int(0.4 * GIB)
 # torch's AdamW on CPU: step temporaries per fp32 byte of the parameters (measured
 # 2.2-2.5 at 108M and 0.5B parameters; the upper value is used).
 CPU_STEP_TRANSIENTS = 2.5
+# CPU: heap still held when a save starts, per fp32 byte of the parameters (measured
+# 1.1 at 108M and 1.8 at 0.5B parameters per rank; the middle is used).
+CPU_RETAINED_HEAP = 1.5
 
 
 @dataclass
@@ -66,6 +70,8 @@ class MemoryEstimate:
     two host copies of it at most."""
     runtime: int = 0
     """Libraries of the process (counted on CPU, where all memory is host memory)."""
+    retained_heap: int = 0
+    """CPU: heap the process still holds from an iteration when a save starts."""
     on_gpu: bool = True
 
     @property
@@ -92,11 +98,11 @@ class MemoryEstimate:
     @property
     def save_peak(self) -> int:
         """Peak while saving: on GPU the device's (a save adds nothing there; its host
-        copies are :attr:`save_extra_host`); on CPU the process's, which keeps the
-        heap an iteration grew to."""
+        copies are :attr:`save_extra_host`); on CPU the process's: model states, the
+        heap retained from the iteration and the serialised tensor being written."""
         if self.on_gpu:
             return self.model_states
-        return max(self.training_peak, self.runtime + self.model_states + self.save_extra_host)
+        return self.runtime + self.model_states + self.retained_heap + self.largest_tensor
 
     @property
     def peak(self) -> int:
@@ -259,6 +265,7 @@ def estimate(
         step_transients=0 if fused else int(CPU_STEP_TRANSIENTS * 4 * stepped),
         largest_tensor=4 * max(largest_parameter(cfg, r) for r in stages),
         runtime=0 if cuda else CPU_RUNTIME_BYTES,
+        retained_heap=0 if cuda else int(CPU_RETAINED_HEAP * 4 * params),
         on_gpu=cuda,
     )
 
