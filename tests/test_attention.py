@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megarm.testing import run_distributed
@@ -67,6 +68,7 @@ def _full_shapes(cfg):
     return {k: torch.empty(v) for k, v in shapes.items()}
 
 
+@pytest.mark.slow
 def test_sdpa_equals_dot_product_attention_with_gqa():
     for tp, world in ((1, 1), (2, 2)):
         for results in run_distributed(_both_backends, world, tp):

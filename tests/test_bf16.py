@@ -50,6 +50,7 @@ def bf16_mcore(bf16_hf, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bf16_round_trip_is_bit_identical(bf16_hf, bf16_mcore, tmp_path):
     back = tmp_path / "back"
     mcore2hf(bf16_mcore, back)

@@ -74,6 +74,7 @@ def extra_token_tokenizer(rm_tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_mcore2hf_refuses_a_tokenizer_the_model_was_not_made_with(
     rm_checkpoint, extra_token_tokenizer, tmp_path, capsys
 ):

@@ -126,7 +126,7 @@ def critique_models(tmp_path_factory):
 
 
 LAYOUTS = [
-    pytest.param(1, 1, id="tp1-pp1"),
+    pytest.param(1, 1, id="tp1-pp1", marks=pytest.mark.slow),
     pytest.param(2, 1, id="tp2", marks=pytest.mark.slow),
     pytest.param(1, 2, id="pp2", marks=pytest.mark.slow),
     pytest.param(2, 2, id="tp2-pp2", marks=pytest.mark.slow),

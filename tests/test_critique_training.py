@@ -153,7 +153,8 @@ def test_lm_and_joint_losses_are_the_hand_computed_ones(references, tie):
 # Each multi-rank run checks the LM loss and grad norm (step 1) and the joint loss,
 # its parts and grad norm (step 2) together; "tie" says which reference it meets.
 LAYOUTS = [
-    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), False, id="tp2"),
+    pytest.param(2, ("parallel.tensor_model_parallel_size=2",), False, id="tp2",
+                 marks=pytest.mark.slow),
     pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), True, id="pp2-tied",
                  marks=pytest.mark.slow),
     pytest.param(2, ("training.micro_batch_size=1",), False, id="dp2-grad-accumulation",

@@ -176,6 +176,7 @@ def _load_full_state_into_te_named_model() -> dict:
     return {"equal": all(torch.equal(local[k], full[k]) for k in full)}
 
 
+@pytest.mark.slow
 def test_full_state_dict_loads_into_a_te_named_model():
     (out,) = run_distributed(_load_full_state_into_te_named_model, 1)
     assert out["equal"]
@@ -275,6 +276,7 @@ def _bf16_rewards() -> dict:
     return {"rewards": rewards, "expected": expected.squeeze(-1)}
 
 
+@pytest.mark.slow
 def test_value_head_computes_in_fp32_in_a_bf16_model():
     (out,) = run_distributed(_bf16_rewards, 1)
     rewards = out["rewards"]

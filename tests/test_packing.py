@@ -177,6 +177,7 @@ def _forward_equal():
     return results
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_padded():
     ((padded, *packed_layouts),) = run_distributed(_forward_equal, 1)
     for packed in packed_layouts:  # rows with a dense mask, then one THD stream

@@ -67,6 +67,7 @@ LAYOUTS = [
         2,
         ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
         id="tp2-sp",
+        marks=pytest.mark.slow,
     ),
     pytest.param(
         4,

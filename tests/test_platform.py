@@ -355,6 +355,7 @@ def test_failing_rank_surfaces_its_traceback():
     assert "Traceback" in text and "in _raise" in text
 
 
+@pytest.mark.slow
 def test_hanging_rank_times_out_naming_missing_ranks():
     timeout = 5
     start = time.monotonic()

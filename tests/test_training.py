@@ -78,8 +78,8 @@ def test_first_loss_is_the_hand_computed_bradley_terry_loss(reference):
 LAYOUTS = [
     pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
     pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
-    pytest.param(2, (), id="dp2"),
-    pytest.param(1, ("training.micro_batch_size=1",), id="grad-accumulation"),
+    pytest.param(2, (), id="dp2", marks=pytest.mark.slow),
+    pytest.param(1, ("training.micro_batch_size=1",), id="grad-accumulation", marks=pytest.mark.slow),
     pytest.param(
         2,
         ("parallel.use_distributed_optimizer=true", "training.micro_batch_size=1"),
@@ -154,7 +154,8 @@ def test_two_rank_run_from_shipped_config_learns(tmp_path):
 @pytest.mark.parametrize(
     "world, overrides",
     [
-        pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+        pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2",
+                     marks=pytest.mark.slow),
         pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2",
                      marks=pytest.mark.slow),
     ],
