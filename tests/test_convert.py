@@ -101,15 +101,17 @@ def hf_rewards(hf, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens, attention_mask=valid.long()).logits[:, 0].float()
 
 
-def token_batch(left: bool, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged rows padded with PAD_ID (left or right); real tokens never equal it."""
+def token_batch(
+    left: bool, seed: int = 7, lengths: tuple[int, ...] = (12, 7, 9, 3, 12, 5), pad: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged rows padded with ``pad`` (left or right); real tokens never equal it."""
     gen = torch.Generator().manual_seed(seed)
-    lengths, seq = [12, 7, 9, 3, 12, 5], 12
-    tokens = torch.full((len(lengths), seq), PAD_ID, dtype=torch.long)
+    seq = max(lengths)
+    tokens = torch.full((len(lengths), seq), pad, dtype=torch.long)
     valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
     for i, n in enumerate(lengths):
         span = slice(seq - n, seq) if left else slice(0, n)
-        tokens[i, span] = torch.randint(0, PAD_ID, (n,), generator=gen)
+        tokens[i, span] = torch.randint(0, pad, (n,), generator=gen)
         valid[i, span] = True
     return tokens, valid
 

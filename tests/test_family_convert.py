@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megarm.testing import run_distributed
-from tests.test_convert import hf_rewards, load_hf_tensors, perturb_
+from tests.test_convert import hf_rewards, load_hf_tensors, perturb_, token_batch
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +71,8 @@ def make_hf(path: Path, name: str, kind: str, seed: int) -> Path:
 
 
 def batch(left: bool, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged rows padded with PAD (left or right); real tokens never equal it."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths, seq = [24, 9, 17, 3, 24, 12], 24
-    tokens = torch.full((len(lengths), seq), PAD, dtype=torch.long)
-    valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        span = slice(seq - n, seq) if left else slice(0, n)
-        tokens[i, span] = torch.randint(0, PAD, (n,), generator=gen)
-        valid[i, span] = True
-    return tokens, valid
+    """Ragged rows of up to 24 tokens padded with PAD (left or right)."""
+    return token_batch(left, seed, lengths=(24, 9, 17, 3, 24, 12), pad=PAD)
 
 
 def run_python(code: str) -> None:
