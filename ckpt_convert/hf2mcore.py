@@ -77,7 +77,7 @@ from ckpt_convert import cli
 from ckpt_convert.mapping import MappingError, hf_to_mcore, value_head_name
 from megarm import distributed, families
 from megarm.checkpoint import iteration_dir, write_tracker
-from megarm.checkpoint.stream import meta_sharded_state_dict, save_streaming
+from megarm.checkpoint.stream import save_streaming
 from megarm.config import (
     ConfigError,
     MegarmConfig,
@@ -88,7 +88,7 @@ from megarm.config import (
     to_dict,
 )
 from megarm.families import Entry, Family, FamilyError, Shape
-from megarm.model.builder import params_dtype
+from megarm.model.builder import meta_sharded_state_dict, params_dtype
 from megarm.model.reward_model import init_value_head
 from megarm.model.sharding import chunk_layers, shard_state_dict
 

@@ -65,16 +65,17 @@ from ckpt_convert.mapping import MappingError, mcore_to_hf
 from megarm import distributed, families
 from megarm.checkpoint import (
     check_shapes,
-    checkpoint_model_overrides,
     open_checkpoint,
     read_common,
 )
 from megarm.checkpoint.integrity import CheckpointCorruptError, require_finite
-from megarm.checkpoint.stream import load_tensors, meta_sharded_state_dict
+from megarm.checkpoint.load import saved_model_settings
+from megarm.checkpoint.stream import load_tensors
 from megarm.config import ConfigError, ModelConfig, load_config
 from megarm.data.templates import TemplateError, get_template, reward_convention
 from megarm.data.tokenizer import load_tokenizer
 from megarm.families import Family, Shape
+from megarm.model.builder import meta_sharded_state_dict
 
 log = logging.getLogger("mcore2hf")
 
@@ -313,12 +314,12 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # Files as written at save, nothing that runs code when read.
         checkpoint = open_checkpoint(load, args.iteration).path
-        overrides = checkpoint_model_overrides(load, args.iteration)
+        saved = saved_model_settings(load, args.iteration)
     except (FileNotFoundError, CheckpointCorruptError) as exc:
         raise ExportError(str(exc)) from exc
     base = source_hf_config(load, checkpoint)
     try:
-        cfg = load_config(None, [*overrides, "training.seed=0"])
+        cfg = load_config(None, ["training.seed=0"], settings=saved)
     except ConfigError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from exc
     stored = stored_dtype(checkpoint, families.family(cfg.model.family))

@@ -136,7 +136,8 @@ def score_with_transformers(model_dir: Path, pairs_file: Path) -> tuple[float, i
 def score_chat_text(model_dir: Path, pairs_file: Path) -> float:
     """Held-out accuracy through megarm's scoring core fed chat text that ends at
     ``<|im_end|>`` (what OpenRLHF sends a remote reward model)."""
-    from megarm.scoring import HFScorer, build_encoder
+    from megarm.rewards.backends import HFScorer
+    from megarm.rewards.encoding import build_encoder
 
     encoder = build_encoder(str(model_dir))
     scorer = HFScorer(str(model_dir))

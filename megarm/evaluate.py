@@ -31,472 +31,28 @@ response + critique turn + critique, as the model was trained.
 Every record is scored or listed under ``skipped`` with the reason. The output is a
 JSON file (metrics, every record's scores, the skipped records) and a markdown table
 (``<output>.md``, also printed). Training can run the same evaluation every
-``eval_interval`` iterations (:class:`BenchmarkEvaluator`).
+``eval_interval`` iterations (:class:`megarm.rewards.benchmarks.BenchmarkEvaluator`).
 """
-
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from megarm.data.handlers import RecordError, get_handler
-from megarm.data.readers import InputError, RawRecord, iter_records, resolve_inputs
-from megarm.scoring import (
-    Encoder,
-    ScoringError,
-    add_critique_arguments,
-    add_model_arguments,
-    build_encoder,
-    entry_point,
-    model_rewards,
-    open_critic,
-    open_scorer,
-    prompt_messages,
+from megarm import cli
+from megarm.errors import ScoringError
+from megarm.rewards.backends import open_scorer
+from megarm.rewards.benchmarks import (  # noqa: F401  (flatten, evaluate: the library's, re-exported)
+    FORMATS,
+    EvaluateError,
+    evaluate,
+    flatten,
+    markdown,
 )
-
-FORMATS = ("auto", "rewardbench", "rewardbench2", "rmbench", "pairs")
-
-# RewardBench's section weights (rewardbench/constants.py, EXAMPLE_COUNTS; math-prm is
-# up-weighted there to the size of the code subsets) and sections (SUBSET_MAPPING).
-REWARDBENCH_COUNTS = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
-    "mt-bench-easy": 28, "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984,
-    "refusals-dangerous": 100, "refusals-offensive": 100, "llmbar-natural": 100,
-    "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
-    "llmbar-adver-manual": 46, "xstest-should-refuse": 154, "xstest-should-respond": 250,
-    "donotanswer": 136, "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164,
-    "hep-python": 164, "hep-rust": 164,
-}  # fmt: skip
-REWARDBENCH_SECTIONS = {
-    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
-             "mt-bench-med"],
-    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor",
-                  "llmbar-adver-GPTInst", "llmbar-adver-GPTOut", "llmbar-adver-manual"],
-    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse",
-               "xstest-should-respond", "donotanswer"],
-    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python",
-                  "hep-rust"],
-}  # fmt: skip
-RMBENCH_DOMAINS = ("chat", "math", "code", "safety")
-
-
-class EvaluateError(ScoringError):
-    """The evaluation cannot run as asked; the message says what to change."""
-
-
-@dataclass
-class Task:
-    """One record to score: ``responses`` to one ``prompt`` (or ``rows`` already encoded)."""
-
-    index: int
-    prompt: Any = None
-    responses: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    rows: list[list[int]] | None = None
-
-
-# --------------------------------------------------------------------------- records
-
-
-def detect_format(record: dict[str, Any]) -> str:
-    """The benchmark format a record is written in."""
-    chosen, rejected = record.get("chosen"), record.get("rejected")
-    if (
-        isinstance(chosen, list)
-        and isinstance(rejected, list)
-        and all(isinstance(x, str) for x in chosen + rejected)
-    ):
-        if "num_correct" in record or "total_completions" in record:
-            return "rewardbench2"
-        if len(chosen) == len(rejected) == 3:
-            return "rmbench"
-    if isinstance(chosen, str) and isinstance(rejected, str) and "subset" in record:
-        return "rewardbench"
-    return "pairs"
-
-
-def _texts(record: dict[str, Any], key: str, count: int | None = None) -> list[str]:
-    value = record.get(key)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
-        raise RecordError("missing_key", f"{key} must be a response or a list of responses")
-    if count is not None and len(value) != count:
-        raise RecordError("malformed_record", f"{key} has {len(value)} responses, not {count}")
-    return value
-
-
-def make_task(fmt: str, index: int, record: dict[str, Any]) -> Task:
-    """The task for one benchmark record (``RecordError`` when it cannot be scored)."""
-    if "prompt" not in record:
-        raise RecordError("missing_key", "prompt is missing")
-    if fmt == "rewardbench":
-        responses = _texts(record, "chosen", 1) + _texts(record, "rejected", 1)
-        meta = {"subset": str(record.get("subset", "all"))}
-    elif fmt == "rewardbench2":
-        chosen, rejected = _texts(record, "chosen"), _texts(record, "rejected")
-        responses = chosen + rejected
-        meta = {
-            "subset": str(record.get("subset", "all")),
-            "id": str(record.get("id", index)),
-            "num_correct": int(record.get("num_correct", len(chosen))),
-        }
-    elif fmt == "rmbench":
-        responses = _texts(record, "chosen", 3) + _texts(record, "rejected", 3)
-        meta = {"domain": record.get("domain")}
-    else:
-        raise ValueError(fmt)
-    return Task(index, record["prompt"], responses, meta)
-
-
-def load_tasks(
-    path: str,
-    fmt: str,
-    encoder: Encoder,
-    handler_name: str = "pairwise_messages",
-    critic: Any = None,
-) -> tuple[str, list[Task], list[dict[str, Any]]]:
-    """The format, the encoded tasks and the skipped records of a benchmark file
-    (with a ``critic``, each response's critique is written first)."""
-    try:
-        raws = list(iter_records(resolve_inputs(path)))
-    except InputError as exc:
-        raise EvaluateError(str(exc)) from exc
-    records: list[dict[str, Any] | None] = []
-    skipped: list[dict[str, Any]] = []
-    for i, raw in enumerate(raws):
-        try:
-            record = json.loads(raw.payload) if isinstance(raw.payload, bytes) else raw.payload
-            if not isinstance(record, dict):
-                raise ValueError("the record is not a JSON object")
-            records.append(record)
-        except ValueError as exc:  # includes bad UTF-8
-            records.append(None)
-            skipped.append({"index": i, "reason": f"malformed_json: {exc}"})
-    first = next((r for r in records if r is not None), None)
-    if first is None:
-        raise EvaluateError(f"--data {path} holds no readable records")
-    if fmt == "auto":
-        fmt = detect_format(first)
-    tasks: list[Task] = []
-    if critic is not None:
-        return fmt, *_critique_tasks(fmt, records, skipped, encoder, handler_name, critic)
-    if fmt == "pairs":
-        handler = get_handler(handler_name)
-        todo = [RawRecord(0, i, r) for i, r in enumerate(records) if r is not None]
-        for raw, result in encoder.pairs(todo, handler):
-            if result[0] == "ok":
-                prompt, chosen, rejected = result[1:4]
-                subset = raw.payload.get("subset")  # type: ignore[union-attr]
-                rows = [prompt.tolist() + chosen.tolist(), prompt.tolist() + rejected.tolist()]
-                meta = {"subset": str(subset) if subset is not None else "all"}
-                tasks.append(Task(raw.index, meta=meta, rows=rows))
-            else:
-                skipped.append({"index": raw.index, "reason": f"{result[1]}: {result[2]}"})
-    else:
-        for i, record in enumerate(records):
-            if record is None:
-                continue
-            try:
-                task = make_task(fmt, i, record)
-                task.rows = encoder.group(task.prompt, task.responses, allow_empty=True)[0]
-                tasks.append(task)
-            except RecordError as exc:
-                skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
-    skipped.sort(key=lambda s: s["index"])
-    return fmt, tasks, skipped
-
-
-def _critique_tasks(
-    fmt: str,
-    records: list[dict[str, Any] | None],
-    skipped: list[dict[str, Any]],
-    encoder: Encoder,
-    handler_name: str,
-    critic: Any,
-) -> tuple[list[Task], list[dict[str, Any]]]:
-    """Tasks whose rows end with a critique ``critic`` wrote of each response."""
-    handler = get_handler(handler_name) if fmt == "pairs" else None
-    tasks: list[Task] = []
-    for i, record in enumerate(records):
-        if record is None:
-            continue
-        try:
-            if handler is not None:
-                pair = handler(record)
-                subset = record.get("subset")
-                meta = {"subset": str(subset) if subset is not None else "all"}
-                tasks.append(Task(i, pair.prompt, [pair.chosen, pair.rejected], meta))
-            else:
-                tasks.append(make_task(fmt, i, record))
-        except RecordError as exc:
-            skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
-    items = [(prompt_messages(t.prompt), r) for t in tasks for r in t.responses]
-    texts = critic.critiques(items)
-    kept, at = [], 0
-    for task in tasks:
-        task.meta["critiques"] = texts[at : at + len(task.responses)]
-        at += len(task.responses)
-        try:
-            task.rows = encoder.critique_rows(
-                task.prompt, task.responses, task.meta["critiques"], critic.critique_prompt
-            )[0]
-            kept.append(task)
-        except RecordError as exc:
-            skipped.append({"index": task.index, "reason": f"{exc.reason}: {exc.detail}"})
-    skipped.sort(key=lambda s: s["index"])
-    return kept, skipped
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-def pairs_metrics(tasks: list[Task], scores: list[list[float]]) -> dict[str, Any]:
-    """Accuracy (chosen strictly above rejected), overall and per subset, and ties."""
-    by_subset: dict[str, list[float]] = defaultdict(list)
-    ties = 0
-    for task, (chosen, rejected) in zip(tasks, scores, strict=True):
-        by_subset[task.meta.get("subset", "all")].append(float(chosen > rejected))
-        ties += int(chosen == rejected)
-    everything = [v for values in by_subset.values() for v in values]
-    return {
-        "accuracy": _mean(everything),
-        "pairs": len(everything),
-        "ties": ties,
-        "subsets": {k: _mean(v) for k, v in sorted(by_subset.items())},
-    }
-
-
-def rewardbench_metrics(tasks: list[Task], scores: list[list[float]]) -> dict[str, Any]:
-    """Per-subset accuracy and RewardBench's weighted section scores."""
-    base = pairs_metrics(tasks, scores)
-    subsets = base["subsets"]
-    sections = {}
-    for section, names in REWARDBENCH_SECTIONS.items():
-        present = [n for n in names if n in subsets]
-        if present:
-            total = sum(REWARDBENCH_COUNTS[n] for n in present)
-            sections[section] = sum(subsets[n] * REWARDBENCH_COUNTS[n] for n in present) / total
-    return {
-        "score": _mean(list(sections.values())),
-        "sections": sections,
-        "subsets": subsets,
-        "pairs": base["pairs"],
-        "ties": base["ties"],
-    }
-
-
-def _best_of_n(scores: list[float]) -> float:
-    """1/k when the first (chosen) score is the top one, shared with k-1 others; else 0."""
-    top = max(scores)
-    return 1.0 / sum(s == top for s in scores) if scores[0] == top else 0.0
-
-
-def _prompt_stats(samples: list[tuple[bool, float]]) -> tuple[bool, float | None, float]:
-    """(accurate, spread of the correct scores, worst correct - best incorrect)."""
-    correct = [s for ok, s in samples if ok]
-    wrong = [s for ok, s in samples if not ok]
-    spread = max(correct) - min(correct) if len(correct) > 1 else None
-    margin = min(correct) - max(wrong)
-    return margin > 0, spread, margin
-
-
-def ties_score(tasks: list[Task], scores: list[list[float]]) -> float:
-    """RewardBench 2's Ties score: ids ``ref:N`` (one correct answer) and ``tied:N``
-    (several), the first ``num_correct`` scores being the correct answers."""
-    ref: dict[str, tuple] = {}
-    tied: dict[str, tuple] = {}
-    for task, values in zip(tasks, scores, strict=True):
-        kind, _, prompt_id = task.meta["id"].partition(":")
-        samples = [(i < task.meta["num_correct"], s) for i, s in enumerate(values)]
-        (ref if kind == "ref" else tied)[prompt_id] = _prompt_stats(samples)
-    ref_accuracy = _mean([s[0] for s in ref.values()]) if ref else 0.0
-    tied_accuracy = _mean([s[0] for s in tied.values()]) if tied else 0.0
-    common = [p for p in tied if p in ref]
-    spread = np.array([tied[p][1] for p in common], dtype=float)
-    tied_margin = np.array([tied[p][2] for p in common], dtype=float)
-    hardest = np.minimum(np.array([ref[p][2] for p in common], dtype=float), tied_margin)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        preferred = _mean(tied_margin > spread)
-        preferred_hard = _mean(hardest > spread)
-        margin_term = _mean(np.nan_to_num(np.tanh(hardest / spread - 1), nan=0.0))
-    return (
-        0.30 * tied_accuracy
-        + 0.30 * ref_accuracy
-        + 0.20 * preferred
-        + 0.20 * preferred_hard
-        + 0.01 * margin_term
-    )
-
-
-def rewardbench2_metrics(tasks: list[Task], scores: list[list[float]]) -> dict[str, Any]:
-    """Per-subset best-of-n accuracy (ties shared), the Ties score, and their mean."""
-    by_subset: dict[str, list[int]] = defaultdict(list)
-    for k, task in enumerate(tasks):
-        by_subset[task.meta["subset"]].append(k)
-    subsets = {}
-    for name, members in sorted(by_subset.items()):
-        if name.lower() == "ties":
-            subsets[name] = ties_score([tasks[k] for k in members], [scores[k] for k in members])
-        else:
-            subsets[name] = _mean([_best_of_n(scores[k]) for k in members])
-    return {"score": _mean(list(subsets.values())), "subsets": subsets, "records": len(tasks)}
-
-
-def _style_accuracy(scores: list[list[float]]) -> dict[str, float]:
-    matrix = np.zeros((3, 3))
-    for values in scores:
-        chosen, rejected = values[:3], values[3:]
-        for i in range(3):
-            for j in range(3):
-                matrix[i][j] += chosen[i] > rejected[j]
-    matrix /= len(scores)
-    return {
-        "hard": float(np.sum(np.triu(matrix, 1)) / 3),
-        "normal": float(np.mean(np.diag(matrix))),
-        "easy": float(np.sum(np.tril(matrix, -1)) / 3),
-    }
-
-
-def rmbench_metrics(tasks: list[Task], scores: list[list[float]]) -> dict[str, Any]:
-    """Hard / normal / easy accuracy, per domain and averaged over the domains."""
-    if not any(t.meta.get("domain") for t in tasks):
-        return _style_accuracy(scores)
-    domains = {}
-    for domain in RMBENCH_DOMAINS:
-        picked = [s for t, s in zip(tasks, scores, strict=True)
-                  if str(t.meta.get("domain") or "").startswith(domain)]  # fmt: skip
-        if picked:
-            domains[domain] = _style_accuracy(picked)
-    out: dict[str, Any] = {
-        level: _mean([d[level] for d in domains.values()]) for level in ("hard", "normal", "easy")
-    }
-    out["domains"] = {
-        name: {**levels, "average": _mean(list(levels.values()))}
-        for name, levels in domains.items()
-    }
-    out["average"] = _mean([d["average"] for d in out["domains"].values()])
-    return out
-
-
-METRICS: dict[str, Callable[[list[Task], list[list[float]]], dict[str, Any]]] = {
-    "rewardbench": rewardbench_metrics,
-    "rewardbench2": rewardbench2_metrics,
-    "rmbench": rmbench_metrics,
-    "pairs": pairs_metrics,
-}
-
-
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"subsets": {"a": 1.0}}`` -> ``{"subsets/a": 1.0}`` (numbers only)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "/"))
-        elif isinstance(value, (int, float)):
-            out[name] = float(value)
-    return out
-
-
-def markdown(fmt: str, metrics: dict[str, Any], scored: int, skipped: int) -> str:
-    """A two-column markdown table of every metric."""
-    lines = [f"| {fmt} ({scored} scored, {skipped} skipped) | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in flatten(metrics).items()]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def score_tasks(
-    tasks: list[Task], rewards: Callable[[list[list[int]]], list[float]], chunk_rows: int = 512
-) -> list[list[float]]:
-    """Every task's scores, the rows scored longest first in chunks (progress bar)."""
-    rows = [row for task in tasks for row in task.rows or []]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    flat = [0.0] * len(rows)
-    with tqdm(total=len(rows), unit="seq", desc="scoring", disable=None, file=sys.stderr) as bar:
-        for start in range(0, len(order), chunk_rows):
-            chunk = order[start : start + chunk_rows]
-            for i, value in zip(chunk, rewards([rows[i] for i in chunk]), strict=True):
-                flat[i] = value
-            bar.update(len(chunk))
-    out, at = [], 0
-    for task in tasks:
-        n = len(task.rows or [])
-        out.append(flat[at : at + n])
-        at += n
-    return out
-
-
-def evaluate(
-    path: str,
-    fmt: str,
-    encoder: Encoder,
-    rewards: Callable[[list[list[int]]], list[float]],
-    handler_name: str = "pairwise_messages",
-    critic: Any = None,
-) -> dict[str, Any]:
-    """Load, score and measure one benchmark file; the full result record."""
-    fmt, tasks, skipped = load_tasks(path, fmt, encoder, handler_name, critic)
-    if not tasks:
-        raise EvaluateError(f"--data {path}: no record could be scored; first: {skipped[:1]}")
-    scores = score_tasks(tasks, rewards)
-    return {
-        "format": fmt,
-        "data": str(path),
-        "convention": encoder.convention,
-        "scored": len(tasks),
-        "metrics": METRICS[fmt](tasks, scores),
-        "skipped": skipped,
-        "records": [
-            {"index": t.index, "scores": s, **({"critiques": t.meta["critiques"]}
-                                              if "critiques" in t.meta else {})}
-            for t, s in zip(tasks, scores, strict=True)
-        ],
-    }
-
-
-class BenchmarkEvaluator:
-    """Training-time evaluation on a benchmark file: the file is encoded once; each
-    call scores it with the model being trained (every rank calls, in step) and
-    returns flat metrics (``subsets/<name>``, ``score``...) for the metrics writer."""
-
-    def __init__(
-        self,
-        path: str,
-        tokenizer_dir: str,
-        fmt: str = "auto",
-        seq_length: int | None = None,
-        prompt_type: str = "auto",
-    ) -> None:
-        self.encoder = build_encoder(tokenizer_dir, prompt_type, seq_length=seq_length)
-        self.format, self.tasks, self.skipped = load_tasks(path, fmt, self.encoder)
-        if not self.tasks:
-            raise EvaluateError(f"benchmark file {path}: no record could be scored")
-
-    def __call__(self, model: list[torch.nn.Module], pad_id: int) -> dict[str, float]:
-        scores = score_tasks(self.tasks, lambda rows: model_rewards(model, rows, pad_id))
-        for chunk in model:
-            chunk.train()
-        return flatten(METRICS[self.format](self.tasks, scores))
-
 
 # --------------------------------------------------------------------------- command line
 
@@ -506,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megarm.evaluate", description=__doc__.split("\n")[0]
     )
-    add_model_arguments(p)
-    add_critique_arguments(p)
+    cli.add_model_arguments(p)
+    cli.add_critique_arguments(p)
     p.add_argument("--data", required=True, help="benchmark file (jsonl, json or parquet)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format")
     p.add_argument("--handler-name", default="pairwise_messages", help="handler for --format pairs")
@@ -526,12 +82,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     output = Path(args.output)
     if output.parent and not output.parent.is_dir():
         raise EvaluateError(f"--output {output}: directory {output.parent} does not exist")
-    scorer, encoder, info = open_scorer(args)
+    scorer, encoder, info = open_scorer(cli.scorer_spec(args))
     with scorer:
         if not scorer.is_driver:
             scorer.follow()
             return None
-        critic = open_critic(args, info, encoder)
+        critic = cli.open_critic(args, info, encoder)
         result = evaluate(
             args.data, args.format, encoder, scorer.rewards, args.handler_name, critic
         )
@@ -547,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    return entry_point(build_parser(), run, argv, (ScoringError, ValueError))
+    return cli.run_command(build_parser(), run, argv, (ScoringError, ValueError))
 
 
 if __name__ == "__main__":

@@ -38,21 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from megarm import cli
 from megarm.data.handlers import RecordError, get_handler
 from megarm.data.readers import InputError, RawRecord, iter_records, resolve_inputs
-from megarm.scoring import (
-    Encoder,
-    ScoreBatch,
-    ScoringError,
-    add_critique_arguments,
-    add_model_arguments,
-    chat_messages,
-    entry_point,
-    open_critic,
-    open_scorer,
-    prompt_messages,
-    run_model,
-)
+from megarm.errors import ScoringError
+from megarm.rewards.backends import open_scorer
+from megarm.rewards.batches import ScoreBatch, run_model
+from megarm.rewards.encoding import Encoder, chat_messages, prompt_messages
 
 __all__ = ["ScoreBatch", "ScoreError", "main", "run_model", "score"]
 
@@ -167,8 +159,8 @@ def format_records(
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m megarm.score", description=__doc__.split("\n")[0])
-    add_model_arguments(p)
-    add_critique_arguments(p)
+    cli.add_model_arguments(p)
+    cli.add_critique_arguments(p)
     p.add_argument("--input", required=True, help="records: file, directory or glob")
     p.add_argument("--output", required=True, help="rewards jsonl (one line per input record)")
     p.add_argument("--handler-name", help="pair format (default: pairwise_messages / single)")
@@ -241,13 +233,13 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
     except (InputError, ValueError) as exc:  # ValueError: bad handler name, keys or JSON
         raise ScoreError(str(exc)) from exc
     try:
-        scorer, encoder, info = open_scorer(args)
+        scorer, encoder, info = open_scorer(cli.scorer_spec(args))
         with scorer:
             if not scorer.is_driver:
                 scorer.follow()
                 return None
             raws = list(iter_records(inputs))
-            critic = open_critic(args, info, encoder)
+            critic = cli.open_critic(args, info, encoder)
             if critic is None:
                 items = format_records(raws, encoder, args.handler_name, map_keys)
             else:
@@ -276,7 +268,7 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
-    return entry_point(build_parser(), score, argv)
+    return cli.run_command(build_parser(), score, argv)
 
 
 if __name__ == "__main__":

@@ -52,16 +52,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from megarm import cli
+from megarm.checkpoint.metadata import RewardInfo
 from megarm.data.handlers import RecordError
-from megarm.scoring import (
-    Encoder,
-    RewardInfo,
-    Scorer,
-    ScoringError,
-    add_model_arguments,
-    entry_point,
-    open_scorer,
-)
+from megarm.errors import ScoringError
+from megarm.rewards.backends import Scorer, open_scorer
+from megarm.rewards.encoding import Encoder
 
 # Idle followers wait in a collective with a timeout; the driver pings them this often.
 PING_SECONDS = 60.0
@@ -389,7 +385,7 @@ def is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m megarm.serve", description=__doc__.split("\n")[0])
-    add_model_arguments(p)
+    cli.add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--api-key", help="required from clients; needed for a non-loopback --host")
@@ -428,7 +424,7 @@ def serve(args: argparse.Namespace) -> None:
     it stops accepting, answers the requests in flight, then the loop stops.
     """
     check_args(args)
-    scorer, encoder, info = open_scorer(args)
+    scorer, encoder, info = open_scorer(cli.scorer_spec(args))
     with scorer:
         if not scorer.is_driver:
             # torchrun forwards SIGTERM to every rank: rank 0 drains, then releases us.
@@ -478,7 +474,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad set-up)."""
-    return entry_point(build_parser(), serve, argv)
+    return cli.run_command(build_parser(), serve, argv)
 
 
 if __name__ == "__main__":

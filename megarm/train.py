@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from megarm.config import ConfigError, MegarmConfig, resolve
+from megarm.config import ConfigError, MegarmConfig
+from megarm.preflight import resolve
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ def randomize_(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch
 
 def pair_batch(num_pairs: int, seq: int, vocab: int, seed: int = 0, left_pad: bool = False):
     """A PairBatch of random tokens with ragged lengths (right padding by default)."""
-    from megarm.training.step import PairBatch
+    from megarm.model.step import PairBatch
 
     gen = torch.Generator().manual_seed(seed)
     rows = 2 * num_pairs

@@ -227,7 +227,7 @@ def test_crafted_checkpoint_object_never_runs(tmp_path):
 
 
 def test_garbled_tracker_and_empty_directory_are_named(saved, tmp_path):
-    from megarm.config import validate
+    from megarm.preflight import validate
 
     run = _copy(saved, tmp_path)
     (run / "latest_checkpointed_iteration.txt").write_text("12abc\n")

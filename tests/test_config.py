@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megarm import config as C
+from megarm import preflight
 from megarm.config import (
     SECTIONS,
     ConfigError,
@@ -21,10 +22,9 @@ from megarm.config import (
     field_docs,
     load_config,
     markdown_reference,
-    padded_vocab_size,
-    resolve,
-    validate,
 )
+from megarm.families.base import head_dim, padded_vocab_size
+from megarm.preflight import resolve, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -521,9 +521,9 @@ def test_non_positive_sizes_are_named():
 def test_check_raises_with_every_issue():
     cfg = load_config(None, ["parallel.sequence_parallel=true", "checkpoint.save_interval=3"])
     with pytest.raises(ConfigError) as exc:
-        C.check(cfg)
+        preflight.check(cfg)
     assert keys_of(exc.value.issues) == ["parallel.sequence_parallel", "checkpoint.save"]
-    assert C.check(MegarmConfig()) == MegarmConfig()
+    assert preflight.check(MegarmConfig()) == MegarmConfig()
 
 
 # --------------------------------------------------------------------------- HF config
@@ -543,7 +543,7 @@ def test_hf_config_fills_the_shape(tmp_path):
     assert m.norm_epsilon == 1e-5
     assert m.max_position_embeddings == 256
     assert m.tie_word_embeddings is True
-    assert m.kv_channels is None and C.head_dim(m) == 16
+    assert m.kv_channels is None and head_dim(m) == 16
     assert padded_vocab_size(m) == 1024
     # a model with max 256 positions rejects the default 1024-token sequences...
     assert keys_of(issues_of(f"model.hf_config={hf}")) == ["data.seq_length"]
@@ -679,7 +679,7 @@ def test_cli_rejects_tp_above_kv_heads_fast(tmp_path):
 
 def _main_without_torch(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
     code = (
-        "import sys, megarm.config as c\n"
+        "import sys, megarm.config.__main__ as c\n"
         f"rc = c.main({argv!r})\n"
         "assert 'torch' not in sys.modules, 'megarm.config imported torch'\n"
         "assert 'megatron' not in sys.modules, 'megarm.config imported megatron'\n"

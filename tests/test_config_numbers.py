@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megarm.config import ConfigError, resolve
+from megarm.config import ConfigError
+from megarm.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megarm.config import ConfigError, approx_parameters, load_config, resolve
+from megarm.config import ConfigError, approx_parameters, load_config
+from megarm.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF_B = ROOT / "configs" / "orm_trainer_qwen25_0.5b.yaml"

@@ -50,8 +50,9 @@ def _megarm_lm(mcores: dict[bool, str], tp: int, pp: int) -> dict:
     from megarm.config import load_config
     from megarm.data.dataset import collate_pairs
     from megarm.model.builder import build_model
+    from megarm.model.step import forward_step
     from megarm.training.data import to_pair_batch
-    from megarm.training.step import STAT_KEYS, forward_step
+    from megarm.training.loss import STAT_KEYS, loss_func
 
     distributed.init(tp, pp)
     last = ps.is_pipeline_last_stage()
@@ -75,7 +76,7 @@ def _megarm_lm(mcores: dict[bool, str], tp: int, pp: int) -> dict:
                 )
             with torch.no_grad():
                 outputs = get_forward_backward_func()(
-                    forward_step_func=partial(forward_step, rm_weight=0.7, lm_weight=0.3),
+                    forward_step_func=partial(forward_step, loss=partial(loss_func, rm_weight=0.7, lm_weight=0.3)),
                     data_iterator=iter([batch]), model=model[0], num_microbatches=1,
                     seq_length=batch.tokens.shape[1], micro_batch_size=batch.tokens.shape[0],
                     forward_only=True,

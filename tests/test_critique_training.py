@@ -221,7 +221,7 @@ def test_shipped_critique_configs_validate():
     import re
     from pathlib import Path
 
-    from megarm.config import resolve
+    from megarm.preflight import resolve
 
     root = Path(__file__).resolve().parents[1]
     allow = ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megarm.evaluate import evaluate, flatten, main
-from megarm.scoring import build_encoder
+from megarm.rewards.encoding import build_encoder
 from megarm.testing import run_distributed
 
 
@@ -166,17 +166,17 @@ def _training_time(checkpoint: str, data: str, tokenizer: str, log_dir: str) -> 
     """A Trainer with ``training.eval_benchmark`` evaluating once at TP=2 (every rank in
     step): the scores go to metrics.jsonl as the ``benchmark`` split."""
     from megarm import distributed
-    from megarm.checkpoint import checkpoint_model_overrides
+    from megarm.checkpoint.load import saved_model_settings
     from megarm.config import load_config
     from megarm.training.loop import Trainer
 
     cfg = load_config(None, [
-        *checkpoint_model_overrides(checkpoint), "model.params_dtype=fp32",
+        "model.params_dtype=fp32",
         "parallel.tensor_model_parallel_size=2", f"checkpoint.load={checkpoint}",
         f"training.eval_benchmark={data}", f"data.tokenizer_name_or_path={tokenizer}",
         "data.seq_length=64", "data.synthetic_num_pairs=16", "training.global_batch_size=2",
         "training.micro_batch_size=1", f"logging.log_dir={log_dir}", "logging.tensorboard=false",
-    ])
+    ], settings=saved_model_settings(checkpoint))
     distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
     trainer.evaluate()

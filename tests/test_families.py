@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarm.config import ConfigError, load_config, resolve
+from megarm.config import ConfigError, load_config
 from megarm.families import FAMILIES, detect, head_weight, megatron_rule
+from megarm.preflight import resolve
 from megarm.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]

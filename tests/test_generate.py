@@ -104,8 +104,8 @@ def test_score_with_a_critique_model_reads_the_reward_after_the_critique(
 ):
     from megarm.data.dataset import PairDataset
     from megarm.data.preprocess import main as preprocess
+    from megarm.rewards.backends import HFScorer
     from megarm.score import main as score
-    from megarm.scoring import HFScorer
 
     inputs = tmp_path / "pairs.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]))

@@ -29,7 +29,7 @@ def _reduce_on_group_without_cpu_backend() -> dict:
 
     from megarm import distributed, platform
     from megarm.training.loop import Trainer
-    from megarm.training.step import STAT_KEYS, reduce_stats
+    from megarm.training.loss import STAT_KEYS, reduce_stats
 
     platform.dist_backend = lambda: "cuda:gloo"  # gloo for CUDA tensors, nothing for CPU
     distributed.init(1, 1)
@@ -218,7 +218,7 @@ def test_unfused_attention_with_te_and_no_apex_runs_without_apex_kernels():
 
 
 def test_fp16_is_refused_before_anything_starts():
-    from megarm.config import validate
+    from megarm.preflight import validate
 
     problems = validate(tiny_config("model.params_dtype=fp16"), world_size=1)
     assert [p.key for p in problems] == ["model.params_dtype"]
@@ -304,8 +304,9 @@ def _step_without_host_reads() -> dict:
     from megarm.data.packing import collate_packed, collate_thd
     from megarm.model.attention import PackedSegments, SDPAttention
     from megarm.model.builder import build_model
+    from megarm.model.step import forward_step
     from megarm.training.data import to_pair_batch
-    from megarm.training.step import forward_step, loss_func
+    from megarm.training.loss import loss_func
 
     cfg = tiny_config("data.packing=true")
     distributed.init(1, 1)
@@ -321,7 +322,7 @@ def _step_without_host_reads() -> dict:
     checked = []
     for batch in (rows, padded):
         with torch.no_grad(), _NoHostReads():
-            output, loss = forward_step(iter([batch]), model)
+            output, loss = forward_step(iter([batch]), model, loss_func)
             loss(output)
         checked.append(True)
     thd = to_pair_batch(collate_thd(samples, pad_token_id=0))
@@ -333,7 +334,6 @@ def _step_without_host_reads() -> dict:
     kv = torch.randn(t, 2, 16)
     with _NoHostReads():
         attention(q, kv, kv, None, packed_seq_params=params)
-    del loss_func
     return {"checked": checked}
 
 
@@ -354,8 +354,9 @@ def _lm_step_without_host_reads() -> dict:
     from megarm.data.dataset import collate_pairs
     from megarm.data.packing import collate_packed
     from megarm.model.builder import build_model
+    from megarm.model.step import forward_step
     from megarm.training.data import to_pair_batch
-    from megarm.training.step import forward_step
+    from megarm.training.loss import loss_func as training_loss
 
     distributed.init(1, 1)
     checked = []
@@ -376,7 +377,7 @@ def _lm_step_without_host_reads() -> dict:
             batch = to_pair_batch(collated, lm=True)
             batch.lm_scale = 0.5
             assert batch.lm_tokens > 0
-            step = partial(forward_step, rm_weight=weights[0], lm_weight=weights[1])
+            step = partial(forward_step, loss=partial(training_loss, rm_weight=weights[0], lm_weight=weights[1]))
             with _NoHostReads():
                 output, loss_func = step(iter([batch]), model)
                 loss, _ = loss_func(output)

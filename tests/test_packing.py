@@ -147,8 +147,9 @@ def _forward_equal():
     from megarm.data.dataset import collate_pairs
     from megarm.data.synthetic import SyntheticPairs
     from megarm.model.builder import build_model
+    from megarm.model.step import forward_step
     from megarm.training.data import to_pair_batch
-    from megarm.training.step import forward_step
+    from megarm.training.loss import loss_func
 
     cfg = tiny_config()
     distributed.init(seed=cfg.training.seed)
@@ -165,7 +166,7 @@ def _forward_equal():
     for collated in layouts:
         batch = to_pair_batch(collated)
         with torch.no_grad():
-            rewards, loss_fn = forward_step(iter([batch]), model)
+            rewards, loss_fn = forward_step(iter([batch]), model, loss_func)
             loss, extra = loss_fn(rewards)
         results.append((rewards, loss, extra["stats"], batch.tokens.shape[0]))
     # Per-token RoPE of plain positions equals the fast path (broadcast over rows).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ def _reference(overrides: tuple[str, ...]):
     """TP=1 PP=1: random-but-known weights and their rewards."""
     from megarm import distributed
     from megarm.model.builder import build_model
-    from megarm.training.step import forward_step
+    from megarm.model.step import forward_step, reward_outputs
 
     cfg = tiny_config(*overrides)
     distributed.init(seed=cfg.training.seed)
@@ -22,7 +24,7 @@ def _reference(overrides: tuple[str, ...]):
     model.load_state_dict(full)
     batch = pair_batch(3, 24, cfg.model.vocab_size, seed=1)
     with torch.no_grad():
-        rewards, _ = forward_step(iter([batch]), model)
+        rewards, _ = forward_step(iter([batch]), model, reward_outputs)
     return full, rewards
 
 
@@ -33,7 +35,7 @@ def _sharded_rewards(overrides: tuple[str, ...], full: dict[str, torch.Tensor]):
     from megarm import distributed
     from megarm.model.builder import build_model
     from megarm.model.sharding import load_full_state_dict
-    from megarm.training.step import forward_step
+    from megarm.model.step import forward_step, reward_outputs
 
     cfg = tiny_config(*overrides)
     p = cfg.parallel
@@ -43,7 +45,7 @@ def _sharded_rewards(overrides: tuple[str, ...], full: dict[str, torch.Tensor]):
     batch = pair_batch(3, 24, cfg.model.vocab_size, seed=1)
     nmb = 2 if p.virtual_pipeline_model_parallel_size else 1
     outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=partial(forward_step, loss=reward_outputs),
         data_iterator=[iter([batch] * nmb) for _ in chunks] if len(chunks) > 1 else iter([batch]),
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=nmb,

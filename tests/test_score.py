@@ -47,8 +47,9 @@ def transformers_rewards(export: Path, rows: list[dict]) -> list[tuple[float, fl
 def test_three_routes_give_the_same_rewards(rm_export, tmp_path):
     """megarm.score, transformers with apply_chat_template, and chat text that ends at
     <|im_end|> (OpenRLHF's query) all read the reward at the same token."""
+    from megarm import cli
+    from megarm.rewards.backends import open_scorer
     from megarm.score import build_parser
-    from megarm.scoring import open_scorer
 
     data = tmp_path / "heldout.jsonl"
     rows = demo_pairs(data)
@@ -61,7 +62,7 @@ def test_three_routes_give_the_same_rewards(rm_export, tmp_path):
     args: argparse.Namespace = build_parser().parse_args(
         ["--load", str(rm_export), "--input", "-", "--output", "-"]
     )
-    scorer, encoder, _ = open_scorer(args)
+    scorer, encoder, _ = open_scorer(cli.scorer_spec(args))
     tok = encoder.tokenizer
     texts = []
     for row in rows:

@@ -196,7 +196,8 @@ def test_non_loopback_host_needs_a_key(rm_export):
 
 
 def test_normalisation_uses_the_stored_statistics():
-    from megarm.scoring import RewardInfo, ScoringError
+    from megarm.checkpoint.metadata import RewardInfo
+    from megarm.errors import ScoringError
     from megarm.serve import ModelLoop, create_app
 
     assert RewardInfo(mean=1.0, std=2.0).normalize([3.0, -1.0]) == [1.0, -1.0]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from megarm.config import ConfigError, padded_vocab_size, resolve
+from megarm.config import ConfigError
+from megarm.families.base import padded_vocab_size
+from megarm.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = sorted(ROOT.glob("configs/orm_trainer_qwen25_*.yaml"))

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from megarm.config import ConfigError, resolve
+    from megarm.config import ConfigError
     from megarm.distributed import world_size_from_environ
+    from megarm.preflight import resolve
 
     try:
         cfg = resolve(args.config, [*args.overrides, "training.eval_interval=0"], world_size_from_environ())

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from megarm.config import ConfigError, resolve
+    from megarm.config import ConfigError
     from megarm.distributed import world_size_from_environ
+    from megarm.preflight import resolve
 
     overrides = [*args.overrides, "training.eval_interval=0", "checkpoint.save=null",
                  "checkpoint.save_interval=null", "logging.log_dir=null"]

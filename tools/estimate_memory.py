@@ -18,7 +18,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    from megarm.config import ConfigError, resolve
+    from megarm.config import ConfigError
+    from megarm.preflight import resolve
     from megarm.training.memory import GIB, estimate, largest_micro_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -83,7 +83,8 @@ def shipped_layouts() -> list[str]:
 
 def check_config(args: list[str], world_size: int) -> int:
     """0 when megarm.train will accept ``args`` at ``world_size``; else print why, once."""
-    from megarm.config import ConfigError, resolve
+    from megarm.config import ConfigError
+    from megarm.preflight import resolve
     from megarm.train import build_parser as train_parser
 
     parsed = train_parser().parse_args(args)

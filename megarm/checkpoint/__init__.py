@@ -29,7 +29,6 @@ _EXPORTS = {
     "CheckpointMismatchError": "load",
     "Resumed": "load",
     "check_shapes": "load",
-    "checkpoint_model_overrides": "load",
     "load_checkpoint": "load",
     "load_model_weights": "load",
     "open_checkpoint": "load",

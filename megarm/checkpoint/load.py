@@ -11,7 +11,6 @@ weights it yields must be finite.
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from megarm.checkpoint.integrity import (
 from megarm.checkpoint.layout import resolve_checkpoint
 from megarm.checkpoint.optimizer_state import SHARDING_TYPE
 from megarm.checkpoint.save import layout, model_sharded_state_dict, rng_sharded_object
-from megarm.model.sharding import load_state_dict_strict
 
 Verify = Literal["checksum", "size"]
 OPTIM_METADATA = {"distrib_optim_sharding_type": SHARDING_TYPE}
@@ -205,7 +203,7 @@ def _load_model_state(model: list[torch.nn.Module], state: dict[str, Any], check
     chunks = [getattr(m, "module", m) for m in model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks, strict=True):
-        load_state_dict_strict(chunk, state[key])
+        chunk.load_state_dict_strict(state[key])  # the model owns its strict load
     bad = [str(b) for chunk in chunks for b in non_finite(chunk.state_dict().items())]
     found = [b for part in distributed.all_gather_objects(bad) for b in part]
     if found:
@@ -307,8 +305,9 @@ def _init_optimizer_state(optimizer: Any) -> None:
                 torch_opt.state[param].setdefault("step", torch.tensor(0.0))
 
 
-def checkpoint_model_overrides(load: str | Path, step: int | None = None) -> list[str]:
-    """``model.*`` overrides that rebuild the model a megarm checkpoint holds.
+def saved_model_settings(load: str | Path, step: int | None = None) -> dict[str, dict[str, Any]]:
+    """The ``model`` settings (typed values, for ``load_config(settings=...)``) that
+    rebuild the model a megarm checkpoint holds.
 
     Read from the ``megarm_config`` common state that megarm (the Trainer and
     ckpt_convert/hf2mcore.py) saves with every torch_dist checkpoint; for a checkpoint
@@ -319,15 +318,11 @@ def checkpoint_model_overrides(load: str | Path, step: int | None = None) -> lis
     common = load_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
     saved = common.get("megarm_config")
     if saved and isinstance(saved.get("model"), dict):
-        return [
-            f"model.{key}={json.dumps(value)}"
-            for key, value in saved["model"].items()
-            # The shape is already resolved; the HF dir it came from may be gone.
-            if key != "hf_config"
-        ]
+        # The shape is already resolved; the HF dir it came from may be gone.
+        return {"model": {k: v for k, v in saved["model"].items() if k != "hf_config"}}
     config_json = Path(load) / "config.json"
     if config_json.is_file():
-        return [f"model.hf_config={Path(load)}"]
+        return {"model": {"hf_config": str(Path(load))}}
     raise FileNotFoundError(
         f"{checkpoint} carries no megarm_config and {config_json} does not "
         "exist: cannot tell the model's shape. Copy the HF config.json of the model into the "

@@ -19,7 +19,6 @@ byte of weights):
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sys
@@ -57,22 +56,6 @@ log = logging.getLogger("megarm.checkpoint")
 Produce = Callable[[str], torch.Tensor]
 
 
-def meta_sharded_state_dict(cfg: Any) -> dict[str, Any]:
-    """megarm's sharded state dict for ``cfg`` at the current (TP, PP) layout, from a
-    model built on the meta device: keyed by state-dict name, no weights allocated.
-
-    Always megatron-core's local layer spec (torch_dist checkpoint keys do not
-    depend on the spec). Needs megatron-core's parallel state
-    (``megarm.distributed.init``).
-    """
-    from megarm.model.builder import build_model
-
-    cfg = copy.deepcopy(cfg)
-    cfg.model.attention_backend = "sdpa"
-    (model,) = build_model(cfg, device="meta")
-    return model.sharded_state_dict()
-
-
 def _with_data(value: Any, data: torch.Tensor) -> Any:
     """``value`` (a ShardedTensor or factory) holding ``data`` instead of its meta tensor."""
     if isinstance(value, ShardedTensorFactory):
@@ -89,7 +72,7 @@ def save_streaming(
 ) -> int:
     """Write a torch_dist checkpoint into the existing, empty directory ``out``.
 
-    ``sharded`` is a (meta) sharded state dict from :func:`meta_sharded_state_dict`;
+    ``sharded`` is a (meta) sharded state dict from :func:`megarm.model.builder.meta_sharded_state_dict`;
     ``produce(name)`` returns the full tensor of state-dict entry ``name`` (its shape
     and dtype), called once per name in ``order``, which must name every tensor
     entry. ``common`` is stored in ``common.pt``. Returns the bytes of tensor data.

@@ -15,6 +15,8 @@ import re
 import warnings
 from pathlib import Path
 
+from megarm.data.stats_file import stats_path
+
 REQUIRED_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 # SFT records (tools/preprocess_data.py --handler-name sft): one sequence each.
 SFT_KEYS = ("input_ids", "labels")
@@ -49,7 +51,7 @@ def listed_files(prefix: str) -> list[str] | None:
     """The file names ``<prefix>_stats.json`` lists, or ``None`` without a stats.json
     (or one from a version that did not list them). Raises ``ValueError`` for a
     stats.json that is not valid JSON."""
-    path = Path(f"{prefix}_stats.json")
+    path = Path(stats_path(prefix))
     if not path.is_file():
         return None
     try:

@@ -36,6 +36,7 @@ from megarm.data.blend import (
     parse_data_path,
     prefix_problems,
 )
+from megarm.data.stats_file import stats_path
 
 PAIR_KEYS = REQUIRED_KEYS
 MARGIN_KEY = "margin"
@@ -45,11 +46,6 @@ IGNORE_INDEX = -100
 def packed_path(prefix: str, key: str) -> str:
     """The indexed-dataset path prefix (no .bin/.idx) of ``key`` under ``prefix``."""
     return f"{prefix}_packed_{key}_document"
-
-
-def stats_path(prefix: str) -> str:
-    """``<prefix>_stats.json``: counts, lengths, tokenizer fingerprint, arguments."""
-    return f"{prefix}_stats.json"
 
 
 def rejects_path(prefix: str) -> str:

@@ -10,7 +10,6 @@ runs it too (no torch). Each problem is one line naming the file and the fix.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from megarm.data.blend import packed_files
+from megarm.data.stats_file import RERUN, DataFileError, read_stats, stats_path
 
 MARGIN_KEY = "margin"
 IGNORE_INDEX = -100
@@ -30,11 +30,6 @@ DTYPE_CODES = {
     6: np.float64, 7: np.float32, 8: np.uint16,
 }
 _HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + sequence count 8 + document count 8
-RERUN = "re-run tools/preprocess_data.py --overwrite for this prefix"
-
-
-class DataFileError(ValueError):
-    """A packed file is damaged or belongs to another dataset; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -86,21 +81,6 @@ def read_index(path: str) -> IndexFile:
     pointers = np.frombuffer(raw, np.int64, count, _HEADER_BYTES + 4 * count)
     starts = np.frombuffer(raw, np.int64, documents, _HEADER_BYTES + 12 * count)
     return IndexFile(path, np.dtype(DTYPE_CODES[code]), lengths, pointers, starts)
-
-
-def read_stats(prefix: str) -> dict[str, Any] | None:
-    """``<prefix>_stats.json`` as a dict, or ``None`` when there is none."""
-    path = f"{prefix}_stats.json"
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            stats = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise DataFileError(f"{path} is not readable JSON ({exc}); {RERUN}") from exc
-    if not isinstance(stats, dict):
-        raise DataFileError(f"{path} must hold a JSON object; {RERUN}")
-    return stats
 
 
 def _check_index(index: IndexFile, key: str) -> None:
@@ -319,7 +299,7 @@ def prefix_issues(
     problem = length_problem(prefix, seq_length, max_positions)
     if problem:
         issues.append(("data.seq_length", problem))
-    problem = vocab_problem(max_token_id(prefix), vocab_size, f"{prefix}_stats.json")
+    problem = vocab_problem(max_token_id(prefix), vocab_size, stats_path(prefix))
     if problem:
         issues.append(("model.vocab_size", problem))
     return issues

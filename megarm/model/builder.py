@@ -24,7 +24,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarm import platform
-from megarm.config import MegarmConfig, head_dim, packed_format, padded_vocab_size
+from megarm.config import MegarmConfig, packed_format
+from megarm.families.base import head_dim, padded_vocab_size
 from megarm.model.attention import SDPAttention
 from megarm.model.norm import RMSNorm
 from megarm.model.reward_model import RewardModel
@@ -194,6 +195,20 @@ def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardMode
             model.setup_embeddings_and_output_layer()
         chunks.append(model)
     return chunks
+
+
+def meta_sharded_state_dict(cfg: MegarmConfig) -> dict[str, object]:
+    """megarm's sharded state dict for ``cfg`` at the current (TP, PP) layout, from a
+    model built on the meta device: keyed by state-dict name, no weights allocated.
+
+    Always megatron-core's local layer spec (torch_dist checkpoint keys do not
+    depend on the spec). Needs megatron-core's parallel state
+    (``megarm.distributed.init``).
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.model.attention_backend = "sdpa"
+    (model,) = build_model(cfg, device="meta")
+    return model.sharded_state_dict()
 
 
 def count_parameters(chunks: list[torch.nn.Module]) -> int:

@@ -321,6 +321,13 @@ class RewardModel(MegatronModule):
         )
         return losses.squeeze(1)
 
+    def load_state_dict_strict(self, state: dict) -> None:
+        """Load ``state`` strictly about weights (not about TE's ``_extra_state``):
+        what the checkpoint format calls with the state it read for this chunk."""
+        from megarm.model.sharding import load_state_dict_strict
+
+        load_state_dict_strict(self, state)
+
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:

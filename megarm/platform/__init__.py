@@ -54,6 +54,31 @@ def is_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""megarm's dtype names (``model.params_dtype``, the converters' ``--params-dtype``)."""
+
+# The other spellings of the same dtypes: HF config.json's and safetensors headers'.
+_DTYPE_ALIASES = {
+    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+    "F32": "fp32", "BF16": "bf16", "F16": "fp16",
+}
+
+
+def dtype(name: str) -> torch.dtype:
+    """The torch dtype of a megarm dtype name; ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        name = "bf16" if is_cuda() else "fp32"
+    return DTYPES[name]
+
+
+def dtype_name(value: torch.dtype | str) -> str | None:
+    """megarm's name (``fp32``/``bf16``/``fp16``) of a torch dtype, an HF config.json
+    dtype or a safetensors header dtype; ``None`` when it is none of those."""
+    if isinstance(value, torch.dtype):
+        return next((k for k, v in DTYPES.items() if v == value), None)
+    return value if value in DTYPES else _DTYPE_ALIASES.get(value)
+
+
 def device() -> torch.device:
     """The device this rank computes on."""
     if is_cuda():

@@ -7,11 +7,9 @@ tokens, found here on the host (:func:`lm_positions`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +26,9 @@ from megarm.data.dataset import (
     split_ranges,
 )
 from megarm.data.packing import collate_packed, collate_thd
+from megarm.data.stats_file import recorded_pad_id
 from megarm.data.synthetic import SyntheticPairs
-from megarm.training.step import PairBatch
+from megarm.model.step import PairBatch
 
 
 @dataclass
@@ -55,11 +54,9 @@ def pad_token_id(cfg: MegarmConfig, tokenizer: Any = None) -> int:
         if tok.pad_token_id is not None:
             return int(tok.pad_token_id)
     if cfg.data.data_path:
-        stats = Path(parse_data_path(cfg.data.data_path)[0][1] + "_stats.json")
-        if stats.is_file():
-            value = (json.loads(stats.read_text()).get("tokenizer") or {}).get("pad_token_id")
-            if value is not None:
-                return int(value)
+        value = recorded_pad_id(parse_data_path(cfg.data.data_path)[0][1])
+        if value is not None:
+            return value
     return 0
 
 

@@ -11,7 +11,8 @@ there is no ``6 h V`` logits term: counting one would inflate MFU by ~10-25%.
 
 from __future__ import annotations
 
-from megarm.config import MegarmConfig, head_dim
+from megarm.config import MegarmConfig
+from megarm.families.base import head_dim
 
 # Dense bf16 peak (TFLOP/s) for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

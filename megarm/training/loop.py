@@ -24,21 +24,24 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarm import platform
 from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
 from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
+from megarm.checkpoint.metadata import CONVENTION_KEY
 from megarm.config import MegarmConfig, to_dict, to_yaml
+from megarm.data.blend import parse_data_path
+from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
-from megarm.evaluate import BenchmarkEvaluator
 from megarm.model.builder import build_model, count_parameters, heads, params_dtype
 from megarm.model.sharding import load_full_state_dict
-from megarm.reward_stats import after_training, data_convention
+from megarm.model.step import PairBatch, run_schedule
+from megarm.rewards.benchmarks import BenchmarkEvaluator
+from megarm.rewards.stats import after_training
 from megarm.training.data import build_datasets, micro_batches
+from megarm.training.loss import loss_func, loss_weights, reduce_stats
 from megarm.training.metrics import MetricsWriter
-from megarm.training.step import PairBatch, forward_step, loss_weights, reduce_stats
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,7 +117,6 @@ class Trainer:
         config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             config.no_sync_func = config.no_sync_func[0]
-        self.forward_backward = get_forward_backward_func()
 
         self.data = build_datasets(cfg)
         self.iteration = 0
@@ -209,7 +211,7 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
 
     def scale_lm_loss(self, batches: list[PairBatch]) -> None:
-        """Give every micro-batch its ``lm_scale`` (see :mod:`megarm.training.step`):
+        """Give every micro-batch its ``lm_scale`` (see :mod:`megarm.training.loss`):
         the global batch's supervised tokens are the micro-batches' host counts,
         summed over data-parallel ranks in one host all-reduce (one rank per replica
         contributes), before the schedule runs."""
@@ -223,18 +225,15 @@ class Trainer:
 
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
-        # Every model chunk (virtual pipeline stage) reads the same micro-batches.
-        iterators = [iter(batches) for _ in self.model]
         rm_weight, lm_weight = self.loss_weights
         rows = self.cfg.training.micro_batch_size * (1 if self.cfg.training.objective == "sft" else 2)
-        return self.forward_backward(
-            forward_step_func=partial(forward_step, rm_weight=rm_weight, lm_weight=lm_weight),
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(batches),
+        return run_schedule(
+            self.model,
+            batches,
+            partial(loss_func, rm_weight=rm_weight, lm_weight=lm_weight),
+            forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=rows,
-            forward_only=forward_only,
         )
 
     def evaluate(self) -> dict[str, float] | None:
@@ -369,7 +368,11 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "megarm_config": to_dict(self.cfg),
                 # Where the reward is read (from the data's stats.json), for scoring/export.
-                "reward_convention": data_convention(self.cfg.data.data_path),
+                CONVENTION_KEY: (
+                    reward_convention(parse_data_path(self.cfg.data.data_path)[0][1])
+                    if self.cfg.data.data_path
+                    else None
+                ),
                 "has_optimizer": True,
             },
             optimizer=self.optimizer,

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megarm.config import MegarmConfig, head_dim, padded_vocab_size
+from megarm.config import MegarmConfig
+from megarm.families.base import head_dim, padded_vocab_size
 
 GIB = 2**30
 # Python, torch, megatron-core and transformers in one training process (CPU, measured).

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from megarm.config import load_config, validate
+from megarm.config import load_config
 from megarm.data.dataset import SFTDataset, build_pair_datasets
 from megarm.data.integrity import check_files
 from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT
+from megarm.preflight import validate
 
 IM_END_NL = "<|im_end|>\n"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from megarm.config import ConfigError, resolve
+from megarm.config import ConfigError
 from megarm.data.dataset import PairDataset, packed_path, stats_path
 from megarm.data.preprocess import main as preprocess_main
+from megarm.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "the cat sat on a mat and then it ran far away from home".split()

@@ -412,8 +412,8 @@ def test_shipped_dataset_configs_parse(config):
 
 
 def test_fit_prompt_rules_shared_with_scoring():
+    from megarm.data.encoding import fit_prompt
     from megarm.data.handlers import RecordError
-    from megarm.data.preprocess import fit_prompt
 
     prompt = [1, 2, 3, 4, 5, 90, 91]  # the last 2 tokens are the assistant header
     assert fit_prompt(prompt, 3, None, 2) == (prompt, False)

@@ -1,4 +1,4 @@
-"""``forward_step`` and the losses for megatron-core's pipeline schedules.
+"""The training losses and their metrics, as megatron-core's schedules take them.
 
 A micro-batch holds ``b`` preference pairs as ``2b`` rows: chosen rows first, then
 rejected rows, so both go through the model in one forward (or, for
@@ -23,95 +23,13 @@ into exactly ``sum / global_tokens``. The joint loss is
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from megarm.distributed import all_reduce_host
-from megarm.model.attention import PackedSegments
-
-
-@dataclass
-class PairBatch:
-    """One micro-batch of ``b`` pairs as ``2b`` rows (chosen first, then rejected)."""
-
-    tokens: Tensor
-    """``[2b, s]`` token ids, padded."""
-    position_ids: Tensor
-    """``[2b, s]`` positions (restarting at 0 for every packed sequence)."""
-    reward_index: Tensor
-    """``[2b]`` index of each sequence's reward token (its last token) in its row."""
-    margin: Tensor
-    """``[b]`` Bradley-Terry margin per pair (zeros when the data has none)."""
-    labels: Tensor | None = None
-    """``[2b, s]`` response labels (-100 over prompt and padding), kept for an
-    auxiliary LM loss."""
-    attention_mask: Tensor | None = None
-    """``[rows, 1, s, s]`` bool, True where attention is blocked; ``None`` = causal."""
-    reward_row: Tensor | None = None
-    """``[2b]`` row holding each sequence's reward token when sequences are packed
-    (``data.packing``; then ``reward_index`` is the position within that row and
-    ``tokens`` has ``rows <= 2b`` rows); ``None``: sequence ``i`` is row ``i``."""
-    cu_seqlens: Tensor | None = None
-    """``[n + 1]`` int32 segment boundaries of a THD-packed micro-batch (one row
-    holding every sequence end to end); ``None`` for the other layouts."""
-    max_seqlen: int | None = None
-    """Longest segment of a THD-packed micro-batch."""
-    seq_lengths: tuple[int, ...] | None = None
-    """Host copy of the THD segment lengths (``diff(cu_seqlens)``), so attention
-    splits the stream without reading ``cu_seqlens`` back from the device."""
-    max_position: int | None = None
-    """Largest position id when positions restart per packed sequence (packed
-    rows); ``None``: every row is ``arange(s)``. A host int, so the model picks its
-    RoPE path without a device sync."""
-    lm_index: Tensor | None = None
-    """``[m]`` positions whose next token is supervised (label not -100, in the same
-    sequence), as flat indices ``position * rows + row`` into the model's ``[s,
-    rows]`` layout; ``None`` when no LM loss is taken."""
-    lm_target: Tensor | None = None
-    """``[m]`` the supervised token each ``lm_index`` position must predict."""
-    lm_tokens: int = 0
-    """``m``, on the host (from the collate step)."""
-    lm_scale: float = 0.0
-    """Turns this micro-batch's cross-entropy sum into its share of the global
-    batch's token mean (set by the training loop; see the module docstring)."""
-
-    def packed_seq_params(self) -> PackedSegments | None:
-        """megatron-core's THD description of this micro-batch, or ``None``."""
-        if self.cu_seqlens is None:
-            return None
-        return PackedSegments(
-            qkv_format="thd",
-            cu_seqlens_q=self.cu_seqlens,
-            cu_seqlens_kv=self.cu_seqlens,
-            max_seqlen_q=self.max_seqlen,
-            max_seqlen_kv=self.max_seqlen,
-            seq_lengths=self.seq_lengths,
-        )
-
-    @property
-    def num_pairs(self) -> int:
-        """Pairs in this micro-batch (0 for SFT records)."""
-        return self.margin.shape[0]
-
-    @property
-    def num_sequences(self) -> int:
-        """Sequences in this micro-batch (each has a reward index, the last token)."""
-        return self.reward_index.shape[0]
-
-    def to(self, device: torch.device) -> PairBatch:
-        """Move every tensor to ``device`` (asynchronously from pinned memory)."""
-        moved = {
-            f.name: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return PairBatch(**moved)
-
+from megarm.model.step import PairBatch
 
 # Per-micro-batch sums reduced over data-parallel ranks for metrics.
 STAT_KEYS = (
@@ -208,38 +126,6 @@ def loss_func(
     if rewards is not None:
         out["rewards"] = rewards.detach()
     return sum(terms[1:], terms[0]), out
-
-
-def forward_step(
-    data_iterator: Iterator[PairBatch],
-    model: torch.nn.Module,
-    rm_weight: float = 1.0,
-    lm_weight: float = 0.0,
-):
-    """megatron-core forward step: every pipeline stage reads the same micro-batch.
-
-    Batches arrive on the host (pinned on CUDA) and move to the model's device here,
-    asynchronously, one micro-batch at a time. ``rm_weight`` and ``lm_weight`` weigh
-    the two losses (:func:`loss_weights`); the LM loss is taken where the batch has
-    ``lm_index``.
-    """
-    batch: PairBatch = next(data_iterator)
-    batch = batch.to(next(model.parameters()).device)
-    extra = {}
-    if batch.lm_index is not None:
-        extra = {"lm_index": batch.lm_index, "lm_target": batch.lm_target}
-    output = model(
-        batch.tokens,
-        batch.position_ids,
-        batch.attention_mask,
-        batch.reward_index,
-        reward_row=batch.reward_row,
-        packed_seq_params=batch.packed_seq_params(),
-        plain_positions=batch.max_position is None,
-        max_position=batch.max_position,
-        **extra,
-    )
-    return output, partial(loss_func, batch, rm_weight=rm_weight, lm_weight=lm_weight)
 
 
 def loss_weights(cfg) -> tuple[float, float]:  # noqa: ANN001 - a megarm.config.MegarmConfig

@@ -1,0 +1,398 @@
+"""The config's cross-field checks, by section, without touching the file system:
+the TP/PP layout against the model, the launch size against the batch, ranges and
+finiteness of numbers, the objective's weights, the save schedule. Each problem
+names its key and the fix. :mod:`megarm.preflight` adds the checks of the files a
+run names (checkpoints, data, tokenizers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Literal
+
+from megarm import families
+from megarm.config.loading import _load
+from megarm.config.schema import (
+    SECTIONS,
+    ConfigError,
+    ConfigIssue,
+    LoggingConfig,
+    MegarmConfig,
+    ModelConfig,
+    ParallelConfig,
+    _hints,
+)
+from megarm.families.base import head_dim, padded_vocab_size
+
+
+def reads_cu_seqlens(model: ModelConfig) -> bool:
+    """Whether the model's attention takes packed sequences as one stream with
+    ``cu_seqlens`` (transformer-engine, megarm's SDPA); megatron-core's unfused
+    attention needs rows and a mask."""
+    return model.attention_backend != "unfused"
+
+
+def packed_format(cfg: MegarmConfig) -> Literal["rows", "thd"] | None:
+    """How packed micro-batches are laid out (``None`` without ``data.packing``):
+    ``thd`` (one stream + cu_seqlens) or ``rows`` (rows + dense block mask).
+    ``auto`` picks ``thd`` whenever the attention reads cu_seqlens, ``rows``
+    otherwise; :func:`validate` refuses an explicit ``thd`` it cannot read."""
+    if not cfg.data.packing:
+        return None
+    if cfg.data.packed_format != "auto":
+        return cfg.data.packed_format
+    return "thd" if reads_cu_seqlens(cfg.model) else "rows"
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def layout_issues(m: ModelConfig, p: ParallelConfig) -> list[ConfigIssue]:
+    """Why the TP/PP layout ``p`` cannot hold the model ``m`` (empty when it can), with
+    the sizes that would work. The one place these rules live: :func:`validate` and
+    the converters (their ``--target-*-parallel-size``) call it."""
+    issues: list[ConfigIssue] = []
+
+    def bad(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, message))
+
+    for key, value in [
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+    ]:
+        if value < 1:
+            bad(key, f"must be >= 1, got {value}")
+    if issues:
+        return issues
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if heads % groups:
+        bad("model.num_query_groups", f"{groups} KV heads must divide {heads} attention heads")
+    if m.kv_channels is None and m.hidden_size % heads:
+        bad("model.kv_channels", f"hidden_size {m.hidden_size} is not divisible by {heads} heads; set kv_channels")
+    if heads % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {heads} attention heads; allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if groups % tp:
+        bad(
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide the {groups} KV heads (query groups); each TP rank needs whole "
+            f"groups. Allowed: {_divisors(math.gcd(heads, groups))}",
+        )
+    if m.ffn_hidden_size % tp:
+        bad("parallel.tensor_model_parallel_size", f"TP={tp} must divide ffn_hidden_size {m.ffn_hidden_size}")
+    if padded_vocab_size(m) % tp:
+        bad(
+            "model.make_vocab_size_divisible_by",
+            f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP={tp}; use a multiple of {tp}",
+        )
+    layers_per_chunk = pp * (vpp or 1)
+    if m.num_layers % layers_per_chunk:
+        what = f"PP={pp}" + (f" x virtual {vpp}" if vpp else "")
+        bad(
+            "parallel.pipeline_model_parallel_size",
+            f"{what} must divide the {m.num_layers} layers; allowed PP: {_divisors(m.num_layers)}",
+        )
+    return issues
+
+
+def family_issues(m: ModelConfig) -> list[ConfigIssue]:
+    """Fields ``model.family`` cannot express (its HF config has no place for them),
+    and RoPE scaling parameters that make no frequencies."""
+    issues = [ConfigIssue(key, message) for key, message in families.family(m.family).model_problems(m)]
+    if m.use_rope_scaling:
+        if m.rope_scaling_factor < 1:
+            issues.append(ConfigIssue("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}"))
+        if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+            issues.append(ConfigIssue(
+                "model.rope_high_freq_factor",
+                f"needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                f"{m.rope_low_freq_factor} and {m.rope_high_freq_factor}",
+            ))
+        if m.rope_original_max_positions < 1:
+            issues.append(ConfigIssue(
+                "model.rope_original_max_positions", f"must be >= 1, got {m.rope_original_max_positions}"
+            ))
+    return issues
+
+
+def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIssue]:
+    """Every cross-field problem of ``cfg`` (empty when it is sound), without
+    touching the file system (:mod:`megarm.preflight` checks the files a run names).
+
+    ``world_size`` is the number of ranks the run will have; layout checks that
+    need it are skipped when it is ``None``.
+    """
+    issues = _size_issues(cfg)
+    if issues:
+        return issues
+    issues.extend(layout_issues(cfg.model, cfg.parallel))
+    issues.extend(family_issues(cfg.model))
+    issues.extend(_parallel_issues(cfg))
+    issues.extend(_world_issues(cfg, world_size))
+    for section_issues in (_number_issues, _model_issues, _objective_issues, _start_problems):
+        issues.extend(section_issues(cfg))
+    issues.extend(_wandb_problems(cfg.logging))
+    issues.extend(_data_and_checkpoint_issues(cfg))
+    return issues
+
+
+def _size_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """Counts that must be positive before any other rule can be applied."""
+    m, p, d, t = cfg.model, cfg.parallel, cfg.data, cfg.training
+    return [
+        ConfigIssue(key, f"must be >= 1, got {value}")
+        for key, value in [
+            ("model.num_layers", m.num_layers),
+            ("model.hidden_size", m.hidden_size),
+            ("model.ffn_hidden_size", m.ffn_hidden_size),
+            ("model.num_attention_heads", m.num_attention_heads),
+            ("model.num_query_groups", m.num_query_groups),
+            ("model.vocab_size", m.vocab_size),
+            ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+            ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+            ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+            ("data.seq_length", d.seq_length),
+            ("training.micro_batch_size", t.micro_batch_size),
+            ("training.global_batch_size", t.global_batch_size),
+            ("training.train_iters", t.train_iters),
+            ("training.log_interval", t.log_interval),
+        ]
+        if value < 1
+    ]
+
+
+def _parallel_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """Packing format, virtual pipeline and sequence parallelism against the layout."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    issues = []
+    if d.packing and d.packed_format == "thd" and not reads_cu_seqlens(m):
+        issues.append(ConfigIssue(
+            "data.packed_format",
+            "thd needs an attention that reads cu_seqlens (transformer-engine or sdpa); "
+            "megatron-core's unfused attention does not: set model.attention_backend=auto or "
+            "data.packed_format=rows",
+        ))
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None and (vpp < 1 or p.pipeline_model_parallel_size < 2):
+        issues.append(ConfigIssue(
+            "parallel.virtual_pipeline_model_parallel_size",
+            "needs pipeline_model_parallel_size >= 2 and a value >= 1",
+        ))
+    if p.sequence_parallel and p.tensor_model_parallel_size < 2:
+        issues.append(ConfigIssue(
+            "parallel.sequence_parallel",
+            "needs tensor_model_parallel_size > 1; set it false or raise TP",
+        ))
+    if d.seq_length > m.max_position_embeddings:
+        issues.append(ConfigIssue(
+            "data.seq_length",
+            f"{d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}",
+        ))
+    return issues
+
+
+def _world_issues(cfg: MegarmConfig, world_size: int | None) -> list[ConfigIssue]:
+    """The launch's rank count against TP x PP and the batch sizes."""
+    if world_size is None:
+        return []
+    p, t = cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        return [ConfigIssue(
+            "parallel",
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}; "
+            f"launch a multiple of {tp * pp} ranks",
+        )]
+    dp = world_size // (tp * pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        return [ConfigIssue(
+            "training.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size = "
+            f"{t.micro_batch_size} x {dp}; use a multiple of {t.micro_batch_size * dp}",
+        )]
+    return []
+
+
+def _number_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """Finite floats, and the optimizer's and dropouts' ranges."""
+    o, m = cfg.optimizer, cfg.model
+    issues = []
+
+    def bad(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, message))
+
+    # NaN compares false with everything, so it would slip past the range checks below.
+    for section, cls in SECTIONS.items():
+        for key in _hints(cls):
+            value = getattr(getattr(cfg, section), key)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{section}.{key}", f"must be a finite number, got {value}")
+    for key, value in [("lr", o.lr), ("min_lr", o.min_lr), ("weight_decay", o.weight_decay)]:
+        if value < 0:
+            bad(f"optimizer.{key}", f"must be >= 0, got {value}")
+    if o.adam_eps <= 0:
+        bad("optimizer.adam_eps", f"must be > 0, got {o.adam_eps}")
+    for key, value in [("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)]:
+        if not 0 <= value < 1:
+            bad(f"optimizer.{key}", f"must be within [0, 1), got {value}")
+    if not 0 <= o.lr_warmup_fraction <= 1:
+        bad("optimizer.lr_warmup_fraction", f"must be within [0, 1], got {o.lr_warmup_fraction}")
+    if 0 <= o.lr < o.min_lr:
+        bad("optimizer.min_lr", f"{o.min_lr} is above lr {o.lr}")
+    if o.clip_grad < 0:
+        bad("optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+    for key, value in [("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)]:
+        if not 0 <= value < 1:
+            bad(key, f"must be within [0, 1), got {value}")
+    return issues
+
+
+def _model_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """Recomputation against the pipeline stages, and the supported dtypes."""
+    m, p = cfg.model, cfg.parallel
+    issues = []
+    if m.recompute_num_layers < 1:
+        issues.append(ConfigIssue("model.recompute_num_layers", "must be >= 1"))
+    elif m.recompute_granularity == "full" and m.recompute_method == "uniform":
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        per_stage = m.num_layers // max(stages, 1)
+        if per_stage % m.recompute_num_layers:
+            issues.append(ConfigIssue(
+                "model.recompute_num_layers",
+                f"{m.recompute_num_layers} must divide the {per_stage} layers of a pipeline "
+                "stage with recompute_method uniform",
+            ))
+    if m.params_dtype == "fp16":
+        issues.append(ConfigIssue(
+            "model.params_dtype",
+            "fp16 is not supported (it needs dynamic loss scaling, which megarm does not "
+            "run); use bf16 (fp32 main weights, same speed on Ampere and later GPUs) or fp32",
+        ))
+    return issues
+
+
+def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """The joint objective's loss weights."""
+    t = cfg.training
+    if t.objective != "joint":
+        return []
+    issues = [
+        ConfigIssue(f"training.{key}", f"must be >= 0, got {value}")
+        for key, value in [("lm_loss_weight", t.lm_loss_weight), ("rm_loss_weight", t.rm_loss_weight)]
+        if value < 0
+    ]
+    if t.lm_loss_weight <= 0 and t.rm_loss_weight <= 0:
+        issues.append(ConfigIssue(
+            "training.lm_loss_weight",
+            "joint needs a positive lm_loss_weight or rm_loss_weight (both are 0); use "
+            "objective rm or sft for one loss alone",
+        ))
+    return issues
+
+
+def _data_and_checkpoint_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """The split weights, benchmark evaluation's needs, and the save schedule."""
+    d, t, c = cfg.data, cfg.training, cfg.checkpoint
+    issues = []
+
+    def bad(key: str, message: str) -> None:
+        issues.append(ConfigIssue(key, message))
+
+    if t.eval_benchmark:
+        if not d.tokenizer_name_or_path:
+            bad("training.eval_benchmark", "needs data.tokenizer_name_or_path to encode its records")
+        if t.objective == "sft":
+            bad("training.eval_benchmark", "scores rewards: objective sft has no value head")
+    try:
+        weights = [float(x) for x in d.split.replace("/", ",").split(",")]
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or weights[0] <= 0:
+            raise ValueError
+    except ValueError:
+        bad("data.split", f"expected three non-negative weights like '98,2,0', got {d.split!r}")
+    if c.save_interval is not None and c.save_interval < 1:
+        bad("checkpoint.save_interval", "must be >= 1 (or null)")
+    if c.save_interval and not c.save:
+        bad("checkpoint.save", "save_interval is set but save (the directory) is not")
+    if c.keep_last is not None and c.keep_last < 1:
+        bad("checkpoint.keep_last", "must be >= 1 (or null to keep all)")
+    return issues
+
+
+# From this size on a model is "real": synthetic pairs and random weights are then a
+# mistake unless asked for (every shipped Qwen2.5 config is above, tiny/demo far below).
+REAL_MODEL_PARAMETERS = 100_000_000
+
+
+def approx_parameters(model: ModelConfig) -> int:
+    """Embedding plus matmul weights of the trunk and value head (norms and biases,
+    a fraction of a percent, left out)."""
+    d, h = head_dim(model), model.hidden_size
+    attention = h * (2 * model.num_attention_heads + 2 * model.num_query_groups) * d
+    return padded_vocab_size(model) * h + model.num_layers * (attention + 3 * h * model.ffn_hidden_size) + h
+
+
+def _start_problems(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """A real-size model must name its data and its starting weights."""
+    size = approx_parameters(cfg.model)
+    if size < REAL_MODEL_PARAMETERS:
+        return []
+    what = f"this {size / 1e9:.2f}B-parameter model"
+    issues = []
+    if not cfg.data.data_path and not cfg.data.allow_synthetic:
+        issues.append(ConfigIssue(
+            "data.data_path",
+            f"null would train {what} on generated synthetic pairs; set it to the "
+            "--output-prefix of tools/preprocess_data.py (or data.allow_synthetic=true "
+            "for a benchmark or smoke test)",
+        ))
+    if not cfg.checkpoint.load and not cfg.checkpoint.allow_random_init:
+        issues.append(ConfigIssue(
+            "checkpoint.load",
+            f"null would start {what} from random weights; set it to a checkpoint "
+            "converted with ckpt_convert/hf2mcore.py or saved by a run (or "
+            "checkpoint.allow_random_init=true for a benchmark or smoke test)",
+        ))
+    return issues
+
+
+def _wandb_problems(log: LoggingConfig) -> list[ConfigIssue]:
+    """W&B is optional: asked for, it must be installed (checked without importing it)."""
+    if not log.wandb_project:
+        stray = [k for k in ("wandb_entity", "wandb_name", "wandb_dir", "wandb_mode")
+                 if getattr(log, k) is not None]
+        return [ConfigIssue(f"logging.{k}", "has no effect without logging.wandb_project")
+                for k in stray]
+    if importlib.util.find_spec("wandb") is None:
+        return [ConfigIssue(
+            "logging.wandb_project",
+            "W&B logging needs the wandb package: pip install 'megarm[wandb]' (or pip "
+            "install wandb), or set logging.wandb_project=null",
+        )]
+    return []
+
+
+def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:
+    """Raise :class:`ConfigError` with every problem, or return ``cfg``."""
+    issues = validate(cfg, world_size)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def resolve(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    world_size: int | None = None,
+) -> MegarmConfig:
+    """Load and validate in one go, reporting key, type and layout problems together."""
+    cfg, issues = _load(path, overrides)
+    issues += validate(cfg, world_size)
+    if issues:
+        raise ConfigError(issues)
+    return cfg

@@ -1,0 +1,475 @@
+"""The config's schema: the dataclass tree, one section per dataclass, a docstring
+on every field (``docs/config.md`` is generated from them), and the error types.
+
+Names follow Megatron-LM where one exists. No torch, no file system.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the GPT trunk (Qwen2 / Qwen2.5 family)."""
+
+    hf_config: str | None = None
+    """HuggingFace model directory (or its config.json). When set, the shape fields
+    below are read from it. A shape field the YAML also sets must agree with it (else
+    an error names both values); one set on the command line wins, with a note."""
+
+    family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
+    """Model family (:mod:`megarm.families`): the HF architecture the weights convert
+    from and export to, and the fields it fixes. ``qwen2``: Qwen2 / Qwen2.5 (QKV
+    bias); ``qwen3``: Qwen3 dense (QK-norm, no bias); ``llama``: Llama 3.x (no bias,
+    optional Llama-3 RoPE scaling). Read from ``model.hf_config``'s ``model_type``;
+    setting it sets ``add_qkv_bias`` and ``qk_layernorm`` to the family's values."""
+
+    num_layers: int = 2
+    """Number of transformer layers (HF ``num_hidden_layers``)."""
+
+    hidden_size: int = 64
+    """Hidden size H (HF ``hidden_size``)."""
+
+    ffn_hidden_size: int = 128
+    """SwiGLU intermediate size (HF ``intermediate_size``)."""
+
+    num_attention_heads: int = 4
+    """Number of query heads (HF ``num_attention_heads``)."""
+
+    num_query_groups: int = 2
+    """Number of key/value heads for grouped-query attention (HF ``num_key_value_heads``)."""
+
+    kv_channels: int | None = None
+    """Head dimension; ``null`` means hidden_size / num_attention_heads (HF ``head_dim``)."""
+
+    vocab_size: int = 151936
+    """Vocabulary size of the embedding (HF ``vocab_size``); padded up to
+    ``make_vocab_size_divisible_by``."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this. The padding never depends on the
+    tensor-parallel size, so checkpoints reshard freely."""
+
+    max_position_embeddings: int = 32768
+    """Longest sequence the RoPE model supports (HF ``max_position_embeddings``)."""
+
+    rotary_base: float = 1000000.0
+    """RoPE base theta (HF ``rope_theta``; 1e6 for Qwen2.5)."""
+
+    use_rope_scaling: bool = False
+    """Llama 3.1's RoPE frequency scaling (HF ``rope_type: llama3``; family ``llama``
+    only): frequencies with wavelengths beyond ``rope_original_max_positions /
+    rope_low_freq_factor`` are divided by ``rope_scaling_factor``, those below
+    ``rope_original_max_positions / rope_high_freq_factor`` kept, and the band between
+    interpolated, as transformers computes it."""
+
+    rope_scaling_factor: float = 8.0
+    """With ``use_rope_scaling``: the factor low frequencies are divided by (HF
+    ``factor``; 8 in Llama 3.1, 32 in Llama 3.2)."""
+
+    rope_low_freq_factor: float = 1.0
+    """With ``use_rope_scaling``: HF ``low_freq_factor`` (1 in Llama 3.1 / 3.2)."""
+
+    rope_high_freq_factor: float = 4.0
+    """With ``use_rope_scaling``: HF ``high_freq_factor`` (4 in Llama 3.1 / 3.2)."""
+
+    rope_original_max_positions: int = 8192
+    """With ``use_rope_scaling``: the context length the model was pre-trained with
+    before scaling (HF ``original_max_position_embeddings``; 8192 in Llama 3.1 / 3.2)."""
+
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon (HF ``rms_norm_eps``)."""
+
+    add_qkv_bias: bool = True
+    """Bias on the Q, K, V projections (Qwen2 has it; no other linear has a bias).
+    Fixed by ``family``."""
+
+    qk_layernorm: bool = False
+    """QK-norm: an RMSNorm over the head dimension applied to every query and key head
+    before RoPE, one weight shared by the heads (Qwen3; megatron-core's
+    ``qk_layernorm``). Fixed by ``family``."""
+
+    tie_word_embeddings: bool = False
+    """Whether the HF model ties its LM head to the embedding. A pure reward model
+    (``training.objective: rm``) has no LM head and only exports it in the HF config;
+    with ``sft`` or ``joint`` the output layer is the input embedding when this is
+    true (a copy kept in step on the last pipeline stage, as in megatron-core's
+    GPTModel), else a weight of its own."""
+
+    init_method_std: float = 0.02
+    """Std of the normal init for a randomly initialised trunk."""
+
+    params_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Parameter dtype. ``auto``: bf16 with fp32 main weights on CUDA, fp32 on CPU.
+    ``bf16`` trains through megatron-core's mixed-precision optimizer (fp32 main
+    weights and gradient reduction) on CPU as well. ``fp16`` is refused: it needs
+    dynamic loss scaling, which megarm does not run; use bf16."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (off for reward models)."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on hidden states (off for reward models)."""
+
+    recompute_granularity: Literal["selective", "full"] | None = None
+    """Activation recomputation: ``selective`` recomputes core attention in the
+    backward, ``full`` recomputes whole layers (see recompute_method). ``null``: off."""
+
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recompute: ``uniform`` checkpoints groups of recompute_num_layers
+    layers, ``block`` the first recompute_num_layers layers of each stage."""
+
+    recompute_num_layers: int = 1
+    """Layers per recompute group (uniform) or recomputed layers per stage (block)."""
+
+    attention_backend: Literal["auto", "sdpa", "unfused"] = "auto"
+    """Core attention for the local layer spec: ``sdpa`` uses torch's fused
+    scaled_dot_product_attention, ``unfused`` megatron-core's DotProductAttention.
+    ``auto``: transformer-engine when importable on CUDA, else sdpa."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size TP; must divide attention heads and KV heads."""
+
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size PP; must divide the number of layers."""
+
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved 1F1B schedule (``null``: off)."""
+
+    sequence_parallel: bool = False
+    """Shard layer-norm / dropout activations over the sequence (needs TP > 1)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the preprocessed pairs are and how they become micro-batches."""
+
+    data_path: str | None = None
+    """Prefix of files written by tools/preprocess_data.py, or a Megatron-style blend
+    ``"0.7 /data/a 0.3 /data/b"``. ``null`` trains on generated synthetic pairs (for a
+    model of 100M+ parameters only with ``allow_synthetic``)."""
+
+    allow_synthetic: bool = False
+    """Let a model of 100M+ parameters (every shipped Qwen2.5 size) train on synthetic
+    pairs (``data_path: null``), e.g. for a benchmark or smoke test. Smaller models
+    always may; without this a real-size model must name its data."""
+
+    split: str = "98,2,0"
+    """Train/validation/test weights, split deterministically in file order."""
+
+    seq_length: int = 1024
+    """Longest sequence (prompt + response) in tokens; batches pad to the longest row."""
+
+    tokenizer_name_or_path: str | None = None
+    """HF tokenizer directory. When set, training checks before its first step that it
+    is the tokenizer the data was made with (its vocabulary hash against the
+    dataset's stats.json) and that it fits ``model.vocab_size``."""
+
+    synthetic_num_pairs: int = 512
+    """Number of generated pairs when ``data_path`` is null."""
+
+    packing: bool = False
+    """Pack the chosen and rejected sequences of a micro-batch's pairs together
+    (positions restart per sequence, attention stays within it) instead of padding
+    every sequence to the longest; ``packed_format`` says how."""
+
+    packed_format: Literal["auto", "rows", "thd"] = "auto"
+    """How packed sequences reach attention. ``rows``: rows of ``seq_length`` tokens
+    with a dense block-diagonal causal mask (any attention backend). ``thd``: all of
+    a micro-batch's sequences in one stream with ``cu_seqlens`` (megatron-core's
+    THD format; transformer-engine's fused varlen attention, or megarm's SDPA), no
+    mask tensor and no row padding; SDPA attends segment by segment, so attention
+    costs sum(s_i^2) instead of rows*s^2. ``auto``: ``thd``, except ``rows`` with
+    ``model.attention_backend: unfused`` (it cannot read cu_seqlens)."""
+
+
+@dataclass
+class TrainingConfig:
+    """The schedule of the run."""
+
+    micro_batch_size: int = 2
+    """Preference pairs per micro-batch per data-parallel rank (2x rows: chosen and
+    rejected go through one forward)."""
+
+    global_batch_size: int = 8
+    """Pairs per optimizer step over all data-parallel ranks and accumulation steps."""
+
+    train_iters: int = 10
+    """Number of optimizer steps."""
+
+    seed: int = 1234
+    """Seed for initialisation, data order and every RNG."""
+
+    deterministic: bool = False
+    """Deterministic kernels (``torch.use_deterministic_algorithms`` and a fixed cuBLAS
+    workspace): bitwise-reproducible GPU runs, e.g. to check an exact resume, at some
+    speed cost. CPU runs are deterministic without it."""
+
+    log_interval: int = 1
+    """Print a metrics line every this many iterations."""
+
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many iterations (0: only at the end)."""
+
+    eval_iters: int = 4
+    """Global batches per evaluation (fewer when the validation split is smaller)."""
+
+    eval_benchmark: str | None = None
+    """A benchmark file scored at every evaluation, with the model being trained:
+    RewardBench, RewardBench 2, RM-Bench or plain pairs (jsonl/json/parquet; the
+    formats of ``python -m megarm.evaluate``). Its per-subset accuracies and scores
+    are logged as ``benchmark/...``. Needs ``data.tokenizer_name_or_path`` and a
+    value head (objective ``rm`` or ``joint``)."""
+
+    eval_benchmark_format: Literal["auto", "rewardbench", "rewardbench2", "rmbench", "pairs"] = "auto"
+    """Format of ``eval_benchmark`` (``auto``: told from its fields)."""
+
+    exit_interval: int | None = None
+    """Stop (after saving) when the iteration is a multiple of this."""
+
+    exit_duration_in_mins: float | None = None
+    """Stop (after saving) after this many minutes of wall time."""
+
+    objective: Literal["rm", "sft", "joint"] = "rm"
+    """What the model learns. ``rm``: a reward model, the Bradley-Terry loss on
+    preference pairs (the value head only; no vocabulary-sized output layer is
+    built). ``sft``: supervised fine-tuning, the next-token cross-entropy on the
+    supervised (label) tokens of SFT records (the output layer only), e.g. CLoud's
+    stage 1 on critiques. ``joint``: both heads on preference pairs,
+    ``rm_loss_weight * BT + lm_loss_weight * LM`` with the LM loss over each side's
+    supervised tokens (a critique, or a generated reason), as CLoud's stage 3 and
+    WorldPM-style training. The LM loss is the mean over the supervised tokens of
+    the whole global batch."""
+
+    lm_loss_weight: float = 0.3
+    """Weight of the LM (cross-entropy) loss in ``objective: joint``."""
+
+    rm_loss_weight: float = 0.7
+    """Weight of the pairwise (Bradley-Terry) loss in ``objective: joint``."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam, learning-rate schedule and clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    lr_warmup_fraction: float = 0.03
+    """Fraction of train_iters spent in linear warm-up."""
+
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from ``lr`` to ``min_lr`` after warm-up."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Loading and saving megatron-core torch_dist checkpoints."""
+
+    load: str | None = None
+    """Checkpoint directory to start from (converted weights or a previous run)."""
+
+    save: str | None = None
+    """Directory to save checkpoints into (``null``: never save)."""
+
+    save_interval: int | None = None
+    """Save every this many iterations (and always at the end when ``save`` is set)."""
+
+    finetune: bool = False
+    """Load weights only and start at iteration 0."""
+
+    ckpt_step: int | None = None
+    """Iteration to load instead of the latest."""
+
+    keep_last: int | None = None
+    """Keep only the newest N checkpoints (older ones removed after a newer one is complete)."""
+
+    allow_random_init: bool = False
+    """Let a model of 100M+ parameters (every shipped Qwen2.5 size) start from random
+    weights (``load: null``), e.g. for a benchmark or smoke test. Smaller models always
+    may; without this a real-size model must load converted weights or a run."""
+
+    verify: Literal["checksum", "size"] = "checksum"
+    """How a loaded checkpoint is checked against the integrity manifest written at
+    save: ``checksum`` reads every file once (xxh3, shared over the ranks), ``size``
+    only compares file sizes. Unsafe pickles and non-finite weights are refused either way."""
+
+    allow_data_change: bool = False
+    """Resume (optimizer, scheduler, data position) although data.data_path, data.split
+    or training.seed differ from the run that saved the checkpoint. Without it such a
+    resume is refused naming both values; ``finetune`` loads weights only."""
+
+
+@dataclass
+class LoggingConfig:
+    """Run outputs."""
+
+    log_dir: str | None = None
+    """Directory for metrics.jsonl, TensorBoard events and the resolved config.yaml."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``<log_dir>/tensorboard``."""
+
+    wandb_project: str | None = None
+    """Weights & Biases project: when set, the metrics also go to W&B (the optional
+    ``wandb`` package: ``pip install 'megarm[wandb]'``). ``null``: no W&B."""
+
+    wandb_entity: str | None = None
+    """W&B team or user owning the project (``null``: your default entity)."""
+
+    wandb_name: str | None = None
+    """W&B run name (``null``: W&B picks one)."""
+
+    wandb_dir: str | None = None
+    """Directory for W&B's local files (``null``: ``<log_dir>``, else W&B's default)."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode; ``offline`` writes runs to sync later with ``wandb sync``. ``null``:
+    the ``WANDB_MODE`` environment variable, else online."""
+
+
+@dataclass
+class MegarmConfig:
+    """The whole configuration of a megarm run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Trunk shape and numerics."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and batching."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Iterations, batch sizes, seed, logging and evaluation cadence."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint load/save."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and run outputs."""
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(MegarmConfig)}
+SECTIONS = {name: globals()[tp] if isinstance(tp, str) else tp for name, tp in SECTIONS.items()}
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem with a configuration: the key it concerns and how to fix it."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The configuration has one or more problems; all of them are listed."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        super().__init__(f"invalid megarm config ({len(self.issues)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------- docs
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe_type(tp: Any) -> str:
+    """A short human name for a field type (``int | null``, ``one of 'a', 'b'``)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else describe_type(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def markdown_reference() -> str:
+    """The config reference in Markdown (``docs/config.md``), from the docstrings."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the docstrings in `megarm/config/schema.py` by "
+        "`python -m megarm.config --markdown`. Set keys in YAML sections or override them "
+        "on the command line as `section.key=value`.",
+        "",
+    ]
+    top = field_docs(MegarmConfig)
+    for section, cls in SECTIONS.items():
+        lines += [f"## `{section}`", "", top.get(section, ""), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        docs = field_docs(cls)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, tp in _hints(cls).items():
+            doc = " ".join(docs.get(key, "").split()).replace("|", "\\|")
+            default = json.dumps(defaults[key])
+            kind = describe_type(tp).replace("|", "\\|")
+            lines.append(f"| `{key}` | {kind} | `{default}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
