@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from megarm.cli import run_command
 from megarm.data.integrity import tokenizer_problem as size_problem
 from megarm.data.tokenizer import TokenizerError, load_tokenizer, vocab_sha256
 from megarm.platform.host import peak_rss_bytes
@@ -33,7 +32,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -137,13 +135,11 @@ def run(
     """Parse ``argv``, run ``body`` on the CPU; 0, or 2 with ``error: ...`` for ``errors``."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    args = parser.parse_args(argv)
-    # Conversion is data movement: keep megarm (and megatron-core) on the CPU even
-    # on a GPU machine.
-    os.environ["MEGARM_DEVICE"] = "cpu"
-    try:
-        body(args)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def on_cpu(args: argparse.Namespace) -> Any:
+        # Conversion is data movement: keep megarm (and megatron-core) on the CPU even
+        # on a GPU machine.
+        os.environ["MEGARM_DEVICE"] = "cpu"
+        return body(args)
+
+    return run_command(parser, on_cpu, argv, errors)

@@ -53,7 +53,6 @@ PP)) plus one full tensor.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -65,17 +64,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as ``python ckpt_convert/hf2mcore.py``: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from safetensors import safe_open
 
 import megarm.model  # noqa: F401  (first: quiets megatron-core's import-time warnings about absent kernels)
 from ckpt_convert import cli
+from ckpt_convert.hf_reader import ConversionError, HFCheckpoint
 from ckpt_convert.mapping import MappingError, hf_to_mcore, value_head_name
-from megarm import distributed, families
+from megarm import distributed, families, platform
 from megarm.checkpoint import iteration_dir, write_tracker
 from megarm.checkpoint.stream import save_streaming
 from megarm.config import (
@@ -97,135 +93,6 @@ log = logging.getLogger("hf2mcore")
 ITERATION = 0
 
 
-class ConversionError(RuntimeError):
-    """The input cannot be converted as asked; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------- HF reading
-
-
-class HFCheckpoint:
-    """Lazy, file-by-file access to the tensors of an HF model directory.
-
-    Construction only looks at file names and index JSON; no weight file is opened
-    until :meth:`names` or :meth:`read` needs it. At most one weight file is open at
-    a time, so memory stays bounded by the tensors being converted.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.kind: str
-        self.weight_map: dict[str, str] | None = None
-        self.single: str | None = None
-        for index, kind in (
-            ("model.safetensors.index.json", "safetensors"),
-            ("pytorch_model.bin.index.json", "bin"),
-        ):
-            path = directory / index
-            if path.is_file():
-                try:
-                    self.weight_map = dict(json.loads(path.read_text())["weight_map"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ConversionError(f"{path} is not a valid weight index: {exc}") from exc
-                self.kind = kind
-                break
-        else:
-            for single, kind in (
-                ("model.safetensors", "safetensors"),
-                ("pytorch_model.bin", "bin"),
-            ):
-                if (directory / single).is_file():
-                    self.single, self.kind = single, kind
-                    break
-            else:
-                raise ConversionError(
-                    f"{directory} holds no model.safetensors(.index.json) or "
-                    "pytorch_model.bin(.index.json); point --load-dir at an HF model directory"
-                )
-        self._open_file: str | None = None
-        self._handle: Any = None
-        self._stack = contextlib.ExitStack()
-        self.files_opened: list[str] = []
-
-    @property
-    def files(self) -> list[str]:
-        """Weight files in the order their tensors are best read."""
-        if self.weight_map is None:
-            return [self.single]  # type: ignore[list-item]
-        return sorted(set(self.weight_map.values()))
-
-    def file_of(self, name: str) -> str:
-        """The file holding tensor ``name``."""
-        if self.weight_map is None:
-            return self.single  # type: ignore[return-value]
-        try:
-            return self.weight_map[name]
-        except KeyError:
-            raise ConversionError(
-                f"{name} is not in {self.directory}'s weight index; do the weights and "
-                "config.json belong together?"
-            ) from None
-
-    def where(self, name: str) -> str:
-        """``dir/file`` holding ``name`` (for error messages)."""
-        return str(self.directory / self.file_of(name))
-
-    def names(self) -> list[str]:
-        """Every tensor name in the checkpoint (reads only headers for safetensors)."""
-        if self.weight_map is not None:
-            return list(self.weight_map)
-        self._switch(self.single)  # type: ignore[arg-type]
-        return list(self._handle.keys())
-
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as stored (dtype unchanged)."""
-        file = self.file_of(name)
-        self._switch(file)
-        if self.kind == "safetensors":
-            if name not in self._keys:
-                raise ConversionError(f"{name} is missing from {self.directory / file}")
-            return self._handle.get_tensor(name)
-        if name not in self._handle:
-            raise ConversionError(f"{name} is missing from {self.directory / file}")
-        return self._handle[name]
-
-    def _switch(self, file: str) -> None:
-        if file == self._open_file:
-            return
-        self.close()
-        path = self.directory / file
-        if not path.is_file():
-            raise ConversionError(f"weight file {path} (named by the index) does not exist")
-        self.files_opened.append(file)
-        try:
-            if self.kind == "safetensors":
-                self._handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                self._keys = set(self._handle.keys())
-            else:
-                self._handle = _torch_load(path)
-        except ConversionError:
-            raise
-        except Exception as exc:  # corrupt or truncated files raise many types
-            raise ConversionError(f"cannot read weight file {path}: {exc}") from exc
-        self._open_file = file
-
-    def close(self) -> None:
-        """Release the open weight file."""
-        self._stack.close()
-        self._stack = contextlib.ExitStack()
-        self._handle, self._open_file = None, None
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``pytorch_model.bin`` with ``weights_only=True``; memory-mapped when the file is
-    in torch's zip format (anything since torch 1.6), so tensors load on access."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Pre-zip (legacy) serialization cannot be memory-mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # --------------------------------------------------------------------------- config
 
 
@@ -237,25 +104,19 @@ def hf_config_of(load_dir: Path) -> dict[str, Any]:
         raise ConversionError(f"--load-dir {load_dir}: {exc.issues[0].message}") from exc
 
 
-_DTYPE_NAMES = {
-    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",  # config.json
-    "F32": "fp32", "BF16": "bf16", "F16": "fp16",  # safetensors headers
-}
-
-
 def stored_dtype(load_dir: Path, hf: dict[str, Any]) -> str | None:
     """``fp32``/``bf16``/``fp16`` of the weights: config.json's ``dtype`` (``torch_dtype``
     before transformers 5), else the first safetensors header; ``None`` when unknown."""
     named = hf.get("dtype") or hf.get("torch_dtype")
-    if named in _DTYPE_NAMES:
-        return _DTYPE_NAMES[named]
+    if isinstance(named, str) and platform.dtype_name(named):
+        return platform.dtype_name(named)
     files = sorted(load_dir.glob("*.safetensors"))
     if not files:
         return None
     try:
         with safe_open(str(files[0]), framework="pt") as handle:
             names = list(handle.keys())
-            return _DTYPE_NAMES.get(handle.get_slice(names[0]).get_dtype()) if names else None
+            return platform.dtype_name(handle.get_slice(names[0]).get_dtype()) if names else None
     except Exception:  # an unreadable file is reported where the weights are read
         return None
 
@@ -494,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--params-dtype",
-        choices=tuple(cli.DTYPES),
+        choices=tuple(platform.DTYPES),
         default="bf16",
         help="dtype of the saved weights (default bf16)",
     )
@@ -523,32 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def convert(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the conversion ``args`` describe; returns what megarm_model.json records."""
-    if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
-        raise ConversionError(problem)
-    started = time.perf_counter()
-    load, save = Path(args.load_dir), Path(args.save_dir)
-    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConversionError(
-            "hf2mcore.py converts in one process; run it with python, not torchrun"
-        )
-    config_path = load / "config.json"
-    hf = hf_config_of(load)
-    stored = stored_dtype(load, hf)
-    if stored is not None and stored != args.params_dtype:
-        # The first line of the output: a narrower dtype loses bits for good.
-        rounding = cli.DTYPES[args.params_dtype].itemsize < cli.DTYPES[stored].itemsize
-        log.info(
-            "%s the %s weights of %s to %s (--params-dtype %s%s)",
-            "rounding" if rounding else "converting", stored, load, args.params_dtype,
-            args.params_dtype,
-            ", the default, what GPUs train in; pass --params-dtype fp32 to keep every bit, "
-            "e.g. for fp32 training on CPU" if rounding and args.params_dtype == "bf16" else "",
-        )
+def _report_dtype(load: Path, stored: str | None, wanted: str) -> None:
+    """The first line of the output: a narrower dtype loses bits for good."""
+    if stored is None or stored == wanted:
+        return
+    rounding = platform.DTYPES[wanted].itemsize < platform.DTYPES[stored].itemsize
+    log.info(
+        "%s the %s weights of %s to %s (--params-dtype %s%s)",
+        "rounding" if rounding else "converting", stored, load, wanted, wanted,
+        ", the default, what GPUs train in; pass --params-dtype fp32 to keep every bit, "
+        "e.g. for fp32 training on CPU" if rounding and wanted == "bf16" else "",
+    )
 
-    # Everything config.json can tell is checked before any weight file is opened.
+
+def _check_config(
+    args: argparse.Namespace, load: Path, hf: dict[str, Any]
+) -> tuple[Family, str | None, MegarmConfig, Path | None]:
+    """Everything config.json and the options can tell, before any weight file is
+    opened: the family, the architecture, megarm's config, the tokenizer to copy."""
+    config_path = load / "config.json"
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
     try:
         family = families.detect(hf, str(config_path))
     except FamilyError as exc:
@@ -557,6 +412,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_config(config_path, args.params_dtype, args.make_vocab_size_divisible_by, args.seed)
     if problems := layout_problems(cfg, tp, pp, config_path):
         raise ConversionError("; ".join(problems))
+    save = Path(args.save_dir)
     if save.exists() and not args.overwrite:
         raise ConversionError(f"--save-dir {save} exists; remove it or pass --overwrite")
     tokenizer_dir = Path(args.tokenizer_model) if args.tokenizer_model else None
@@ -570,9 +426,16 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         problem := cli.tokenizer_problem(tokenizer_dir, cfg.model.vocab_size, load)
     ):
         raise ConversionError(problem)
+    return family, arch, cfg, tokenizer_dir
 
-    ckpt = HFCheckpoint(load)
-    names = ckpt.names()
+
+def _select_weights(
+    args: argparse.Namespace, load: Path, names: list[str], family: Family, arch: str | None,
+    cfg: MegarmConfig,
+) -> tuple[str, bool, list[Entry]]:
+    """The architecture (from the weights when config.json names none), whether the
+    input has a score head, and the table entries to convert; every tensor of the
+    input is converted, dropped by the table on purpose, or an error."""
     num_layers = cfg.model.num_layers
     if arch is None:
         scored = set(family.entries(num_layers, ("value",))) - set(family.entries(num_layers))
@@ -606,12 +469,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             f"({len(extra)} in all); is this really a {arch}?"
         )
     dropped = [n for n in names if family.is_dropped(n)]
-    (lm_rule,) = [rule for rule in family.weights if rule.head == "lm"]
     if args.keep_lm_head:
-        log.info(
-            "keeping the LM head as the output layer (%s)",
-            "the tied embedding" if cfg.model.tie_word_embeddings else lm_rule.hf[0],
-        )
+        log.info("keeping the LM head as the output layer (%s)", _output_layer(family, cfg))
     elif dropped:
         log.info("dropping %s (a reward model has no LM head)", ", ".join(dropped))
     elif arch == family.causal_lm:
@@ -619,16 +478,39 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             "no LM head tensor (tied embeddings: %s): nothing to drop",
             cfg.model.tie_word_embeddings,
         )
+    return arch, with_score, selected
+
+
+def _output_layer(family: Family, cfg: MegarmConfig) -> str:
+    return "tied embedding" if cfg.model.tie_word_embeddings else family.head_rule("lm").hf[0]
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the conversion ``args`` describe; returns what megarm_model.json records."""
+    if problem := cli.save_dir_problem(args.load_dir, args.save_dir):
+        raise ConversionError(problem)
+    started = time.perf_counter()
+    load, save = Path(args.load_dir), Path(args.save_dir)
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError(
+            "hf2mcore.py converts in one process; run it with python, not torchrun"
+        )
+    hf = hf_config_of(load)
+    _report_dtype(load, stored_dtype(load, hf), args.params_dtype)
+    family, arch, cfg, tokenizer_dir = _check_config(args, load, hf)
+    ckpt = HFCheckpoint(load)
+    arch, with_score, selected = _select_weights(args, load, ckpt.names(), family, arch, cfg)
 
     with cli.staged_output(save) as tmp:
         if args.format == "torch_dist":
             write_torch_dist(ckpt, cfg, selected, with_score, tmp, hf)
         else:
-            all_entries = family.entries(num_layers, ("value",) if with_score else (), args.spec)
+            heads = ("value",) if with_score else ()
+            all_entries = family.entries(cfg.model.num_layers, heads, args.spec)
             write_legacy(ckpt, cfg, all_entries, with_score, tmp, tp, pp)
-        (head_rule,) = [rule for rule in family.weights if rule.head == "value"]
         head = (
-            f"{head_rule.hf[0]} of the {arch} input"
+            f"{family.head_rule('value').hf[0]} of the {arch} input"
             if with_score
             else f"fresh N(0, 1/(hidden+1)) draw, seed {args.seed}"
         )
@@ -641,8 +523,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             "architecture": arch,
             "value_head": head,
             "output_layer": (
-                ("tied embedding" if cfg.model.tie_word_embeddings else lm_rule.hf[0])
-                if args.keep_lm_head else "none (LM head dropped)"
+                _output_layer(family, cfg) if args.keep_lm_head else "none (LM head dropped)"
             ),
             "params_dtype": args.params_dtype,
             "padded_vocab_size": Shape.of(cfg.model).padded_vocab_size,

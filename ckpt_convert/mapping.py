@@ -40,7 +40,7 @@ class MappingError(ValueError):
 
 def value_head_name(family: Family) -> str:
     """The megatron-core name of the value head."""
-    return next(rule.local for rule in family.weights if rule.head == "value")
+    return family.head_rule("value").local
 
 
 # --------------------------------------------------------------------------- transforms

@@ -49,10 +49,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as ``python ckpt_convert/mcore2hf.py``: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from megatron.core import dist_checkpointing
@@ -62,7 +58,7 @@ from transformers import AutoConfig, AutoTokenizer
 import megarm.model  # noqa: F401  (first: quiets megatron-core's import-time warnings about absent kernels)
 from ckpt_convert import cli
 from ckpt_convert.mapping import MappingError, mcore_to_hf
-from megarm import distributed, families
+from megarm import distributed, families, platform
 from megarm.checkpoint import (
     check_shapes,
     open_checkpoint,
@@ -70,16 +66,17 @@ from megarm.checkpoint import (
 )
 from megarm.checkpoint.integrity import CheckpointCorruptError, require_finite
 from megarm.checkpoint.load import saved_model_settings
+from megarm.checkpoint.metadata import CONVENTION_KEY, read_reward_stats
 from megarm.checkpoint.stream import load_tensors
-from megarm.config import ConfigError, ModelConfig, load_config
+from megarm.config import ConfigError, MegarmConfig, ModelConfig, load_config
 from megarm.data.templates import TemplateError, get_template, reward_convention
 from megarm.data.tokenizer import load_tokenizer
+from megarm.errors import ScoringError
 from megarm.families import Family, Shape
 from megarm.model.builder import meta_sharded_state_dict
 
 log = logging.getLogger("mcore2hf")
 
-_DTYPE_NAMES = {v: k for k, v in cli.DTYPES.items()}
 # The head a reward model's export writes: megarm's value head, as
 # *ForSequenceClassification's score head (a critique model's output layer goes to the
 # family's *ForCausalLM: exports()).
@@ -198,7 +195,7 @@ def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any
     fields: dict[str, Any] = {"problem_type": "regression"}
     # Weights-only, as every megarm read of common.pt; no common state: nothing recorded.
     common = read_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
-    convention = common.get("reward_convention")
+    convention = common.get(CONVENTION_KEY)
     if convention is None and tokenizer_dir is not None:
         try:
             tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -208,10 +205,9 @@ def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any
         except TemplateError as exc:
             log.warning("no reward convention recorded and none from the tokenizer: %s", exc)
     if convention is not None:
-        fields["reward_convention"] = convention
-    stats = checkpoint / "reward_stats.json"  # written by megarm.reward_stats
-    if stats.is_file():
-        recorded = _read_json(stats)
+        fields[CONVENTION_KEY] = convention
+    recorded = read_reward_stats(checkpoint)
+    if recorded is not None:
         fields.update(mean=float(recorded["mean"]), std=float(recorded["std"]))
     return fields
 
@@ -293,12 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
     p.add_argument(
         "--params-dtype",
-        choices=("auto", *cli.DTYPES),
+        choices=("auto", *platform.DTYPES),
         default="auto",
         help="dtype of the exported weights (auto: as stored in the checkpoint)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     return p
+
+
+def _checkpoint_config(
+    args: argparse.Namespace, load: Path
+) -> tuple[Path, MegarmConfig, torch.dtype]:
+    """The verified checkpoint, the config that rebuilds its model (in the stored
+    dtype, so the export is bit-exact) and the dtype to write."""
+    try:
+        # Files as written at save, nothing that runs code when read.
+        checkpoint = open_checkpoint(load, args.iteration).path
+        saved = saved_model_settings(load, args.iteration)
+    except (FileNotFoundError, CheckpointCorruptError) as exc:
+        raise ExportError(str(exc)) from exc
+    try:
+        cfg = load_config(None, ["training.seed=0"], settings=saved)
+    except ConfigError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from exc
+    stored = stored_dtype(checkpoint, families.family(cfg.model.family))
+    cfg.model.params_dtype = platform.dtype_name(stored) or "fp32"  # type: ignore[assignment]
+    out_dtype = stored if args.params_dtype == "auto" else platform.DTYPES[args.params_dtype]
+    return checkpoint, cfg, out_dtype
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
@@ -311,26 +328,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         raise ExportError("mcore2hf.py exports in one process; run it with python, not torchrun")
     if save.exists() and not args.overwrite:
         raise ExportError(f"--save-dir {save} exists; remove it or pass --overwrite")
-    try:
-        # Files as written at save, nothing that runs code when read.
-        checkpoint = open_checkpoint(load, args.iteration).path
-        saved = saved_model_settings(load, args.iteration)
-    except (FileNotFoundError, CheckpointCorruptError) as exc:
-        raise ExportError(str(exc)) from exc
-    base = source_hf_config(load, checkpoint)
-    try:
-        cfg = load_config(None, ["training.seed=0"], settings=saved)
-    except ConfigError as exc:
-        raise ExportError(f"{checkpoint}: {exc}") from exc
-    stored = stored_dtype(checkpoint, families.family(cfg.model.family))
-    # Load in the stored dtype: the export is then bit-exact (no round trip).
-    cfg.model.params_dtype = _DTYPE_NAMES.get(stored, "fp32")  # type: ignore[assignment]
-    out_dtype = stored if args.params_dtype == "auto" else cli.DTYPES[args.params_dtype]
+    checkpoint, cfg, out_dtype = _checkpoint_config(args, load)
     tokenizer_dir = tokenizer_source(args, load)
     if tokenizer_dir is not None and (
         problem := cli.tokenizer_problem(tokenizer_dir, cfg.model.vocab_size, load)
     ):
         raise ExportError(problem)
+    base = source_hf_config(load, checkpoint)
     pad_id = pad_token_id(tokenizer_dir, base)
     if pad_id is None:
         log.warning(
@@ -392,7 +396,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a bad input)."""
     return cli.run(
-        log, build_parser(), export, (ExportError, MappingError, CheckpointCorruptError), argv
+        log, build_parser(), export, (ExportError, MappingError, CheckpointCorruptError, ScoringError),
+        argv,
     )
 
 

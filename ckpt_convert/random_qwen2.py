@@ -29,16 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as ``python ckpt_convert/random_qwen2.py``: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from ckpt_convert import cli
+from megarm import platform
 from megarm.config import ConfigError, ModelConfig, load_config
 from megarm.data.tokenizer import build_qwen25_tokenizer
 from megarm.families import Shape
@@ -160,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="take the shape from this megarm YAML config")
     p.add_argument("--save-dir", required=True, help="output HF directory (must not exist)")
     p.add_argument(
-        "--dtype", choices=tuple(cli.DTYPES), default="fp32",
+        "--dtype", choices=tuple(platform.DTYPES), default="fp32",
         help="dtype of the weights (default fp32; the CPU trains in fp32)",
     )
     p.add_argument("--max-shard-size", default="1GB", help="largest safetensors file (1GB)")
@@ -208,7 +205,7 @@ def write(args: argparse.Namespace) -> dict[str, Any]:
             norm_epsilon=m.norm_epsilon,
             max_position_embeddings=m.max_position_embeddings,
             kv_channels=m.kv_channels,
-            dtype=cli.DTYPES[args.dtype],
+            dtype=platform.DTYPES[args.dtype],
             max_shard_size=args.max_shard_size,
             seed=args.seed,
         )

@@ -19,6 +19,15 @@ from typing import Any
 from megarm.data.encoding import TRUNCATION_POLICIES
 from megarm.errors import ScoringError
 
+EXIT_BAD_INPUT = 2
+"""The exit status of a command refused for a bad input or set-up (argparse's own)."""
+
+
+def fail(exc: BaseException | str) -> int:
+    """Report a bad input or set-up: one ``error:`` line on stderr; the exit status."""
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
 
 def run_command(
     parser: argparse.ArgumentParser,
@@ -32,8 +41,7 @@ def run_command(
     try:
         body(args)
     except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 

@@ -20,84 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ADJECTIVES = ("big small old young red green happy quiet brave lazy clever gentle "
-              "tiny noisy proud calm bright dark warm cold").split()
-NOUNS = ("cat dog bird horse farmer teacher child doctor king queen fox wolf bear "
-         "student artist sailor baker driver rabbit lion").split()
-VERBS = "sleeps sits waits stands plays reads sings dances rests hides".split()
-PLACES = ("table tree house river bridge window door garden road hill").split()
-PREPOSITIONS = "under near behind beside above".split()
-
-
-def make_pair(rng: random.Random) -> dict[str, str]:
-    """One preference pair: a sentence in order (chosen) vs its words shuffled."""
-    adjective, noun = rng.choice(ADJECTIVES), rng.choice(NOUNS)
-    words = ["the", adjective, noun, rng.choice(VERBS), rng.choice(PREPOSITIONS), "the",
-             rng.choice(PLACES)]
-    shuffled = words[:]
-    while shuffled == words:
-        rng.shuffle(shuffled)
-    return {
-        "prompt": f"Write a short sentence about a {noun}.",
-        "chosen": " ".join(words) + ".",
-        "rejected": " ".join(shuffled) + ".",
-    }
-
-
-def write_pairs(path: Path, count: int, seed: int) -> None:
-    """``count`` pairs as JSON lines (distinct seeds give disjoint random streams)."""
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(count):
-            fh.write(json.dumps(make_pair(rng)) + "\n")
-
-
-@contextmanager
-def step(title: str):
-    """Print what a step does and how long it took."""
-    print(f"\n==> {title}", flush=True)
-    start = time.time()
-    yield
-    print(f"    done in {time.time() - start:.1f}s", flush=True)
-
-
-def run(cmd: list[str], **kwargs) -> None:
-    """Run a user-facing command, echoing it."""
-    print("    $ " + " ".join(str(c) for c in cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True, **kwargs)
-
-
-def build_hf_model(out: Path, tokenizer_dir: Path, seed: int) -> None:
-    """A tiny random-init Qwen2ForCausalLM with Qwen2.5's vocabulary (tied embeddings
-    like Qwen2.5-0.5B), saved with the tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
-
-    from megarm.config import ModelConfig
-    from megarm.families.qwen2 import QWEN2
-
-    torch.manual_seed(seed)
-    shape = ModelConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        num_query_groups=2, vocab_size=151936, max_position_embeddings=512,
-        rotary_base=1000000.0, norm_epsilon=1e-6, tie_word_embeddings=True,
-    )
-    keys = QWEN2.write(shape)  # the HF config keys, through the qwen2 family's table
-    config = AutoConfig.for_model(
-        keys.pop("model_type"), **keys, bos_token_id=151643, eos_token_id=151645
-    )
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+from megarm.demo_common import (
+    ROOT,
+    build_hf_model,
+    run,
+    step,
+    write_pairs,
+)
 
 
 def chat(row: dict[str, str], side: str) -> list[dict[str, str]]:
@@ -148,6 +82,40 @@ def score_chat_text(model_dir: Path, pairs_file: Path) -> float:
     return sum(c > r for c, r in zip(rewards[0::2], rewards[1::2])) / len(rows)
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("orm", "cloud"), default="orm",
+                        help="orm: this demo; cloud: the critique reward model (CLoud) demo")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "demo")
+    parser.add_argument("--train-pairs", type=int, default=3000)
+    parser.add_argument("--heldout-pairs", type=int, default=400)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (TP=2 needs 2)")
+    parser.add_argument("--min-accuracy", type=float, default=0.9)
+    parser.add_argument("overrides", nargs="*", help="extra section.key=value for training")
+    return parser
+
+
+def _summary(work: Path, started: float, count: int, accuracy: float, via_score: float,
+             via_text: float, config: dict) -> None:
+    """The three accuracies, what the export records, and where every output is."""
+    print(f"\nheld-out accuracy (transformers AutoModelForSequenceClassification, {count} pairs): "
+          f"{accuracy:.3f}")
+    print(f"same pairs through megarm.score: {via_score:.3f}; as chat text ending at "
+          f"<|im_end|> through megarm's scoring: {via_text:.3f}")
+    print(f"export config.json: problem_type {config.get('problem_type')}, reward mean "
+          f"{config.get('mean')}, std {config.get('std')}, sequences end with "
+          f"{(config.get('reward_convention') or {}).get('sequence_end')!r}")
+    print(f"total time {time.time() - started:.0f}s. Outputs in {work}:")
+    for name, what in [
+        ("tokenizer", "Qwen2.5-compatible tokenizer"), ("hf_base", "tiny HF Qwen2ForCausalLM"),
+        ("data", "pairs (jsonl) and preprocessed .bin/.idx + stats.json"),
+        ("mcore_base", "converted megatron-core checkpoint"), ("ckpt", "trained checkpoint"),
+        ("logs", "metrics.jsonl, TensorBoard, curves.png, rewards_hist.png"),
+        ("hf_rm", "exported HF reward model (Qwen2ForSequenceClassification)"),
+    ]:
+        print(f"  {work / name}: {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every step; exit non-zero if held-out accuracy is below ``--min-accuracy``.
     ``--recipe cloud`` runs the critique reward model demo instead
@@ -159,16 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from megarm.demo_cloud import main as cloud
 
         return cloud(rest)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=("orm", "cloud"), default="orm",
-                        help="orm: this demo; cloud: the critique reward model (CLoud) demo")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "demo")
-    parser.add_argument("--train-pairs", type=int, default=3000)
-    parser.add_argument("--heldout-pairs", type=int, default=400)
-    parser.add_argument("--nproc", type=int, default=2, help="ranks (TP=2 needs 2)")
-    parser.add_argument("--min-accuracy", type=float, default=0.9)
-    parser.add_argument("overrides", nargs="*", help="extra section.key=value for training")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     work = args.work_dir.resolve()
     if work.exists():
         shutil.rmtree(work)
@@ -216,22 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         via_text = score_chat_text(work / "hf_rm", heldout)
         config = json.loads((work / "hf_rm" / "config.json").read_text())
 
-    print(f"\nheld-out accuracy (transformers AutoModelForSequenceClassification, {count} pairs): "
-          f"{accuracy:.3f}")
-    print(f"same pairs through megarm.score: {via_score:.3f}; as chat text ending at "
-          f"<|im_end|> through megarm's scoring: {via_text:.3f}")
-    print(f"export config.json: problem_type {config.get('problem_type')}, reward mean "
-          f"{config.get('mean')}, std {config.get('std')}, sequences end with "
-          f"{(config.get('reward_convention') or {}).get('sequence_end')!r}")
-    print(f"total time {time.time() - started:.0f}s. Outputs in {work}:")
-    for name, what in [
-        ("tokenizer", "Qwen2.5-compatible tokenizer"), ("hf_base", "tiny HF Qwen2ForCausalLM"),
-        ("data", "pairs (jsonl) and preprocessed .bin/.idx + stats.json"),
-        ("mcore_base", "converted megatron-core checkpoint"), ("ckpt", "trained checkpoint"),
-        ("logs", "metrics.jsonl, TensorBoard, curves.png, rewards_hist.png"),
-        ("hf_rm", "exported HF reward model (Qwen2ForSequenceClassification)"),
-    ]:
-        print(f"  {work / name}: {what}")
+    _summary(work, started, count, accuracy, via_score, via_text, config)
     if accuracy < args.min_accuracy:
         print(f"FAILED: accuracy {accuracy:.3f} < {args.min_accuracy}", file=sys.stderr)
         return 1

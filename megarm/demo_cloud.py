@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT, critique_request
-from megarm.demo import (
+from megarm.demo_common import (
     ADJECTIVES,
     NOUNS,
     PLACES,

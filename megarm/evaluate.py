@@ -3,26 +3,9 @@
     torchrun --nproc_per_node N -m megarm.evaluate --load CKPT_OR_EXPORT --data FILE \\
         --output results.json [--format auto|rewardbench|rewardbench2|rmbench|pairs]
 
-Formats (jsonl, json or parquet), scored as each benchmark's own code scores them:
-
-- ``rewardbench``: ``prompt``, ``chosen``, ``rejected``, ``subset``. Per-subset accuracy
-  (chosen strictly above rejected; a tie is wrong), and the Chat / Chat Hard / Safety /
-  Reasoning section scores, each the mean of its subsets weighted by RewardBench's
-  ``EXAMPLE_COUNTS`` (``rewardbench/utils.py: calculate_scores_per_section``); the
-  score is the mean of the sections present.
-- ``rewardbench2``: ``prompt``, ``chosen`` (list), ``rejected`` (list), ``subset``
-  (``num_correct``, ``id`` for Ties). A record earns ``1/k`` when the first chosen
-  response shares the top score with ``k-1`` others, 0 when it is not on top
-  (``reroll_and_score_dataset``); the Ties subset gets RewardBench 2's weighted score
-  (``process_single_model``: 0.3 tied + 0.3 reference accuracy, 0.2 + 0.2 margin
-  preference, 0.01 margin term). The score is the mean of the subsets present.
-- ``rmbench``: ``prompt``, ``chosen`` and ``rejected`` (3 style variants each: concise,
-  detailed plain, detailed markdown), optional ``domain``. The 3x3 matrix of
-  chosen-above-rejected rates gives hard (upper triangle), normal (diagonal) and easy
-  (lower triangle) accuracy, per domain (chat, math, code, safety) and averaged over
-  them (``scripts/utils.py: compute_accuracy``).
-- ``pairs``: preference records of any preprocessing handler (``--handler-name``),
-  encoded by preprocessing's record encoder; accuracy, per ``subset`` when present.
+Formats (jsonl, json or parquet: ``rewardbench``, ``rewardbench2``, ``rmbench``,
+``pairs``), each scored as the benchmark's own code scores it; the rules are in
+:mod:`megarm.rewards.benchmarks`.
 
 With ``--critique-model`` (a critique model's HF causal-LM export) every response
 first gets a critique written by it, and the reward is read at the end of prompt +
@@ -33,6 +16,7 @@ JSON file (metrics, every record's scores, the skipped records) and a markdown t
 (``<output>.md``, also printed). Training can run the same evaluation every
 ``eval_interval`` iterations (:class:`megarm.rewards.benchmarks.BenchmarkEvaluator`).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -87,6 +87,54 @@ def _done_indexes(partial: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def _read_pairs(inputs: list, handler: Any) -> tuple[list[tuple[int, Pair]], list[str]]:
+    """Every record as ``(index, pair)``, or a skip line with its reason."""
+    pairs: list[tuple[int, Pair]] = []
+    skipped: list[str] = []
+    for index, raw in enumerate(iter_records(inputs)):
+        try:
+            record = json.loads(raw.payload) if isinstance(raw.payload, bytes) else raw.payload
+            if not isinstance(record, dict):
+                raise RecordError("malformed_record", "the record is not a JSON object")
+            pairs.append((index, handler(record)))
+        except ValueError as exc:  # bad JSON
+            skipped.append(f"record {index}: malformed_json ({exc})")
+        except RecordError as exc:
+            skipped.append(f"record {index}: {exc.reason} ({exc.detail})")
+    return pairs, skipped
+
+
+def _generate(
+    writer: CritiqueWriter, partial: Path, done: list[dict[str, Any]],
+    todo: list[tuple[int, Pair]], total: int, batch_size: int,
+) -> None:
+    """Write ``done`` back, then the critiques of ``todo``, batch by batch, each batch
+    flushed to disk before the next starts."""
+    from tqdm import tqdm
+
+    # Write back the complete lines only: a line cut by the crash would end the file.
+    with open(partial, "w", encoding="utf-8") as handle:
+        for line in done:
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        step = max(1, batch_size // 2)  # records per batch (two responses each)
+        with tqdm(total=total, initial=total - len(todo), unit="rec",
+                  desc="critiques", disable=None, file=sys.stderr) as bar:
+            for start in range(0, len(todo), step):
+                batch = todo[start : start + step]
+                items = [(p.prompt, r) for _, p in batch for r in (p.chosen, p.rejected)]
+                texts = writer.critiques(items)
+                for k, (index, pair) in enumerate(batch):
+                    line = {"index": index, "prompt": pair.prompt, "chosen": pair.chosen,
+                            "rejected": pair.rejected, "chosen_critique": texts[2 * k],
+                            "rejected_critique": texts[2 * k + 1]}
+                    if pair.margin is not None:
+                        line["margin"] = pair.margin
+                    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                bar.update(len(batch))
+
+
 def run(args: argparse.Namespace) -> dict[str, int]:
     """Generate critiques for ``args.input``; return counts."""
     output = Path(args.output)
@@ -123,18 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     output.parent.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=1) + "\n")
 
-    pairs: list[tuple[int, Pair]] = []
-    skipped: list[str] = []
-    for index, raw in enumerate(iter_records(inputs)):
-        try:
-            record = json.loads(raw.payload) if isinstance(raw.payload, bytes) else raw.payload
-            if not isinstance(record, dict):
-                raise RecordError("malformed_record", "the record is not a JSON object")
-            pairs.append((index, handler(record)))
-        except ValueError as exc:  # bad JSON
-            skipped.append(f"record {index}: malformed_json ({exc})")
-        except RecordError as exc:
-            skipped.append(f"record {index}: {exc.reason} ({exc.detail})")
+    pairs, skipped = _read_pairs(inputs, handler)
     finished = {line["index"] for line in done}
     todo = [(i, p) for i, p in pairs if i not in finished]
     writer = CritiqueWriter(
@@ -145,29 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         import torch
 
         torch.manual_seed(args.seed)
-    from tqdm import tqdm
-
-    # Write back the complete lines only: a line cut by the crash would end the file.
-    with open(partial, "w", encoding="utf-8") as handle:
-        for line in done:
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-        step = max(1, args.batch_size // 2)  # records per batch (two responses each)
-        with tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="rec",
-                  desc="critiques", disable=None, file=sys.stderr) as bar:
-            for start in range(0, len(todo), step):
-                batch = todo[start : start + step]
-                items = [(p.prompt, r) for _, p in batch for r in (p.chosen, p.rejected)]
-                texts = writer.critiques(items)
-                for k, (index, pair) in enumerate(batch):
-                    line = {"index": index, "prompt": pair.prompt, "chosen": pair.chosen,
-                            "rejected": pair.rejected, "chosen_critique": texts[2 * k],
-                            "rejected_critique": texts[2 * k + 1]}
-                    if pair.margin is not None:
-                        line["margin"] = pair.margin
-                    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-                bar.update(len(batch))
+    _generate(writer, partial, done, todo, len(pairs), args.batch_size)
     lines = sorted(_done_indexes(partial), key=lambda line: line["index"])
     with open(partial, "w", encoding="utf-8") as handle:
         for line in lines:

@@ -25,9 +25,11 @@ from megarm.config import (
     TrainingConfig,
 )
 from megarm.config import (
+    resolve as config_resolve,
+)
+from megarm.config import (
     validate as config_issues,
 )
-from megarm.config.loading import _load
 
 
 def filesystem_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
@@ -76,11 +78,7 @@ def resolve(
 ) -> MegarmConfig:
     """Load, validate and check the files in one go, reporting every key, type,
     layout and file problem together."""
-    cfg, issues = _load(path, overrides, settings)
-    issues += validate(cfg, world_size)
-    if issues:
-        raise ConfigError(issues)
-    return cfg
+    return config_resolve(path, overrides, world_size, settings, checks=validate)
 
 
 def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:

@@ -14,7 +14,7 @@ Input records (jsonl/json/parquet/csv/arrow, read by :mod:`megarm.data.readers`)
   ``system``), or ``{"messages": [..., {"role": "assistant", ...}]}``; output ``reward``.
 
 Every sequence ends as the model's reward convention says (``<|im_end|>\\n`` for
-ChatML, the end of ``apply_chat_template``'s output), see :mod:`megarm.scoring`.
+ChatML, the end of ``apply_chat_template``'s output), see :mod:`megarm.rewards.encoding`.
 
 A critique model (``--critique-model``, its HF causal-LM export; ``--load`` is its
 reward head: the ``*ForSequenceClassification`` export or the megarm checkpoint)

@@ -14,7 +14,7 @@ Endpoints (FastAPI on uvicorn):
   conversation ending with the assistant turn to score; response ``{"rewards": [...]}``.
 - ``GET /health`` — the model, its reward convention and the server's limits.
 
-Every input is put into the model's reward convention (:mod:`megarm.scoring`) whether
+Every input is put into the model's reward convention (:mod:`megarm.rewards.encoding`) whether
 it ends at ``<|im_end|>``, at ``<|im_end|>\\n``, with padding or cut off. Concurrent
 requests are batched: the rows waiting when the model frees up are scored together in
 micro-batches of at most ``--max-batch-tokens`` padded tokens, longest first.
@@ -267,6 +267,47 @@ async def _wait(request: Request, future: asyncio.Future) -> list[float] | None:
     return future.result()
 
 
+def _add_guards(app: FastAPI, api_key: str | None) -> None:
+    """Problems as JSON errors; every route but ``/health`` behind the API key."""
+
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem) -> JSONResponse:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        if (
+            api_key is not None
+            and request.url.path != "/health"
+            and not _authorized(request, api_key)
+        ):
+            return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
+        return await call_next(request)
+
+
+def _add_health(
+    app: FastAPI, model: ModelLoop, encoder: Encoder, info: RewardInfo, model_name: str,
+    normalize: bool, limits: Limits,
+) -> None:
+    """``GET /health``: the model, how it reads and normalises rewards, the limits."""
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "ranks": model.scorer.world,
+            "reward_convention": encoder.convention,
+            "normalize": normalize,
+            "mean": info.mean,
+            "std": info.std,
+            "seq_length": encoder.seq_length,
+            "truncation": encoder.truncation,
+            "max_sequences": limits.max_sequences,
+            "max_body_bytes": limits.max_body_bytes,
+        }
+
+
 def create_app(
     model: ModelLoop,
     encoder: Encoder,
@@ -296,19 +337,7 @@ def create_app(
 
     app = FastAPI(title="megarm reward server", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    @app.exception_handler(Problem)
-    async def problem(request: Request, exc: Problem) -> JSONResponse:
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Any:
-        if (
-            api_key is not None
-            and request.url.path != "/health"
-            and not _authorized(request, api_key)
-        ):
-            return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
-        return await call_next(request)
+    _add_guards(app, api_key)
 
     async def rewards_for(request: Request, rows: list[list[int]]) -> list[float] | None:
         raw = await _wait(request, batcher.submit(rows)) if rows else []
@@ -350,22 +379,7 @@ def create_app(
             return JSONResponse({"error": "client disconnected"}, status_code=499)
         return {"rewards": rewards}
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "ranks": model.scorer.world,
-            "reward_convention": encoder.convention,
-            "normalize": normalize,
-            "mean": info.mean,
-            "std": info.std,
-            "seq_length": encoder.seq_length,
-            "truncation": encoder.truncation,
-            "max_sequences": limits.max_sequences,
-            "max_body_bytes": limits.max_body_bytes,
-        }
-
+    _add_health(app, model, encoder, info, model_name, normalize, limits)
     return app
 
 

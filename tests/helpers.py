@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from megarm.config import MegarmConfig, load_config
 
@@ -65,3 +70,83 @@ def pair_batch(num_pairs: int, seq: int, vocab: int, seed: int = 0, left_pad: bo
         reward_index=reward_index,
         margin=margin,
     )
+
+
+# Test-only helpers (no production code uses them).
+
+
+def last_valid_index(valid: Tensor) -> Tensor:
+    """``[b]`` position of each row's rightmost real token (the reward token), as
+    transformers' ``Qwen2ForSequenceClassification`` picks it. Rows without any real
+    token are an error rather than a silent index."""
+    valid = valid.bool()
+    if not bool(valid.any(dim=1).all()):
+        raise ValueError("a row has no real token; every row needs at least one")
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    return (positions * valid).argmax(dim=1)
+
+
+def padding_fraction(lengths: Sequence[int], rows: int, width: int) -> float:
+    """Share of a ``rows x width`` batch that is padding."""
+    total = rows * width
+    return (total - int(sum(lengths))) / total if total else 0.0
+
+
+def build_data_loader(
+    dataset: Any,
+    micro_batch_size: int,
+    pad_token_id: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    consumed_samples: int = 0,
+    shuffle: bool = True,
+    seed: int = 1234,
+    seq_length: int | None = None,
+    pad_to_multiple_of: int = 1,
+    num_samples: int | None = None,
+    num_workers: int = 0,
+) -> Any:
+    """A ``torch.utils.data.DataLoader`` over :class:`PairBatchSampler` and
+    :func:`collate_pairs` for one data-parallel rank."""
+    from functools import partial
+
+    from megarm.data.dataset import PairBatchSampler, collate_pairs
+
+    sampler = PairBatchSampler(
+        len(dataset),
+        micro_batch_size,
+        data_parallel_rank,
+        data_parallel_size,
+        consumed_samples,
+        shuffle,
+        seed,
+        num_samples,
+    )
+    collate = partial(
+        collate_pairs,
+        pad_token_id=pad_token_id,
+        seq_length=seq_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers
+    )
+
+
+def from_dict(data: dict) -> MegarmConfig:
+    """Inverse of :func:`to_dict` (with the same checks as YAML loading)."""
+    overrides = [
+        f"{section}.{key}={json.dumps(value)}"
+        for section, body in data.items()
+        for key, value in (body or {}).items()
+    ]
+    return load_config(None, overrides)
+
+
+def load_full_state(trainer, full: dict[str, torch.Tensor]) -> None:  # noqa: ANN001 - a Trainer
+    """Load a full (TP=1, PP=1) state dict into a Trainer's shards on this rank and
+    refresh the optimizer's main parameters."""
+    from megarm.model.sharding import load_full_state_dict
+
+    load_full_state_dict(trainer.model, full, trainer.cfg)
+    trainer.optimizer.reload_model_params()

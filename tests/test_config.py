@@ -25,6 +25,7 @@ from megarm.config import (
 )
 from megarm.families.base import head_dim, padded_vocab_size
 from megarm.preflight import resolve, validate
+from tests.helpers import from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -640,7 +641,7 @@ def test_yaml_and_dict_round_trip(tmp_path):
     path = tmp_path / "out.yaml"
     path.write_text(C.to_yaml(cfg))
     assert load_config(path) == cfg
-    assert C.from_dict(C.to_dict(cfg)) == cfg
+    assert from_dict(C.to_dict(cfg)) == cfg
 
 
 # --------------------------------------------------------------------------- CLI

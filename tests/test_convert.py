@@ -163,8 +163,9 @@ def _megarm_rewards(mcore_dir: str, tp: int, pp: int, batches: list):
     from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
-    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.model.masks import padding_attention_mask
     from megarm.score import ScoreBatch, run_model
+    from tests.helpers import last_valid_index
 
     cfg = load_config(
         None,
@@ -199,9 +200,9 @@ def _train_and_score(mcore_dir: str, save_dir: str, tokens: torch.Tensor, valid:
     """Train a few steps at TP=2 PP=2 from the converted weights, save, and score."""
     from megarm import distributed
     from megarm.config import load_config
-    from megarm.model.masks import last_valid_index
     from megarm.score import ScoreBatch, run_model
     from megarm.training.loop import Trainer
+    from tests.helpers import last_valid_index
 
     cfg = load_config(
         None,
@@ -322,7 +323,8 @@ def test_mapping_covers_every_hf_tensor_and_pads_the_vocabulary():
 
 
 def test_padding_mask_blocks_pad_keys_and_never_a_whole_row():
-    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.model.masks import padding_attention_mask
+    from tests.helpers import last_valid_index
 
     valid = torch.tensor([[False, False, True, True], [True, True, True, False]])
     mask = padding_attention_mask(valid)

@@ -103,8 +103,9 @@ def _rewards_at_every_layout(models: dict[str, str], batches: list, layouts: lis
     from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
-    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.model.masks import padding_attention_mask
     from megarm.score import ScoreBatch, run_model
+    from tests.helpers import last_valid_index
 
     out = {}
     for tp, pp in layouts:
@@ -139,9 +140,9 @@ def _train_at_tp2(runs: dict[str, tuple[str, str]], tokens: torch.Tensor, valid:
     """Train each model a few steps at TP=2 from its converted weights, save, score."""
     from megarm import distributed
     from megarm.config import load_config
-    from megarm.model.masks import last_valid_index
     from megarm.score import ScoreBatch, run_model
     from megarm.training.loop import Trainer
+    from tests.helpers import last_valid_index
 
     distributed.init(2, 1)
     out = {}

@@ -125,3 +125,17 @@ def test_rule_walker_sees_relative_and_lazy_imports(tmp_path):
     finally:
         probe.unlink()
     assert "megarm.training.loop" in found and "megarm.model.builder" in found
+
+
+def test_every_declared_command_is_a_callable_main():
+    """``[project.scripts]`` names a ``main`` that exists, for every command module."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    declared = {target.partition(":")[0] for target in scripts.values()}
+    assert {c for c in COMMANDS if c != "megarm.demo_cloud"} <= declared

@@ -40,8 +40,9 @@ def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = No
     from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
-    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.model.masks import padding_attention_mask
     from megarm.rewards.batches import ScoreBatch, run_model
+    from tests.helpers import last_valid_index
 
     cfg = load_config(None, [f"model.hf_config={mcore_dir}", f"model.params_dtype={dtype}",
                              f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64"])

@@ -15,12 +15,11 @@ from megarm.data.packing import (
     cu_seqlens,
     pack_lengths,
     packed_position_ids,
-    padding_fraction,
     row_width,
     segment_ids,
 )
 from megarm.testing import run_distributed
-from tests.helpers import randomize_, tiny_config
+from tests.helpers import padding_fraction, randomize_, tiny_config
 from tests.test_training import _train
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarm.demo import make_pair
+from megarm.demo_common import make_pair
 from megarm.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarm.demo import make_pair
+from megarm.demo_common import make_pair
 from megarm.score import main as score_main
 
 ATOL = 1e-5

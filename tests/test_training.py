@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megarm.testing import free_port, run_distributed
-from tests.helpers import randomize_, tiny_config
+from tests.helpers import load_full_state, randomize_, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = (
@@ -42,7 +42,7 @@ def _train(overrides: tuple[str, ...], full: dict[str, torch.Tensor] | None):
     hand_loss = None
     if full is None:  # the reference run: make the weights, and a hand-computed loss
         full = randomize_(trainer.model[0].module.state_dict())
-        trainer.load_full_state(full)
+        load_full_state(trainer, full)
         model = trainer.model[0].module
         rewards_c, rewards_r, margins = [], [], []
         stream = micro_batches(trainer.data.train, cfg, 0, 0, 1)
@@ -56,7 +56,7 @@ def _train(overrides: tuple[str, ...], full: dict[str, torch.Tensor] | None):
         diff = torch.cat(rewards_c) - torch.cat(rewards_r) - torch.cat(margins)
         hand_loss = float((-torch.log(1.0 / (1.0 + torch.exp(-diff.double())))).mean())
     else:
-        trainer.load_full_state(full)
+        load_full_state(trainer, full)
     trainer.train()
     history = [{k: h[k] for k in ("loss", "grad_norm", "accuracy")} for h in trainer.history]
     return history, full, hand_loss

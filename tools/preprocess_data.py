@@ -8,13 +8,9 @@
 See ``python tools/preprocess_data.py --help`` and :mod:`megarm.data.preprocess`.
 """
 
-import os
 import sys
 
-# Runnable from a source checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megarm.data.preprocess import main  # noqa: E402
+from megarm.data.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 Each line is ``{"prompt", "chosen", "rejected"}``: the chosen answer a well-formed
 sentence, the rejected one the same words shuffled (the demo's pairs,
-:func:`megarm.demo.write_pairs`). For trying the real path without a dataset; read
+:func:`megarm.demo_common.write_pairs`). For trying the real path without a dataset; read
 them with ``tools/preprocess_data.py --handler-name pairwise_messages``. Distinct
 seeds give disjoint streams (e.g. training and held-out files).
 """
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
-    from megarm.demo import write_pairs
+    from megarm.demo_common import write_pairs
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from typing import Literal
 
 from megarm import families
-from megarm.config.loading import _load
+from megarm.config.loading import Settings, _load
 from megarm.config.schema import (
     SECTIONS,
     ConfigError,
@@ -389,10 +390,13 @@ def resolve(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     world_size: int | None = None,
+    settings: Settings | None = None,
+    checks: Callable[[MegarmConfig, int | None], list[ConfigIssue]] = validate,
 ) -> MegarmConfig:
-    """Load and validate in one go, reporting key, type and layout problems together."""
-    cfg, issues = _load(path, overrides)
-    issues += validate(cfg, world_size)
+    """Load and validate in one go, reporting key, type and layout problems together
+    (``checks``: these; :func:`megarm.preflight.resolve` adds the file checks)."""
+    cfg, issues = _load(path, overrides, settings)
+    issues += checks(cfg, world_size)
     if issues:
         raise ConfigError(issues)
     return cfg

@@ -334,11 +334,3 @@ def to_yaml(cfg: MegarmConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def from_dict(data: dict[str, Any]) -> MegarmConfig:
-    """Inverse of :func:`to_dict` (with the same checks as YAML loading)."""
-    overrides = [
-        f"{section}.{key}={json.dumps(value)}"
-        for section, body in data.items()
-        for key, value in (body or {}).items()
-    ]
-    return load_config(None, overrides)

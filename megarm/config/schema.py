@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of the GPT trunk (Qwen2 / Qwen2.5 family)."""
+    """Shape and numerics of the GPT trunk (any family in :mod:`megarm.families`:
+    Qwen2/Qwen2.5, Qwen3, Llama 3)."""
 
     hf_config: str | None = None
     """HuggingFace model directory (or its config.json). When set, the shape fields

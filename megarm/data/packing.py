@@ -112,12 +112,6 @@ def block_causal_mask(segments: Any) -> Any:
     return (other | future).unsqueeze(1)
 
 
-def padding_fraction(lengths: Sequence[int], rows: int, width: int) -> float:
-    """Share of a ``rows x width`` batch that is padding."""
-    total = rows * width
-    return (total - int(sum(lengths))) / total if total else 0.0
-
-
 def _sequences(samples: Sequence[dict[str, Any]]) -> tuple[list, list, list[int]]:
     """Token ids, labels and lengths of a micro-batch's ``2b`` sequences: chosen of
     pairs ``0..b-1`` first, then rejected (the order rewards and the loss use); or

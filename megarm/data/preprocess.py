@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import glob
 import json
-import os
 import signal
 import sys
 import threading
@@ -34,18 +31,12 @@ from array import array
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from megarm.data.blend import PACKED_RE, SFT_KEYS
+from megarm import cli
 from megarm.data.dataset import (
-    IGNORE_INDEX,
-    MARGIN_KEY,
-    PAIR_KEYS,
-    megatron_indexed_dataset,
-    packed_path,
-    rejects_path,
     stats_path,
 )
 from megarm.data.encoding import TRUNCATION_POLICIES, _chunks, _Job, _results
@@ -55,7 +46,13 @@ from megarm.data.handlers import (
     REJECT_REASONS,
     get_handler,
 )
-from megarm.data.readers import InputError, iter_records, record_unit, resolve_inputs
+from megarm.data.outputs import (
+    PreprocessError,
+    _Outputs,
+    _raise_write_error,
+    existing_outputs,
+)
+from megarm.data.readers import InputError, RawRecord, iter_records, record_unit, resolve_inputs
 from megarm.data.templates import (
     DEFAULT_CRITIQUE_PROMPT,
     PROMPT_TYPES,
@@ -64,11 +61,6 @@ from megarm.data.templates import (
     reward_convention,
 )
 from megarm.data.tokenizer import HF_TOKENIZER_TYPES, TokenizerError, load_tokenizer, vocab_sha256
-
-
-class PreprocessError(RuntimeError):
-    """A run that cannot produce output; the message says what to fix."""
-
 
 # --------------------------------------------------------------------------- arguments
 
@@ -203,141 +195,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- output
-
-
-def existing_outputs(prefix: str) -> list[str]:
-    """The final files of an earlier run under ``prefix``: its stats.json, rejects and
-    every ``<prefix>_packed_<key>_document.{bin,idx}`` (whatever the key)."""
-    found = [path for path in (stats_path(prefix), rejects_path(prefix)) if os.path.exists(path)]
-    for path in sorted(glob.glob(glob.escape(prefix) + "_packed_*_document.*")):
-        rest = path[len(prefix) :]
-        if path.endswith((".bin", ".idx")) and PACKED_RE.fullmatch(rest[:-4]) is not None:
-            found.append(path)
-    return found
-
-
-_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def write_error(exc: OSError, prefix: str) -> PreprocessError | None:
-    """The one-line error for a failed write under ``prefix`` (``None``: not a write
-    problem, e.g. an unreadable input)."""
-    where = os.path.dirname(os.path.abspath(prefix))
-    name = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno in _NO_SPACE:
-        return PreprocessError(
-            f"no space left on {where} (or a file-size limit) while writing the output"
-            f"{name}: {exc.strerror}; nothing was written. Free space or choose another "
-            "--output-prefix"
-        )
-    if exc.errno in _NOT_WRITABLE and (
-        exc.filename is None or os.path.abspath(str(exc.filename)).startswith(where)
-    ):
-        return PreprocessError(
-            f"--output-prefix {prefix}: cannot write to {where}{name}: {exc.strerror}; choose "
-            "a writable --output-prefix"
-        )
-    return None
-
-
-def _raise_write_error(exc: OSError, prefix: str) -> NoReturn:
-    error = write_error(exc, prefix)
-    if error is None:
-        raise exc
-    raise error from exc
-
-
-class _Outputs:
-    """The temporary files of one run and their promotion to final names."""
-
-    def __init__(self, prefix: str, has_margin: bool, sft: bool = False) -> None:
-        IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
-        self.prefix = prefix
-        self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
-        self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
-        self.paths: list[tuple[str, str]] = []  # (temporary, final)
-        self.builders = {}
-        self.rejects = None
-        self.stats = (stats_path(self.tmp_prefix), stats_path(prefix))
-        for key in self.keys:
-            tmp, final = packed_path(self.tmp_prefix, key), packed_path(prefix, key)
-            self.paths += [(tmp + ".bin", final + ".bin"), (tmp + ".idx", final + ".idx")]
-        self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
-        try:
-            for key in self.keys:
-                dtype = np.float32 if key == MARGIN_KEY else np.int32
-                tmp = packed_path(self.tmp_prefix, key) + ".bin"
-                self.builders[key] = IndexedDatasetBuilder(tmp, dtype=dtype)
-            self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
-        except BaseException:
-            self.discard()  # the files opened so far
-            raise
-
-    def add(
-        self,
-        prompt: np.ndarray,
-        chosen: np.ndarray,
-        rejected: np.ndarray | None,
-        margin: float | None,
-        supervised: tuple[int, ...] = (0, 0),
-    ) -> None:
-        """One record: a pair (``chosen`` / ``rejected`` tails after the prompt), or an
-        SFT record (``chosen`` is its target, ``rejected`` ``None``). Labels are -100
-        over the prompt and the first ``supervised[k]`` tokens of tail ``k``."""
-        if rejected is None:
-            sequences = [("", chosen, supervised[0])]
-        else:
-            sequences = [("chosen_", chosen, supervised[0]), ("rejected_", rejected, supervised[1])]
-        for side, tail, start in sequences:
-            tokens = np.concatenate([prompt, tail])
-            labels = tokens.copy()
-            labels[: len(prompt) + start] = IGNORE_INDEX
-            self.builders[f"{side}input_ids"].add_document(tokens, [len(tokens)])
-            self.builders[f"{side}labels"].add_document(labels, [len(labels)])
-        if MARGIN_KEY in self.builders:
-            self.builders[MARGIN_KEY].add_document(np.array([margin], dtype=np.float32), [1])
-
-    def reject(self, entry: dict[str, Any]) -> None:
-        self.rejects.write(json.dumps(entry, ensure_ascii=False, default=repr) + "\n")
-
-    def close(self) -> None:
-        """Write the .idx files; the data is complete but still under temporary names."""
-        for key in self.keys:
-            self.builders[key].finalize(packed_path(self.tmp_prefix, key) + ".idx")
-        self.rejects.close()
-
-    def publish(self, stats: dict[str, Any]) -> None:
-        """Write stats.json and rename everything to final names, stats.json last so
-        its presence means the set is complete. Files of an earlier run under the
-        prefix that this run does not write (e.g. an old ``_margin``) are removed, so
-        the prefix holds exactly what stats.json lists."""
-        tmp_stats, final_stats = self.stats
-        Path(tmp_stats).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-        if os.path.exists(final_stats):
-            os.remove(final_stats)
-        ours = {final for _, final in self.paths}
-        for stale in existing_outputs(self.prefix):
-            if stale not in ours and stale != final_stats:
-                os.remove(stale)
-        for tmp, final in self.paths:
-            os.replace(tmp, final)
-        os.replace(tmp_stats, final_stats)
-
-    def discard(self) -> None:
-        """Remove every temporary file (on failure or interruption). Closing may fail
-        again (the disk that was full still is); the files are removed regardless."""
-        handles = [builder.data_file for builder in self.builders.values()]
-        for handle in [*handles, self.rejects]:
-            if handle is not None:
-                with contextlib.suppress(OSError):
-                    handle.close()
-        for tmp, _ in [*self.paths, self.stats]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-
-
 class _Progress:
     """A log line every ``interval`` records on stderr; a tqdm bar when it is a terminal."""
 
@@ -420,8 +277,9 @@ def default_seq_length(tokenizer_dir: str, tokenizer: Any) -> tuple[int | None, 
     return min(limits)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Preprocess per ``args`` (from :func:`parse_args`); return the stats written."""
+def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
+    """Everything a run needs before its first record: the inputs, tokenizer, template
+    and handler, the sequence length, and a writable output directory."""
     earlier = existing_outputs(args.output_prefix)
     if earlier and not args.overwrite:
         raise PreprocessError(
@@ -451,9 +309,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         header_len=len(tokenizer.encode(template.header, add_special_tokens=False)),
         critique_prompt=args.critique_prompt,
     )
-    sft = handler.kind == "sft"
-    critiques = handler.name == "critique_pairs"
-    sides = ("sequences",) if sft else ("chosen", "rejected")
     if args.seq_length is not None and args.seq_length <= job.header_len:
         raise PreprocessError(
             f"--seq-length {args.seq_length} leaves no room after the {job.header_len}-token "
@@ -470,20 +325,133 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warnings.warn(
             f"{len(leftovers)} temporary file(s) of an interrupted run lie next to the output, "
             f"e.g. {leftovers[0]}; delete them",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return job, files
 
-    units = [record_unit(path) for path in files]
-    counts = {"records": 0, "kept": 0, "rejected": 0, "truncated": 0}
-    reasons = dict.fromkeys(REJECT_REASONS, 0)
-    lengths = {side: array("i") for side in sides}
-    tokens = dict.fromkeys(sides, 0)
-    supervised_tokens = 0
-    examples: list[str] = []  # the first rejects, quoted if the run fails
-    max_token_id = -1  # checked against the model's vocabulary before training
 
+class _Tally:
+    """What a run counts as records go by: kept, rejected (with the first reasons
+    quoted), truncated, lengths and tokens per side, the largest token id."""
+
+    def __init__(self, sides: tuple[str, ...], files: list, units: list[str]) -> None:
+        self.sides, self.files, self.units = sides, files, units
+        self.counts = {"records": 0, "kept": 0, "rejected": 0, "truncated": 0}
+        self.reasons = dict.fromkeys(REJECT_REASONS, 0)
+        self.lengths = {side: array("i") for side in sides}
+        self.tokens = dict.fromkeys(sides, 0)
+        self.supervised_tokens = 0
+        self.examples: list[str] = []  # the first rejects, quoted if the run fails
+        self.max_token_id = -1  # checked against the model's vocabulary before training
+
+    def kept(self, result: tuple) -> None:
+        _, prompt, chosen, rejected, _, truncated, supervised = result
+        tails = [chosen] if rejected is None else [chosen, rejected]
+        for ids in (prompt, *tails):
+            if len(ids):
+                self.max_token_id = max(self.max_token_id, int(ids.max()))
+        self.counts["records"] += 1
+        self.counts["kept"] += 1
+        self.counts["truncated"] += int(truncated)
+        for side, tail, start in zip(self.sides, tails, supervised, strict=True):
+            self.lengths[side].append(len(prompt) + len(tail))
+            self.tokens[side] += len(prompt) + len(tail)
+            self.supervised_tokens += len(tail) - start
+
+    def rejected(self, raw: RawRecord, reason: str, detail: str) -> dict[str, Any]:
+        """Count a rejected record; its line for the rejects file."""
+        self.counts["records"] += 1
+        self.counts["rejected"] += 1
+        self.reasons[reason] += 1
+        source, unit = self.files[raw.source], self.units[raw.source]
+        if len(self.examples) < 3:
+            self.examples.append(f"{source}:{unit} {raw.index}: {reason} ({detail})")
+        payload = raw.payload
+        return {
+            "source": str(source),
+            unit: raw.index,
+            "reason": reason,
+            "detail": detail,
+            **(
+                {"raw": payload.decode("utf-8", errors="replace").rstrip("\n")}
+                if isinstance(payload, bytes)
+                else {"record": payload}
+            ),
+        }
+
+    def check(self, args: argparse.Namespace) -> None:
+        """Refuse a run with no records, none kept, or too many rejected."""
+        counts = self.counts
+        if counts["records"] == 0:
+            raise PreprocessError(f"input {args.input!r} holds no records")
+        fraction = counts["rejected"] / counts["records"]
+        if counts["kept"] == 0 or fraction > args.max_reject_fraction:
+            top = ", ".join(f"{r}={n}" for r, n in self.reasons.items() if n)
+            raise PreprocessError(
+                f"{counts['rejected']} of {counts['records']} records rejected ({fraction:.1%} > "
+                f"--max-reject-fraction {args.max_reject_fraction}): {top}; first: "
+                + "; ".join(self.examples)
+                + ". Check --handler-name and --map-keys against the data, or raise "
+                "--max-reject-fraction"
+            )
+
+
+def _stats(
+    args: argparse.Namespace, job: _Job, files: list, tally: _Tally, names: list[str], elapsed: float
+) -> dict[str, Any]:
+    """``<prefix>_stats.json``'s content."""
+    handler, template, tokenizer = job.handler, job.template, job.tokenizer
+    critiques = handler.name == "critique_pairs"
+    records, tokens = tally.counts["records"], sum(tally.tokens.values())
+    return {
+        "megarm_version": megarm_version(),
+        "handler": handler.name,
+        # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
+        "kind": "sft" if handler.kind == "sft" else "critique_pairs" if critiques else "pairs",
+        "tokenizer": {
+            "name_or_path": args.tokenizer_name_or_path,
+            "vocab_sha256": vocab_sha256(tokenizer),
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "template": {
+            "prompt_type": args.prompt_type,
+            "name": template.name,
+            "end_of_turn": template.end_of_turn,
+            "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
+            # Where the reward is read; training records it in its checkpoints.
+            "reward_convention": reward_convention(
+                template, tokenizer, args.critique_prompt if critiques else None
+            ),
+        },
+        "inputs": [str(path) for path in files],
+        "counts": tally.counts,
+        "rejects": tally.reasons,
+        "lengths": {side: _percentiles(values) for side, values in tally.lengths.items()},
+        "tokens": tally.tokens,
+        "supervised_tokens": tally.supervised_tokens,
+        "has_margin": handler.has_margin,
+        "max_token_id": tally.max_token_id,
+        "seq_length": args.seq_length,
+        "files": names,
+        "elapsed_s": round(elapsed, 3),
+        "records_per_s": round(records / elapsed, 1),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "arguments": {k: v for k, v in vars(args).items()},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Preprocess per ``args`` (from :func:`parse_args`); return the stats written.
+
+    Every record is either written or listed in the rejects file with its reason;
+    the outputs are renamed into place only when the run is accepted."""
+    job, files = _prepare(args)
+    sft = job.handler.kind == "sft"
+    tally = _Tally(("sequences",) if sft else ("chosen", "rejected"), files,
+                   [record_unit(path) for path in files])
     try:
-        outputs = _Outputs(args.output_prefix, handler.has_margin, sft)
+        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft)
     except OSError as exc:
         _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
@@ -491,98 +459,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         records = iter_records(files)
         for raw, result in _results(job, _chunks(records, args.chunk_size), args.workers):
-            counts["records"] += 1
             if result[0] == "ok":
-                _, prompt, chosen, rejected, margin, truncated, supervised = result
-                outputs.add(prompt, chosen, rejected, margin, supervised)
-                tails = [chosen] if rejected is None else [chosen, rejected]
-                for ids in (prompt, *tails):
-                    if len(ids):
-                        max_token_id = max(max_token_id, int(ids.max()))
-                counts["kept"] += 1
-                counts["truncated"] += int(truncated)
-                for side, tail, start in zip(sides, tails, supervised, strict=True):
-                    lengths[side].append(len(prompt) + len(tail))
-                    tokens[side] += len(prompt) + len(tail)
-                    supervised_tokens += len(tail) - start
+                outputs.add(*result[1:5], result[6])
+                tally.kept(result)
             else:
-                _, reason, detail = result
-                counts["rejected"] += 1
-                reasons[reason] += 1
-                if len(examples) < 3:
-                    where = f"{files[raw.source]}:{units[raw.source]} {raw.index}"
-                    examples.append(f"{where}: {reason} ({detail})")
-                payload = raw.payload
-                outputs.reject(
-                    {
-                        "source": str(files[raw.source]),
-                        units[raw.source]: raw.index,
-                        "reason": reason,
-                        "detail": detail,
-                        **(
-                            {"raw": payload.decode("utf-8", errors="replace").rstrip("\n")}
-                            if isinstance(payload, bytes)
-                            else {"record": payload}
-                        ),
-                    }
-                )
+                outputs.reject(tally.rejected(raw, result[1], result[2]))
             progress.update(
-                counts["records"], sum(tokens.values()), counts["rejected"]
+                tally.counts["records"], sum(tally.tokens.values()), tally.counts["rejected"]
             )
         outputs.close()
         elapsed = progress.elapsed()
-        progress.write(
-            "done: " + progress.line(counts["records"], sum(tokens.values()), counts["rejected"])
-        )
-
-        if counts["records"] == 0:
-            raise PreprocessError(f"input {args.input!r} holds no records")
-        fraction = counts["rejected"] / counts["records"]
-        if counts["kept"] == 0 or fraction > args.max_reject_fraction:
-            top = ", ".join(f"{r}={n}" for r, n in reasons.items() if n)
-            raise PreprocessError(
-                f"{counts['rejected']} of {counts['records']} records rejected ({fraction:.1%} > "
-                f"--max-reject-fraction {args.max_reject_fraction}): {top}; first: "
-                + "; ".join(examples)
-                + ". Check --handler-name and --map-keys against the data, or raise "
-                "--max-reject-fraction"
-            )
-        stats = {
-            "megarm_version": megarm_version(),
-            "handler": handler.name,
-            # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
-            "kind": "sft" if sft else "critique_pairs" if critiques else "pairs",
-            "tokenizer": {
-                "name_or_path": args.tokenizer_name_or_path,
-                "vocab_sha256": vocab_sha256(tokenizer),
-                "vocab_size": len(tokenizer),
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            "template": {
-                "prompt_type": args.prompt_type,
-                "name": template.name,
-                "end_of_turn": template.end_of_turn,
-                "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
-                # Where the reward is read; training records it in its checkpoints.
-                "reward_convention": reward_convention(
-                    template, tokenizer, args.critique_prompt if critiques else None
-                ),
-            },
-            "inputs": [str(path) for path in files],
-            "counts": counts,
-            "rejects": reasons,
-            "lengths": {side: _percentiles(values) for side, values in lengths.items()},
-            "tokens": tokens,
-            "supervised_tokens": supervised_tokens,
-            "has_margin": handler.has_margin,
-            "max_token_id": max_token_id,
-            "seq_length": args.seq_length,
-            "files": [Path(final).name for _, final in outputs.paths],
-            "elapsed_s": round(elapsed, 3),
-            "records_per_s": round(counts["records"] / elapsed, 1),
-            "tokens_per_s": round(sum(tokens.values()) / elapsed, 1),
-            "arguments": {k: v for k, v in vars(args).items()},
-        }
+        progress.write("done: " + progress.line(
+            tally.counts["records"], sum(tally.tokens.values()), tally.counts["rejected"]
+        ))
+        tally.check(args)
+        names = [Path(final).name for _, final in outputs.paths]
+        stats = _stats(args, job, files, tally, names, elapsed)
         outputs.publish(stats)
         published = True
         return stats
@@ -609,8 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _terminate)
         stats = run(args)
     except PreprocessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail(exc)
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
         return 130

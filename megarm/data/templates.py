@@ -31,7 +31,6 @@ from megarm.data.handlers import RecordError
 from megarm.data.tokenizer import QWEN_DEFAULT_SYSTEM
 
 PROMPT_TYPES = ("auto", "chatml", "qwen", "llama3", "plain")
-ROLES = ("system", "user", "assistant")
 
 Messages = list[dict[str, str]]
 

@@ -231,6 +231,35 @@ def qwen_tiktoken_path() -> Path:
     return path
 
 
+def _qwen25_tokenizer_config() -> dict:
+    """Qwen2.5-Instruct's tokenizer_config.json: the added tokens, the specials and
+    the chat template."""
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": {
+            str(QWEN25_FIRST_ADDED_ID + offset): {
+                "content": text,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": special,
+            }
+            for offset, (text, special) in enumerate(QWEN25_ADDED_TOKENS)
+        },
+        "additional_special_tokens": [text for text, special in QWEN25_ADDED_TOKENS[1:] if special],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": QWEN25_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "split_special_tokens": False,
+    }
+
+
 def build_qwen25_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     """Write a Qwen2.5-compatible Hugging Face fast tokenizer into ``out_dir``, offline.
 
@@ -294,30 +323,7 @@ def build_qwen25_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "added_tokens_decoder": {
-            str(QWEN25_FIRST_ADDED_ID + offset): {
-                "content": text,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": special,
-            }
-            for offset, (text, special) in enumerate(QWEN25_ADDED_TOKENS)
-        },
-        "additional_special_tokens": [text for text, special in QWEN25_ADDED_TOKENS[1:] if special],
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "chat_template": QWEN25_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "split_special_tokens": False,
-    }
+    config = _qwen25_tokenizer_config()
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return out
 

@@ -428,6 +428,11 @@ class Family:
                 out[name] = tuple(shape.size(s) for s in symbols)
         return out
 
+    def head_rule(self, head: str) -> WeightRule:
+        """The weight rule of an output head (``value`` or ``lm``): the one lookup."""
+        (rule,) = [rule for rule in self.weights if rule.head == head]
+        return rule
+
     def is_dropped(self, hf_name: str) -> bool:
         """HF tensors a reward model leaves out on purpose."""
         return hf_name in self.dropped or hf_name.endswith(self.dropped_suffixes)

@@ -1,4 +1,5 @@
-"""The reward model: megatron-core GPT trunk + scalar value head."""
+"""The reward model: megatron-core GPT trunk + scalar value head, how it is built,
+sharded and loaded, and its forward step under the pipeline schedules."""
 
 from megarm import platform
 

@@ -134,9 +134,3 @@ class SDPAttention(MegatronModule):
             )
         ]
         return torch.cat(parts)
-
-
-def sdpa_supported() -> bool:
-    """``enable_gqa`` arrived in torch 2.5."""
-    return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-

@@ -30,15 +30,10 @@ from megarm.model.attention import SDPAttention
 from megarm.model.norm import RMSNorm
 from megarm.model.reward_model import RewardModel
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def params_dtype(cfg: MegarmConfig) -> torch.dtype:
     """The parameter dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
-    name = cfg.model.params_dtype
-    if name == "auto":
-        name = "bf16" if platform.is_cuda() else "fp32"
-    return _DTYPES[name]
+    return platform.dtype(cfg.model.params_dtype)
 
 
 def transformer_config(cfg: MegarmConfig) -> TransformerConfig:

@@ -34,12 +34,3 @@ def padding_attention_mask(valid: Tensor) -> Tensor:
     return (blocked & ~diagonal).unsqueeze(1)
 
 
-def last_valid_index(valid: Tensor) -> Tensor:
-    """``[b]`` position of each row's rightmost real token (the reward token), as
-    transformers' ``Qwen2ForSequenceClassification`` picks it. Rows without any real
-    token are an error rather than a silent index."""
-    valid = valid.bool()
-    if not bool(valid.any(dim=1).all()):
-        raise ValueError("a row has no real token; every row needs at least one")
-    positions = torch.arange(valid.shape[1], device=valid.device)
-    return (positions * valid).argmax(dim=1)

@@ -136,7 +136,17 @@ class RewardModel(MegatronModule):
             )
             init_value_head(self.value_head.weight, config.hidden_size, head_init_seed)
         self.output_layer: tensor_parallel.ColumnParallelLinear | None = None
-        if post_process and output_layer:
+        if output_layer:
+            self._build_output_layer(config, vocab_size, real_vocab_size)
+        self._register_load_state_dict_pre_hook(self._keep_fresh_value_head)
+
+    def _build_output_layer(
+        self, config: TransformerConfig, vocab_size: int, real_vocab_size: int | None
+    ) -> None:
+        """The LM head (critique models, SFT) on the last stage, and the process groups
+        megatron-core's tied-embedding code reads on every stage that shares it."""
+        pre_process = self.pre_process
+        if self.post_process:
             # The head reads positions gathered from the whole sequence (lm_losses), so
             # it runs as a plain column-parallel layer even under sequence parallelism.
             head_config = copy.copy(config)
@@ -156,12 +166,10 @@ class RewardModel(MegatronModule):
             start = part * parallel_state.get_tensor_model_parallel_rank()
             real = vocab_size if real_vocab_size is None else real_vocab_size
             self.real_local_vocab = min(max(real - start, 0), part)
-        if output_layer:
-            # What megatron-core's tied-embedding code reads.
-            self.pp_group = parallel_state.get_pipeline_model_parallel_group()
-            self.embd_group = parallel_state.get_embedding_group(check_initialized=False)
-            self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self._register_load_state_dict_pre_hook(self._keep_fresh_value_head)
+        # What megatron-core's tied-embedding code reads.
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.embd_group = parallel_state.get_embedding_group(check_initialized=False)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
         """Receive the previous pipeline stage's activations (called by the schedule)."""

@@ -45,17 +45,6 @@ def split_tp(name: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> tor
     return tensor.chunk(tp_size, dim=rule)[tp_rank]
 
 
-def merge_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`split_tp` over all TP ranks' slices."""
-    rule = tp_rule(name)
-    if rule is None or len(shards) == 1:
-        return shards[0]
-    if rule == "fc1":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
-    return torch.cat(shards, dim=rule)
-
-
 def chunk_layers(
     num_layers: int, pp_rank: int, pp_size: int, vp_stage: int | None = None, vp_size: int | None = None
 ) -> range:

@@ -151,14 +151,11 @@ class CritiqueWriter:
 
 
 def _transformers_model(model: str, dtype: str) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     from megarm import platform
 
-    dtypes = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
-    chosen = dtypes[dtype] or (torch.bfloat16 if platform.is_cuda() else torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model, dtype=chosen).to(platform.device()).eval()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=platform.dtype(dtype)).to(platform.device()).eval()
 
 
 def _vllm_engine(model: str, dtype: str) -> Any:

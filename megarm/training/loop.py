@@ -22,8 +22,6 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megarm import platform
 from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
@@ -34,14 +32,14 @@ from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.data.blend import parse_data_path
 from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
-from megarm.model.builder import build_model, count_parameters, heads, params_dtype
-from megarm.model.sharding import load_full_state_dict
+from megarm.model.builder import build_model, count_parameters, heads
 from megarm.model.step import PairBatch, run_schedule
 from megarm.rewards.benchmarks import BenchmarkEvaluator
 from megarm.rewards.stats import after_training
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.loss import loss_func, loss_weights, reduce_stats
 from megarm.training.metrics import MetricsWriter
+from megarm.training.optimizer import build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,7 +68,6 @@ class Trainer:
         chunks = build_model(cfg)
         config = chunks[0].config
         self.num_parameters = count_parameters(chunks)
-        bf16 = params_dtype(cfg) == torch.bfloat16
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=p.use_distributed_optimizer,
@@ -80,37 +77,7 @@ class Trainer:
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
-        o = cfg.optimizer
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=bf16,
-                params_dtype=params_dtype(cfg),
-                use_distributed_optimizer=p.use_distributed_optimizer,
-            ),
-            self.model,
-        )
-        warmup = int(o.lr_warmup_fraction * t.train_iters)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_steps=warmup,
-            lr_decay_steps=max(t.train_iters, warmup + 1),
-            lr_decay_style=o.lr_decay_style,
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=t.train_iters,
-            wd_incr_style="constant",
-        )
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         # The schedule calls these to all-reduce gradients (DP, and TP for
         # sequence-parallel norms) after the last micro-batch.
         config.finalize_model_grads_func = finalize_model_grads
@@ -399,12 +366,6 @@ class Trainer:
         if stop and self.is_logging_rank:
             print(f"exiting at iteration {self.iteration} (signal or exit condition)", flush=True)
         return stop
-
-    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
-        """Load a full (TP=1, PP=1) state dict into this rank's shards and refresh
-        the optimizer's main parameters (tests and conversions use it)."""
-        load_full_state_dict(self.model, full, self.cfg)
-        self.optimizer.reload_model_params()
 
     def close(self) -> None:
         """Flush metrics files; let another run write the checkpoint directory."""

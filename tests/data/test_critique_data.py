@@ -141,7 +141,7 @@ def test_critique_pairs_cut_the_prompt_never_the_critique(preprocess, qwen_token
 
 def test_sft_handler_refuses_a_margin(preprocess):
     run = preprocess([{"prompt": "a", "target": "b", "m": 1}], "sft", "--margin", "m")
-    assert run.rc == 1
+    assert run.rc == 2
 
 
 def test_default_critique_prompt_is_recorded(preprocess):

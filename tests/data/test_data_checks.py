@@ -92,7 +92,7 @@ def test_an_existing_prefix_needs_overwrite_and_a_rerun_owns_exactly_its_files(
     assert "d_packed_margin_document.bin" in before
     capsys.readouterr()
 
-    assert _preprocess(rows, prefix, qwen_tokenizer_dir) == 1
+    assert _preprocess(rows, prefix, qwen_tokenizer_dir) == 2
     err = capsys.readouterr().err
     assert "already holds 12 file(s)" in err and "--overwrite" in err
     after = {name: (prefix.parent / name).read_bytes() for name in _files(prefix.parent)}
@@ -313,7 +313,7 @@ def test_disk_full_during_preprocessing_is_one_line_and_leaves_nothing(
          "pairwise_messages"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"no space left on {out}" in errors[0]
@@ -329,7 +329,7 @@ def test_a_read_only_output_prefix_is_one_line(tmp_path, qwen_tokenizer_dir, cap
     # Every file the run writes is opened by megatron-core's builder first.
     monkeypatch.setattr(megatron_indexed_dataset(), "open", read_only, raising=False)
     prefix = tmp_path / "ro" / "d"
-    assert _preprocess(_rows(3), prefix, qwen_tokenizer_dir) == 1
+    assert _preprocess(_rows(3), prefix, qwen_tokenizer_dir) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --output-prefix {prefix}: cannot write to {prefix.parent}")
     assert "Read-only file system" in err and list(prefix.parent.iterdir()) == [

@@ -13,7 +13,6 @@ from megarm.data.dataset import (
     BlendedPairDataset,
     PairBatchSampler,
     PairDataset,
-    build_data_loader,
     build_pair_datasets,
     collate_pairs,
     packed_path,
@@ -21,6 +20,7 @@ from megarm.data.dataset import (
     stats_path,
     validate_data_path,
 )
+from tests.helpers import build_data_loader
 
 
 def write_pairs(prefix: Path, n: int, base: int = 0, margin: bool = False) -> str:

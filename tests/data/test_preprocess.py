@@ -251,7 +251,7 @@ def test_every_reject_reason_is_counted_and_listed(preprocess, read_indexed):
 def test_too_many_rejects_fail_without_output(tmp_path, preprocess, capsys):
     rows = [{"chosen": "no transcript", "rejected": "x"}] * 3 + hh_rows(2)
     run = preprocess(rows, "hh_rlhf")
-    assert run.rc == 1
+    assert run.rc == 2
     message = capsys.readouterr().err
     assert "3 of 5 records rejected (60.0% > --max-reject-fraction 0.5)" in message
     assert "out.jsonl:line 1: malformed_record" in message
@@ -273,7 +273,7 @@ def test_missing_tokenizer_input_and_bad_options(tmp_path, qwen_tokenizer_dir, c
         (["--input", str(source)], "missing required option(s): --tokenizer-name-or-path"),
     ]
     for extra, needle in cases:
-        assert main(base + extra) == 1
+        assert main(base + extra) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
@@ -359,7 +359,7 @@ def test_yaml_config_with_cli_override(
     )
     assert read_indexed(str(tmp_path / "uf" / "data"), "margin") == [[3.0]]
     config.write_text(config.read_text() + "shuffle: true\n")
-    assert main(["--config", str(config)]) == 1
+    assert main(["--config", str(config)]) == 2
     assert "unknown keys ['shuffle']" in capsys.readouterr().err
 
 
