@@ -281,9 +281,15 @@ def _model_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
 def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
     """The joint objective's loss weights."""
     t = cfg.training
+    issues = []
+    if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
+        issues.append(ConfigIssue(
+            "training.center_rewards_coefficient",
+            f"must be >= 0, got {t.center_rewards_coefficient}; use 0 to turn it off or e.g. 0.01",
+        ))
     if t.objective != "joint":
-        return []
-    issues = [
+        return issues
+    issues += [
         ConfigIssue(f"training.{key}", f"must be >= 0, got {value}")
         for key, value in [("lm_loss_weight", t.lm_loss_weight), ("rm_loss_weight", t.rm_loss_weight)]
         if value < 0

@@ -265,6 +265,12 @@ class TrainingConfig:
     rm_loss_weight: float = 0.7
     """Weight of the pairwise (Bradley-Terry) loss in ``objective: joint``."""
 
+    center_rewards_coefficient: float = 0.0
+    """Adds ``coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss (TRL's
+    ``center_rewards_coefficient``, e.g. 0.01): pulls each pair's rewards towards a
+    zero mean, so scores stay centred without a post-hoc shift. Logged as
+    ``center_loss`` (``bt_loss`` the Bradley-Terry part). 0: off. Must be >= 0."""
+
 
 @dataclass
 class OptimizerConfig:

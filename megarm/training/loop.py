@@ -135,7 +135,9 @@ class Trainer:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = self.run_schedule(batches, forward_only=False)
-            metrics = reduce_stats(outputs, self.contributes, self.loss_weights)
+            metrics = reduce_stats(
+                outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+            )
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "
@@ -197,7 +199,12 @@ class Trainer:
         return run_schedule(
             self.model,
             batches,
-            partial(loss_func, rm_weight=rm_weight, lm_weight=lm_weight),
+            partial(
+                loss_func,
+                rm_weight=rm_weight,
+                lm_weight=lm_weight,
+                center_coef=self.cfg.training.center_rewards_coefficient,
+            ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=rows,
@@ -231,7 +238,9 @@ class Trainer:
             outputs = self.run_schedule(list(islice(stream, steps)), forward_only=True)
         for chunk in self.model:
             chunk.train()
-        metrics = reduce_stats(outputs, self.contributes, self.loss_weights)
+        metrics = reduce_stats(
+            outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+        )
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
         if self.has_value_head:
             self.write_eval_rewards(outputs)

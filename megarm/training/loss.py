@@ -46,6 +46,7 @@ STAT_KEYS = (
     "lm_loss_sum",
     "lm_tokens",
     "sequences",
+    "center_sq",
 )
 
 
@@ -77,6 +78,7 @@ def loss_func(
     output: Tensor | tuple[Tensor | None, Tensor],
     rm_weight: float = 1.0,
     lm_weight: float = 0.0,
+    center_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -84,7 +86,9 @@ def loss_func(
     per-token cross-entropy)`` when the batch asks for an LM loss. The loss is
     ``rm_weight * mean pairwise loss + lm_weight * lm_scale * cross-entropy sum``
     (each term only where its head ran); see the module docstring for why the LM
-    term is a scaled sum.
+    term is a scaled sum. ``center_coef`` (``training.center_rewards_coefficient``)
+    adds ``center_coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss
+    (TRL's definition), inside ``rm_weight``.
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
@@ -92,9 +96,11 @@ def loss_func(
     lengths = sequence_lengths(batch).double()
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
+    center_sq = zero
     if rewards is not None and batch.num_pairs:
         losses, gap = pairwise_loss(rewards, batch.margin)
         chosen, rejected = rewards.detach().double().chunk(2)
+        center_sq = ((chosen + rejected) ** 2).sum()
         pair_stats = [
             losses.detach().double().sum(),
             (gap.detach() > 0).double().sum(),
@@ -105,7 +111,11 @@ def loss_func(
             (rejected * rejected).sum(),
             gap.detach().double().sum(),
         ]
-        terms.append(rm_weight * losses.mean())
+        rm_loss = losses.mean()
+        if center_coef:
+            rows = rewards.float().chunk(2)
+            rm_loss = rm_loss + center_coef * ((rows[0] + rows[1]) ** 2).mean()
+        terms.append(rm_weight * rm_loss)
     else:
         pair_stats = [zero] * 8
     lm_stats = [zero, zero]
@@ -120,6 +130,7 @@ def loss_func(
             (lengths**2).sum(),
             *lm_stats,
             _fill(float(batch.num_sequences), device),
+            center_sq,
         ]
     )
     out = {"stats": stats}
@@ -140,6 +151,7 @@ def reduce_stats(
     outputs: list[dict[str, Tensor]],
     contribute: bool = True,
     weights: tuple[float, float] = (1.0, 0.0),
+    center_coef: float = 0.0,
 ) -> dict[str, float]:
     """Sum the micro-batches' stats over all ranks and turn them into metrics.
 
@@ -152,7 +164,9 @@ def reduce_stats(
     ``weights`` (``(rm_weight, lm_weight)``, :func:`loss_weights`) make ``loss`` the
     objective's loss; with an LM term the metrics add ``rm_loss`` (pairs only),
     ``lm_loss`` (mean over the global batch's supervised tokens), ``lm_tokens`` and
-    ``perplexity``.
+    ``perplexity``. With ``center_coef`` (``training.center_rewards_coefficient``)
+    the pairwise ``loss`` includes ``center_coef * mean((r_chosen + r_rejected)^2)``,
+    logged alone as ``center_loss``, the Bradley-Terry part as ``bt_loss``.
     """
     total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
     if contribute and outputs:
@@ -172,6 +186,10 @@ def reduce_stats(
             "rejected_reward_std": max(s["rejected_sq"] / n - rejected_mean**2, 0.0) ** 0.5,
             "reward_gap": s["gap_sum"] / n,
         }
+        if center_coef:
+            center_loss = center_coef * s["center_sq"] / n
+            metrics.update(bt_loss=metrics["loss"], center_loss=center_loss)
+            metrics["loss"] += center_loss
     metrics.update(pairs=s["pairs"], tokens=s["tokens"], tokens_sq=s["tokens_sq"])
     metrics["sequences"] = s["sequences"]
     if lm_weight:
