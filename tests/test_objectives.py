@@ -133,3 +133,54 @@ def test_listwise_metrics_count_top1_pairs_and_kendall_tau():
     assert m["pairs"] == 5 and math.isclose(m["pairwise_accuracy"], 2 / 5)
     assert math.isclose(m["kendall_tau"], (2 - 3) / 5)
     assert m["lists"] == 2
+
+
+# Ranked records --------------------------------------------------------------
+
+
+def test_ranked_handler_reads_k_responses_and_rejects_with_reasons():
+    import pytest
+
+    from megarm.data.handlers import RecordError
+    from megarm.data.ranked import RankedHandler
+
+    handler = RankedHandler()
+    good = {"prompt": "q", "responses": ["a", "b", "c", "d"], "scores": [1, 3, 2, 2.5]}
+    record = handler(good)
+    assert record.prompt == [{"role": "user", "content": "q"}]
+    assert record.responses == ["a", "b", "c", "d"] and record.scores == [1.0, 3.0, 2.0, 2.5]
+    assert handler({**good, "responses": '["a", "b"]', "scores": "[0, 1]"}).scores == [0.0, 1.0]
+    bad = {
+        "too_few_responses": {**good, "responses": ["a"], "scores": [1]},
+        "score_count": {**good, "scores": [1, 2, 3]},
+        "malformed_record": {**good, "scores": [1, float("nan"), 2, 3]},
+        "empty_response": {**good, "responses": ["a", " ", "c", "d"]},
+        "identical": {**good, "responses": ["a", "a", "c", "d"]},
+        "tie": {**good, "scores": [2, 2, 2, 2]},
+        "missing_key": {"prompt": "q", "responses": ["a", "b"]},
+    }
+    for reason, row in bad.items():
+        with pytest.raises(RecordError) as err:
+            handler(row)
+        assert err.value.reason == reason, (reason, err.value)
+
+
+def test_ultrafeedback_completions_become_a_ranked_record():
+    import pytest
+
+    from megarm.data.handlers import RecordError
+    from megarm.data.ranked import UltraFeedbackRankedHandler
+
+    row = {
+        "instruction": "Name a prime.",
+        "completions": [
+            {"response": f"answer {i}", "overall_score": score, "model": "m"}
+            for i, score in enumerate([7.5, 4.0, 9.0, 6.0])
+        ],
+    }
+    record = UltraFeedbackRankedHandler()(row)
+    assert record.scores == [7.5, 4.0, 9.0, 6.0] and record.responses[2] == "answer 2"
+    row["completions"][1].pop("overall_score")
+    with pytest.raises(RecordError) as err:
+        UltraFeedbackRankedHandler()(row)
+    assert err.value.reason == "score_count"
