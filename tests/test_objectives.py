@@ -184,3 +184,43 @@ def test_ultrafeedback_completions_become_a_ranked_record():
     with pytest.raises(RecordError) as err:
         UltraFeedbackRankedHandler()(row)
     assert err.value.reason == "score_count"
+
+
+# The centring term through the training loop ------------------------------------
+
+
+def _train_centred(coef: float):
+    from megarm import distributed
+    from megarm.training.data import micro_batches
+    from megarm.training.loop import Trainer
+    from tests.helpers import load_full_state, randomize_
+    from tests.test_training import BASE
+
+    cfg = tiny_config(*BASE, "training.train_iters=2", f"training.center_rewards_coefficient={coef}")
+    distributed.init_from_config(cfg)
+    trainer = Trainer(cfg)
+    load_full_state(trainer, randomize_(trainer.model[0].module.state_dict()))
+    model = trainer.model[0].module
+    chosen, rejected = [], []
+    stream = micro_batches(trainer.data.train, cfg, 0, 0, 1)
+    with torch.no_grad():
+        for _ in range(trainer.num_microbatches):
+            batch = next(stream)
+            r = model(batch.tokens, batch.position_ids, None, batch.reward_index).double()
+            chosen.append(r[: batch.num_pairs])
+            rejected.append(r[batch.num_pairs :])
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    bt = float(-torch.nn.functional.logsigmoid(c - r).mean())
+    center = coef * float(((c + r) ** 2).mean())
+    trainer.train()
+    return trainer.history[0], bt, center
+
+
+def test_training_logs_the_centring_term_and_adds_it_to_the_loss():
+    from megarm.testing import run_distributed
+
+    ((first, bt, center),) = run_distributed(_train_centred, 1, 0.5)
+    assert center > 1e-3  # the term is not negligible at these random weights
+    assert math.isclose(first["center_loss"], center, rel_tol=1e-5)
+    assert math.isclose(first["bt_loss"], bt, rel_tol=1e-5)
+    assert math.isclose(first["loss"], bt + center, rel_tol=1e-5)
