@@ -224,3 +224,32 @@ def test_training_logs_the_centring_term_and_adds_it_to_the_loss():
     assert math.isclose(first["center_loss"], center, rel_tol=1e-5)
     assert math.isclose(first["bt_loss"], bt, rel_tol=1e-5)
     assert math.isclose(first["loss"], bt + center, rel_tol=1e-5)
+
+
+# Regression -----------------------------------------------------------------------
+
+
+def test_regression_masked_mse_and_metrics_match_hand_computation():
+    from megarm.training.objectives.regression import (
+        masked_mse,
+        regression_metrics,
+        regression_stats,
+    )
+
+    pred = torch.tensor([[1.0, 2.0], [3.0, 0.5], [2.0, 4.0]], requires_grad=True)
+    labels = torch.tensor([[2.0, 2.0], [3.0, 99.0], [0.0, 3.0]])  # 99: a missing label's filler
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    # Attribute 0: errors -1, 0, 2 -> SSE 5 over 3; attribute 1: errors 0, 1 -> SSE 1 over 2.
+    assert math.isclose(masked_mse(pred, labels, mask).item(), (5 + 1) / 5, rel_tol=1e-7)
+    weighted = masked_mse(pred, labels, mask, torch.tensor([1.0, 3.0]))
+    assert math.isclose(weighted.item(), (5 + 3 * 1) / (3 + 3 * 2), rel_tol=1e-7)
+    weighted.backward()
+    assert pred.grad[1, 1] == 0  # the masked entry gets no gradient
+    m = regression_metrics(regression_stats(pred, labels, mask), ["helpfulness", "verbosity"])
+    assert math.isclose(m["rmse/helpfulness"], math.sqrt(5 / 3), rel_tol=1e-12)
+    assert math.isclose(m["rmse/verbosity"], math.sqrt(1 / 2), rel_tol=1e-12)
+    # Pearson of (1, 3, 2) with (2, 3, 0): centred (-1, 1, 0) and (1/3, 4/3, -5/3),
+    # cross sum 1, squares 2 and 14/3 -> 1 / sqrt(28/3) = 0.32733.
+    assert math.isclose(m["pearson/helpfulness"], 1 / math.sqrt(28 / 3), rel_tol=1e-9)
+    # Attribute 1 has two labelled entries, (2, 4) against (2, 3): a perfect line.
+    assert math.isclose(m["pearson/verbosity"], 1.0, rel_tol=1e-12)
