@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from megarm.config.checks import validate
@@ -189,67 +190,62 @@ def test_ultrafeedback_completions_become_a_ranked_record():
 # The centring term through the training loop ------------------------------------
 
 
-def _train_centred(coef: float):
+def _train_centred(coef: float, overrides: tuple[str, ...] = (), full: dict | None = None):
+    """2 steps from known weights; the reference run (``full`` None) makes them and
+    recomputes the first step's BT and centring terms in float64."""
     from megarm import distributed
     from megarm.training.data import micro_batches
     from megarm.training.loop import Trainer
     from tests.helpers import load_full_state, randomize_
     from tests.test_training import BASE
 
-    cfg = tiny_config(*BASE, "training.train_iters=2", f"training.center_rewards_coefficient={coef}")
+    cfg = tiny_config(*BASE, "training.train_iters=2", f"training.center_rewards_coefficient={coef}", *overrides)
     distributed.init_from_config(cfg)
     trainer = Trainer(cfg)
-    load_full_state(trainer, randomize_(trainer.model[0].module.state_dict()))
-    model = trainer.model[0].module
-    chosen, rejected = [], []
-    stream = micro_batches(trainer.data.train, cfg, 0, 0, 1)
-    with torch.no_grad():
-        for _ in range(trainer.num_microbatches):
-            batch = next(stream)
-            r = model(batch.tokens, batch.position_ids, None, batch.reward_index).double()
-            chosen.append(r[: batch.num_pairs])
-            rejected.append(r[batch.num_pairs :])
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    bt = float(-torch.nn.functional.logsigmoid(c - r).mean())
-    center = coef * float(((c + r) ** 2).mean())
+    bt = center = None
+    if full is None:
+        full = randomize_(trainer.model[0].module.state_dict())
+        load_full_state(trainer, full)
+        model = trainer.model[0].module
+        chosen, rejected = [], []
+        stream = micro_batches(trainer.data.train, cfg, 0, 0, 1)
+        with torch.no_grad():
+            for _ in range(trainer.num_microbatches):
+                batch = next(stream)
+                r = model(batch.tokens, batch.position_ids, None, batch.reward_index).double()
+                chosen.append(r[: batch.num_pairs])
+                rejected.append(r[batch.num_pairs :])
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        bt = float(-torch.nn.functional.logsigmoid(c - r).mean())
+        center = coef * float(((c + r) ** 2).mean())
+    else:
+        load_full_state(trainer, full)
     trainer.train()
-    return trainer.history[0], bt, center
+    keys = ("loss", "bt_loss", "center_loss", "grad_norm")
+    return [{k: h[k] for k in keys} for h in trainer.history], bt, center, full
 
 
 def test_training_logs_the_centring_term_and_adds_it_to_the_loss():
     from megarm.testing import run_distributed
 
-    ((first, bt, center),) = run_distributed(_train_centred, 1, 0.5)
+    ((history, bt, center, _),) = run_distributed(_train_centred, 1, 0.5)
+    first = history[0]
     assert center > 1e-3  # the term is not negligible at these random weights
     assert math.isclose(first["center_loss"], center, rel_tol=1e-5)
     assert math.isclose(first["bt_loss"], bt, rel_tol=1e-5)
     assert math.isclose(first["loss"], bt + center, rel_tol=1e-5)
 
 
-# Regression -----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    pytest.param(("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    pytest.param((), id="dp2"),
+])
+def test_centring_term_under_tp2_and_dp2_equals_one_process(overrides):
+    from megarm.testing import run_distributed
 
-
-def test_regression_masked_mse_and_metrics_match_hand_computation():
-    from megarm.training.objectives.regression import (
-        masked_mse,
-        regression_metrics,
-        regression_stats,
-    )
-
-    pred = torch.tensor([[1.0, 2.0], [3.0, 0.5], [2.0, 4.0]], requires_grad=True)
-    labels = torch.tensor([[2.0, 2.0], [3.0, 99.0], [0.0, 3.0]])  # 99: a missing label's filler
-    mask = torch.tensor([[True, True], [True, False], [True, True]])
-    # Attribute 0: errors -1, 0, 2 -> SSE 5 over 3; attribute 1: errors 0, 1 -> SSE 1 over 2.
-    assert math.isclose(masked_mse(pred, labels, mask).item(), (5 + 1) / 5, rel_tol=1e-7)
-    weighted = masked_mse(pred, labels, mask, torch.tensor([1.0, 3.0]))
-    assert math.isclose(weighted.item(), (5 + 3 * 1) / (3 + 3 * 2), rel_tol=1e-7)
-    weighted.backward()
-    assert pred.grad[1, 1] == 0  # the masked entry gets no gradient
-    m = regression_metrics(regression_stats(pred, labels, mask), ["helpfulness", "verbosity"])
-    assert math.isclose(m["rmse/helpfulness"], math.sqrt(5 / 3), rel_tol=1e-12)
-    assert math.isclose(m["rmse/verbosity"], math.sqrt(1 / 2), rel_tol=1e-12)
-    # Pearson of (1, 3, 2) with (2, 3, 0): centred (-1, 1, 0) and (1/3, 4/3, -5/3),
-    # cross sum 1, squares 2 and 14/3 -> 1 / sqrt(28/3) = 0.32733.
-    assert math.isclose(m["pearson/helpfulness"], 1 / math.sqrt(28 / 3), rel_tol=1e-9)
-    # Attribute 1 has two labelled entries, (2, 4) against (2, 3): a perfect line.
-    assert math.isclose(m["pearson/verbosity"], 1.0, rel_tol=1e-12)
+    ((expected, _, _, full),) = run_distributed(_train_centred, 1, 0.5)
+    for history, *_ in run_distributed(_train_centred, 2, 0.5, overrides, full):
+        for got, want in zip(history, expected, strict=True):
+            for key in ("loss", "center_loss", "grad_norm"):
+                assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got, want)
