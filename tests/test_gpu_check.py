@@ -46,7 +46,7 @@ STAND_IN = r"""#!/usr/bin/env bash
 # preprocessing, the synthetic pairs, the report) runs for real.
 case "$1 $2" in
   "-c "*)
-    echo '{"python": "3.12.3", "torch": "2.9.0+cu128", "cuda": "12.8", "gpu": "stand-in H200", "megatron_core": "0.16.1"}'
+    echo '{"python": "3.12.3", "torch": "2.9.0+cu128", "cuda": "12.8", "gpu": "stand-in H200", "megatron_core": "0.16.1", "attention": {"packed": "FLASH_ATTENTION", "padded": "FLASH_ATTENTION", "padded_masked": "EFFICIENT_ATTENTION"}}'
     exit 0 ;;
   "-m pytest")
     for a in "$@"; do case "$a" in --junitxml=*) xml="${a#--junitxml=}" ;; esac; done
@@ -103,6 +103,8 @@ def test_run_mode_without_shared_data_uses_synthetic_pairs_and_passes(tmp_path):
     assert len(args) == 3 and all("data.seq_length=4096" in a and "data.packing=true" in a for a in args)
     assert "| qwen2.5-3b | 494M | 5,400 | 1,000 | 300.0 | 30.0% | 40.00 | 44.00 | 42.00 | 0.95 |" in \
         (out / "report.md").read_text()
+    assert "- SDPA kernel (bf16): packed FLASH_ATTENTION, padded FLASH_ATTENTION, " \
+        "padded_masked EFFICIENT_ATTENTION" in (out / "report.md").read_text()
 
 
 def test_run_mode_names_a_crashed_benchmark_and_fails(tmp_path):

@@ -13,7 +13,9 @@
 # (e.g. carry .whl). --out must point inside what comes back (e.g. $OUT/gpu_check).
 #
 # Steps (each recorded; a failure does not stop the others; exit 1 if any failed):
-#   0. environment: versions and the GPU (run mode stops here, with one line, without CUDA);
+#   0. environment: versions, the GPU, the SDPA kernel chosen for a packed segment and a
+#      padded batch (bf16; megarm/platform/attention_kernels.py); run mode stops here, with
+#      one line, without CUDA;
 #   1. pytest -m gpu (tests/test_on_gpu.py): rewards = transformers on the device (fp32
 #      and bf16, relative tolerances, TF32 off), TP=2 over gloo on one GPU = TP=1, 20 bf16
 #      iterations with a falling loss and a bit-for-bit resume, THD packing = padded;
@@ -33,7 +35,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 
 MODE=run WHEELS="" FETCH="" OUT="runs/gpu_check" PAIRS=""
 while [ $# -gt 0 ]; do
@@ -95,9 +97,12 @@ step() {  # step NAME command...: run, log to $OUT/NAME.log, record the outcome
 
 step environment "$PY" -c "
 import json, sys, torch, megatron.core
+from megarm.platform.attention_kernels import backend_report
+cuda = torch.cuda.is_available()
 print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,
-  'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-  'megatron_core': megatron.core.__version__}))
+  'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if cuda else None,
+  'megatron_core': megatron.core.__version__,
+  'attention': backend_report(torch.device('cuda' if cuda else 'cpu'), torch.bfloat16)}))
 if '$MODE' == 'run' and not torch.cuda.is_available():
     sys.exit('run mode needs a CUDA device (torch.cuda.is_available() is False); use --dry-run on CPU')"
 if [ "$MODE" = run ] && [ "$(tail -1 "$STATUS" | sed -n 's/.*"rc": \([0-9]*\).*/\1/p')" != 0 ]; then

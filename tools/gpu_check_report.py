@@ -108,6 +108,8 @@ def markdown(report: dict) -> str:
         f"# megarm GPU check ({report['mode']})", "",
         f"- GPU: {env.get('gpu') or 'none (CPU dry run)'}; torch {env.get('torch')}, CUDA "
         f"{env.get('cuda')}, Python {env.get('python')}, megatron-core {env.get('megatron_core')}",
+        "- SDPA kernel (bf16): " + (", ".join(f"{k} {v}" for k, v in env["attention"].items())
+                                    if isinstance(env.get("attention"), dict) else "-"),
         f"- pairs: {report.get('data', {}).get('source', '?')} ({report.get('data', {}).get('pairs', '?')})",
         "- steps: " + ", ".join(f"{s['step']} {'ok' if s['rc'] == 0 else 'FAILED'} ({s['seconds']} s)"
                                   for s in report["steps"]),
