@@ -27,10 +27,12 @@ __all__ = [
     "device",
     "dist_backend",
     "has_apex",
+    "has_fused_adam",
     "has_fused_softmax",
     "has_transformer_engine",
     "is_cuda",
     "max_memory_allocated",
+    "max_memory_reserved",
     "pin_memory",
     "set_deterministic",
     "set_local_device",
@@ -146,6 +148,20 @@ def max_memory_allocated() -> int:
     if is_cuda():
         return int(torch.cuda.max_memory_allocated())
     return 0
+
+
+def max_memory_reserved() -> int:
+    """Peak bytes the caching allocator reserved on the device (allocated plus its
+    cache and fragmentation; what the device must really hold), 0 where unknown."""
+    if is_cuda():
+        return int(torch.cuda.max_memory_reserved())
+    return 0
+
+
+def has_fused_adam() -> bool:
+    """megatron-core's optimizer is a fused Adam (transformer-engine's or apex's);
+    otherwise it is torch's AdamW (foreach on CUDA), whose step makes temporaries."""
+    return has_transformer_engine() or has_apex()
 
 
 # megatron-core warns at import about optional kernels; on a machine without them
