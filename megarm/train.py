@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             from megarm import platform
             from megarm.training.memory import estimate
 
-            print(estimate(cfg, launch.world_size, platform.is_cuda()).summary(), flush=True)
+            print(estimate(cfg, launch.world_size, platform.is_cuda(),
+                           fused_adam=platform.has_fused_adam()).summary(), flush=True)
             print(
                 f"megarm: world {launch.world_size} = TP {p.tensor_model_parallel_size} x "
                 f"PP {p.pipeline_model_parallel_size} x DP {trainer.dp_size}; "

@@ -52,3 +52,6 @@ def test_benchmark_tool_reports_json():
     result = json.loads(line)
     assert result["iterations_timed"] == 3 and result["tokens_per_s"] > 0
     assert result["device"] == "cpu" and result["mfu"] is None
+    # the real tokens of a micro-batch, at most the rows x seq_length it was sized for
+    assert 0 < result["stream_tokens"] <= result["estimate_stream_tokens"]
+    assert result["peak_memory_gib"] == result["peak_reserved_gib"] == 0  # CPU: unknown

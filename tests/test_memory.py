@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from megarm.testing import run_distributed
 from megarm.training.memory import estimate, largest_micro_batch
 from tests.helpers import tiny_config
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ("model.hidden_size=128", "model.ffn_hidden_size=256", "model.vocab_size=1000",
          "training.global_batch_size=4", "training.micro_batch_size=1",
          "training.train_iters=1", "data.synthetic_num_pairs=16", "data.split=100,0,0")
@@ -116,3 +119,68 @@ def test_training_and_save_peaks_are_estimated(tmp_path):
     # A save's peak is set by how much heap glibc still holds, which varies more from
     # run to run (2.61-2.80 GiB here; 0.5B at TP=2 is within 5%, docs/BENCHMARKS.md).
     assert est["save_peak"] == pytest.approx(measured_save, rel=0.2)
+
+
+# tools/gpu_check.sh's 3B benchmark: Qwen2.5-3B at TP=1, bf16, 16 pairs per micro-batch,
+# seq_length 4096 as a cap, THD-packed.
+BENCH_3B = ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
+            "model.params_dtype=bf16", "data.seq_length=4096", "data.packing=true",
+            "training.micro_batch_size=16", "training.global_batch_size=64",
+            "data.allow_synthetic=true", "checkpoint.allow_random_init=true"]
+# Qwen2.5-3B by hand: embedding 151936 x 2048 (tied), 36 layers of qkv (16 + 2 x 2) x 128
+# x 2048 + bias 2560, o 2048 x 2048, MLP 3 x 2048 x 11008, two norms; final norm, value head.
+P_3B = 151936 * 2048 + 36 * (2560 * 2048 + 2560 + 2048 * 2048 + 3 * 2048 * 11008 + 2 * 2048) + 2 * 2048
+
+
+def _config_3b(tmp_path, *extra: str):
+    return load_config(str(ROOT / "configs/orm_trainer_qwen25_3b.yaml"), [*BENCH_3B, *extra])
+
+
+def test_packed_3b_benchmark_is_sized_from_the_data_lengths(tmp_path):
+    import json
+
+    from megarm.training.memory import stream_tokens
+
+    # Without length statistics the stream can reach its cap: 2 x 16 x 4096 tokens.
+    cfg = _config_3b(tmp_path)
+    capped = estimate(cfg, 1, cuda=True)
+    assert capped.parameters == P_3B == 3_085_940_736
+    assert capped.stream_tokens == 131_072
+    assert capped.activations == 131_072 * 2048 * 34 * 36  # 306.0 GiB
+    # With the data's statistics (illustrative HH-RLHF-like 90th percentiles: chosen
+    # 330, rejected 320 tokens): 16 x (330 + 320) = 10,400 tokens.
+    prefix = tmp_path / "pairs"
+    (tmp_path / "pairs_stats.json").write_text(json.dumps({"lengths": {
+        "chosen": {"p50": 140.0, "p90": 330.0, "p99": 900.0, "max": 4096},
+        "rejected": {"p50": 135.0, "p90": 320.0, "p99": 880.0, "max": 4096}}}))
+    cfg = _config_3b(tmp_path, f"data.data_path={prefix}")
+    assert stream_tokens(cfg, side_lengths={"chosen": {"p90": 330}, "rejected": {"p90": 320}}) == 10_400
+    est = estimate(cfg, 1, cuda=True)
+    assert est.stream_tokens == 10_400
+    assert est.activations == 10_400 * 2048 * 34 * 36 == 26_070_220_800  # 24.28 GiB
+    assert est.model_states == 18 * P_3B  # bf16 weights 2 + fp32 grads 4 + Adam 12: 51.73 GiB
+    # torch's foreach AdamW (no TE/apex): one fp32 temporary per parameter, 11.50 GiB,
+    # below the activations, which are freed before the step
+    assert est.step_transients == 4 * P_3B
+    assert est.training_peak == 18 * P_3B + 26_070_220_800
+    assert est.training_peak / 2**30 == pytest.approx(76.01, abs=0.01)  # was 357.73 GiB
+    assert capped.training_peak / 2**30 == pytest.approx(357.73, abs=0.01)
+    # padded, the same data still costs rows x seq_length
+    padded = estimate(_config_3b(tmp_path, f"data.data_path={prefix}", "data.packing=false"), 1)
+    assert padded.stream_tokens == 131_072
+
+
+def test_step_temporaries_follow_the_optimizer_in_use():
+    cfg = load_config(None, ["model.params_dtype=bf16", "training.micro_batch_size=1",
+                             "data.seq_length=128"])
+    torch_adamw = estimate(cfg, 1, cuda=True)
+    fused = estimate(cfg, 1, cuda=True, fused_adam=True)
+    cpu = estimate(cfg, 1, cuda=False)
+    p = torch_adamw.parameters
+    assert fused.step_transients == 0
+    assert torch_adamw.step_transients == 4 * p  # the fp32 sqrt(exp_avg_sq) list
+    assert cpu.step_transients == int(2.5 * 4 * p)  # measured on CPU
+    # short sequences: the step, not the activations, sets the peak without a fused Adam
+    assert torch_adamw.activations < torch_adamw.step_transients
+    assert torch_adamw.training_peak == torch_adamw.model_states + 4 * p
+    assert fused.training_peak == fused.model_states + fused.activations

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         if "before" not in timing:
             measured_save()
-        est = estimate(cfg, env.world_size, platform.is_cuda())
+        est = estimate(cfg, env.world_size, platform.is_cuda(), fused_adam=platform.has_fused_adam())
         row = {
             "label": args.label,
             "rank": env.rank,

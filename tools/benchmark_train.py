@@ -2,8 +2,9 @@
 ``torchrun --nproc_per_node N tools/benchmark_train.py --config X.yaml [key=value ...] [--warmup 3]``
 
 Runs ``training.train_iters`` iterations (evaluation and checkpointing off) and
-prints one JSON line: real (non-pad) tokens/s, pairs/s, mean iteration time,
-peak device memory, and on GPU TFLOP/s per device and MFU (formula in
+prints one JSON line: real (non-pad) tokens/s, pairs/s, mean iteration time, the
+mean real tokens of a micro-batch (its stream when packed), peak device memory
+allocated and reserved (the allocator's cache included) against the estimate, and on GPU TFLOP/s per device and MFU (formula in
 megarm/training/flops.py; no vocabulary-logits term).
 """
 
@@ -55,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(h["iteration_time"] for h in timed)
         tokens = sum(h["tokens"] for h in timed)
         flops = sum(training_flops(cfg, h["tokens"], h["tokens_sq"]) for h in timed)
-        peak_mem = distributed.all_reduce_host(
-            torch.tensor([float(platform.max_memory_allocated())]), "max"
-        )
+        peak_mem, peak_reserved = distributed.all_reduce_host(
+            torch.tensor([float(platform.max_memory_allocated()),
+                          float(platform.max_memory_reserved())]), "max"
+        ).tolist()
+        est = estimate(cfg, env.world_size, platform.is_cuda(), fused_adam=platform.has_fused_adam())
+        streams = len(timed) * trainer.num_microbatches * trainer.dp_size
         result = {
             "label": args.label,
             "world_size": env.world_size,
@@ -70,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": tokens / seconds,
             "pairs_per_s": sum(h["pairs"] for h in timed) / seconds,
             "iteration_time_s": statistics.mean(h["iteration_time"] for h in timed),
-            "peak_memory_gib": peak_mem.item() / 2**30,
-            "estimate_gib": estimate(cfg, env.world_size, platform.is_cuda()).total / 2**30,
+            # real tokens of a micro-batch (its THD stream when packed), measured; and the
+            # stream the memory estimate was sized for (from the data's length statistics)
+            "stream_tokens": tokens / streams,
+            "estimate_stream_tokens": est.stream_tokens,
+            "peak_memory_gib": peak_mem / 2**30,
+            "peak_reserved_gib": peak_reserved / 2**30,
+            "estimate_gib": est.training_peak / 2**30,
             "parameters": trainer.num_parameters,
             "tflops_per_device": flops / seconds / env.world_size / 1e12,
         }

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="GPUs in the run")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument("--cpu", action="store_true", help="estimate the CPU (fp32) run instead")
+    parser.add_argument("--fused-adam", action="store_true",
+                        help="the GPU machine has transformer-engine or apex (a fused Adam, no "
+                             "step temporaries); default: torch's AdamW, as without them")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -38,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     cuda = not args.cpu
-    est = estimate(cfg, args.world_size, cuda)
+    est = estimate(cfg, args.world_size, cuda, fused_adam=args.fused_adam)
     other = dataclasses.replace(
         cfg, parallel=dataclasses.replace(
             cfg.parallel, use_distributed_optimizer=not cfg.parallel.use_distributed_optimizer
         )
     )
-    alt = estimate(other, args.world_size, cuda)
-    fits = largest_micro_batch(cfg, args.world_size, args.gpu_memory_gib, cuda)
+    alt = estimate(other, args.world_size, cuda, fused_adam=args.fused_adam)
+    fits = largest_micro_batch(cfg, args.world_size, args.gpu_memory_gib, cuda, args.fused_adam)
     if args.json:
         print(json.dumps({"estimate": est.to_dict(), "other_optimizer": alt.to_dict(),
                           "largest_micro_batch": fits}))
@@ -58,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         ("gradients (fp32)", f"{est.gradients / GIB:.2f} GiB"),
         ("optimizer, distributed", f"{with_d.optimizer / GIB:.2f} GiB"),
         ("optimizer, not distributed", f"{without.optimizer / GIB:.2f} GiB"),
-        ("activations", f"{est.activations / GIB:.2f} GiB"),
-        ("optimizer-step temporaries", f"{est.step_transients / GIB:.2f} GiB"),
+        ("activations", f"{est.activations / GIB:.2f} GiB ({est.stream_tokens:,} tokens "
+                        "per micro-batch)"),
+        ("optimizer-step temporaries", f"{est.step_transients / GIB:.2f} GiB "
+                                       f"({'fused Adam' if args.fused_adam else 'torch AdamW'})"),
     ]
     if cuda:
         rows += [

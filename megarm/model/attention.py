@@ -4,6 +4,8 @@ megatron-core's local ``DotProductAttention`` materialises the whole ``[b, h, s,
 score matrix; without transformer-engine there is no fused path. This module is a
 drop-in replacement for it in the local layer spec: flash / memory-efficient kernels
 on GPU, the fused kernel on CPU, grouped-query attention without repeating K/V.
+The kernels SDPA may use are chosen in :mod:`megarm.platform.attention_kernels`
+(flash > memory-efficient > math; cuDNN only on request).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from megarm.platform.attention_kernels import sdpa_context
 
 
 @dataclass
@@ -77,10 +81,17 @@ class SDPAttention(MegatronModule):
         """Attention over ``[s, b, n, d]`` inputs; returns ``[s, b, n * d]``."""
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take attention_bias")
-        if packed_seq_params is not None:
-            if packed_seq_params.qkv_format != "thd":
-                raise ValueError(f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
-            return self._segments(query, key, value, packed_seq_params)
+        with sdpa_context():  # flash > memory-efficient > math, once per call
+            if packed_seq_params is not None:
+                if packed_seq_params.qkv_format != "thd":
+                    raise ValueError(
+                        f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
+                return self._segments(query, key, value, packed_seq_params)
+            return self._attend(query, key, value, attention_mask, attn_mask_type)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None) -> Tensor:
+        """``[s, b, n, d]`` -> ``[s, b, n * d]``, inside the caller's :func:`sdpa_context`."""
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -125,7 +136,7 @@ class SDPAttention(MegatronModule):
                 f"{query.shape[0]}"
             )
         parts = [
-            self.forward(q[:, None], k[:, None], v[:, None], None, AttnMaskType.causal)[:, 0]
+            self._attend(q[:, None], k[:, None], v[:, None], None, AttnMaskType.causal)[:, 0]
             for q, k, v in zip(
                 query.split(list(lengths)),
                 key.split(list(lengths)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -22,15 +23,19 @@ import torch
 from megarm.platform import cpu_compat, mcore_fixes
 
 __all__ = [
+    "DeterministicSettings",
     "DeviceError",
     "activate",
+    "deterministic_settings",
     "device",
     "dist_backend",
     "has_apex",
+    "has_fused_adam",
     "has_fused_softmax",
     "has_transformer_engine",
     "is_cuda",
     "max_memory_allocated",
+    "max_memory_reserved",
     "pin_memory",
     "set_deterministic",
     "set_local_device",
@@ -173,6 +178,20 @@ def max_memory_allocated() -> int:
     return 0
 
 
+def max_memory_reserved() -> int:
+    """Peak bytes the caching allocator reserved on the device (allocated plus its
+    cache and fragmentation; what the device must really hold), 0 where unknown."""
+    if is_cuda():
+        return int(torch.cuda.max_memory_reserved())
+    return 0
+
+
+def has_fused_adam() -> bool:
+    """megatron-core's optimizer is a fused Adam (transformer-engine's or apex's);
+    otherwise it is torch's AdamW (foreach on CUDA), whose step makes temporaries."""
+    return has_transformer_engine() or has_apex()
+
+
 # megatron-core warns at import about optional kernels; on a machine without them
 # (every CPU machine) these are expected and would bury the training output.
 _EXPECTED_WARNINGS = (
@@ -192,18 +211,53 @@ def quiet_expected_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels for bitwise-reproducible runs (``training.deterministic``).
+@dataclass(frozen=True)
+class DeterministicSettings:
+    """What ``training.deterministic`` sets on one kind of device."""
 
-    On CUDA, SDPA's memory-efficient backward and the ``index_put`` backward of the
-    reward gather accumulate in a nondeterministic order; torch's deterministic mode
-    picks ordered implementations (warning where one is missing), and cuBLAS needs a
-    fixed workspace, set before it starts. CPU kernels are deterministic already.
+    warn_only: bool
+    """``torch.use_deterministic_algorithms(True, warn_only=...)``: False raises on an
+    op without a deterministic implementation instead of running it anyway."""
+    cublas_workspace: str | None
+    """``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS's fixed workspace; read when cuBLAS starts)."""
+    cudnn_deterministic: bool
+    """``torch.backends.cudnn.deterministic`` (and ``benchmark`` off)."""
+
+
+def deterministic_settings(enabled: bool, cuda: bool) -> DeterministicSettings | None:
+    """The settings ``training.deterministic`` means on CUDA or CPU (``None`` when off).
+
+    CUDA: strict mode (``warn_only=False``). With ``warn_only=True`` torch only warns
+    and still runs the non-deterministic kernels (SDPA's memory-efficient and flash
+    backward where no ordered variant exists, the ``index_put`` backward of the reward
+    gather, scatter-adds), so a "deterministic" run would not be; strict mode picks the
+    ordered implementations where torch has them and stops with the op's name where it
+    has none. Plus cuBLAS's fixed workspace and deterministic cuDNN without autotuning.
+    CPU: torch's CPU kernels are deterministic already; deterministic mode stays
+    warn-only there (its alerts concern CUDA kernels).
     """
     if not enabled:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+        return None
+    if cuda:
+        return DeterministicSettings(warn_only=False, cublas_workspace=":4096:8",
+                                     cudnn_deterministic=True)
+    return DeterministicSettings(warn_only=True, cublas_workspace=None, cudnn_deterministic=False)
+
+
+def set_deterministic(enabled: bool, cuda: bool | None = None) -> DeterministicSettings | None:
+    """Apply :func:`deterministic_settings` for this process's device (``cuda``:
+    default :func:`is_cuda`) and return them. A ``CUBLAS_WORKSPACE_CONFIG`` the user
+    set is kept."""
+    settings = deterministic_settings(enabled, is_cuda() if cuda is None else cuda)
+    if settings is None:
+        return None
+    if settings.cublas_workspace:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", settings.cublas_workspace)
+    if settings.cudnn_deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=settings.warn_only)
+    return settings
 
 
 def cuda_environment() -> None:

@@ -10,6 +10,14 @@ Model states per rank, for the pipeline stage that holds the most:
   with the distributed optimizer. bf16 therefore costs 18 bytes per parameter,
   or 6 + 12/d with the distributed optimizer.
 
+Activations are sized per micro-batch from its tokens. Padded, that is ``s b`` (2 x
+pairs rows of ``data.seq_length``, the longest a row can be). A THD-packed
+micro-batch is one stream of its sides' real lengths (:func:`stream_tokens`): with
+the dataset's length statistics (``<prefix>_stats.json``, written by
+tools/preprocess_data.py) the estimate uses pairs x the sum of the sides' 90th
+percentile lengths (above the mean, which a sum of many sides stays near), else the
+cap ``2 x pairs x seq_length``.
+
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation
 in Large Transformer Models") per layer, with s the sequence length, b the rows
 of a micro-batch (2 x pairs: chosen and rejected go through together), h the
@@ -24,9 +32,12 @@ flight, i.e. all L layers' worth; fp32 activations double everything.
 Peaks (measured with tools/benchmark_save_memory.py; docs/BENCHMARKS.md):
 
 * the optimizer step needs temporaries beyond the model states: none worth
-  counting with a fused Adam (transformer-engine / apex, the GPU set-up); with
-  torch's AdamW on CPU, measured at 2.2-2.5x the fp32 bytes of the parameters
-  (:data:`CPU_STEP_TRANSIENTS`). Activations are freed by then, so a step peaks at
+  counting with a fused Adam (transformer-engine's or apex's, which megatron-core
+  uses when either is installed); without them megatron-core steps with torch's
+  AdamW: on CUDA its foreach implementation, whose ``_foreach_sqrt(exp_avg_sq)``
+  makes one fp32 temporary per updated parameter (:data:`GPU_FOREACH_TRANSIENTS`,
+  4 bytes per parameter, not measured yet); on CPU, measured at 2.2-2.5x the fp32
+  bytes of the parameters (:data:`CPU_STEP_TRANSIENTS`). Activations are freed by then, so a step peaks at
   ``model states + max(activations, step temporaries)``;
 * a checkpoint save (:mod:`megarm.checkpoint.writer`) writes one tensor at a time:
   it holds at most two host copies of the largest tensor (its fp32 optimizer
@@ -39,9 +50,12 @@ Peaks (measured with tools/benchmark_save_memory.py; docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from megarm.config import MegarmConfig
+from megarm.config import MegarmConfig, packed_format
 from megarm.families.base import head_dim, padded_vocab_size
 
 GIB = 2**30
@@ -50,6 +64,11 @@ CPU_RUNTIME_BYTES = int(0.4 * GIB)
 # torch's AdamW on CPU: step temporaries per fp32 byte of the parameters (measured
 # 2.2-2.5 at 108M and 0.5B parameters; the upper value is used).
 CPU_STEP_TRANSIENTS = 2.5
+# torch's foreach AdamW on CUDA (megatron-core's optimizer without TE/apex): the
+# sqrt(exp_avg_sq) list, one fp32 tensor per updated parameter, lives through the step.
+GPU_FOREACH_TRANSIENTS = 1.0
+# The length quantile of each side that sizes a packed stream (see the module docstring).
+PACKED_LENGTH_QUANTILE = "p90"
 # CPU: heap still held when a save starts, per fp32 byte of the parameters (measured
 # 1.1 at 108M and 1.8 at 0.5B parameters per rank; the middle is used).
 CPU_RETAINED_HEAP = 1.5
@@ -66,6 +85,8 @@ class MemoryEstimate:
     activations: int
     step_transients: int = 0
     """Optimizer-step temporaries (0 with a fused Adam)."""
+    stream_tokens: int = 0
+    """Tokens of one micro-batch the activations are sized for (:func:`stream_tokens`)."""
     largest_tensor: int = 0
     """fp32 bytes of the rank's largest parameter (its optimizer state): a save holds
     two host copies of it at most."""
@@ -190,25 +211,73 @@ def _dtype_bytes(cfg: MegarmConfig, cuda: bool) -> int:
     return 4 if name == "fp32" else 2
 
 
+def data_side_lengths(cfg: MegarmConfig) -> dict[str, dict[str, float]] | None:
+    """Per-side length statistics of the training data (``lengths`` of each
+    ``<prefix>_stats.json`` of ``data.data_path``; the longest of a blend's), or
+    ``None`` without data or statistics."""
+    if not cfg.data.data_path:
+        return None
+    from megarm.data.blend import parse_data_path
+    from megarm.data.integrity import read_stats
+
+    merged: dict[str, dict[str, float]] = {}
+    for _, prefix in parse_data_path(cfg.data.data_path):
+        stats = read_stats(prefix)
+        lengths = (stats or {}).get("lengths")
+        if not isinstance(lengths, dict) or not lengths:
+            return None  # one component without statistics: no bound from the data
+        for side, q in lengths.items():
+            if isinstance(q, dict) and PACKED_LENGTH_QUANTILE in q:
+                old = merged.get(side, {}).get(PACKED_LENGTH_QUANTILE, 0.0)
+                merged[side] = {PACKED_LENGTH_QUANTILE: max(old, float(q[PACKED_LENGTH_QUANTILE]))}
+    return merged or None
+
+
+def stream_tokens(
+    cfg: MegarmConfig,
+    micro_batch_size: int | None = None,
+    side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
+) -> int:
+    """Tokens of one micro-batch (one rank, before TP/SP splitting) for sizing
+    activations: ``rows x data.seq_length`` padded or without length statistics; a
+    THD-packed stream with ``side_lengths`` (:func:`data_side_lengths`): pairs x the
+    sum over sides of each side's 90th-percentile length (each capped at
+    ``seq_length``), rounded up to the TP size under sequence parallelism."""
+    b = micro_batch_size or cfg.training.micro_batch_size
+    rows = 1 if cfg.training.objective == "sft" else 2
+    cap = rows * b * cfg.data.seq_length
+    if packed_format(cfg) != "thd" or not side_lengths:
+        return cap
+    per_record = sum(min(float(cfg.data.seq_length), float(q[PACKED_LENGTH_QUANTILE]))
+                     for q in side_lengths.values() if PACKED_LENGTH_QUANTILE in q)
+    if per_record <= 0:
+        return cap
+    p = cfg.parallel
+    multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    return min(cap, math.ceil(math.ceil(b * per_record) / multiple) * multiple)
+
+
 def activation_bytes(
     cfg: MegarmConfig,
     cuda: bool = True,
     micro_batch_size: int | None = None,
     world_size: int | None = None,
+    side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
-    """Activation bytes of the first pipeline stage at ``data.seq_length``."""
+    """Activation bytes of the first pipeline stage for micro-batches of
+    :func:`stream_tokens` tokens (``rows x data.seq_length`` when padded)."""
     m, p = cfg.model, cfg.parallel
     s, h, a = cfg.data.seq_length, m.hidden_size, m.num_attention_heads
     t = p.tensor_model_parallel_size
-    b = 2 * (micro_batch_size or cfg.training.micro_batch_size)
+    tokens = stream_tokens(cfg, micro_batch_size, side_lengths)  # "s b" of the formulas
     fused_attention = m.attention_backend != "unfused"
     score_term = 0.0 if (m.recompute_granularity == "selective" or fused_attention) else 5 * a * s / h
     if m.recompute_granularity == "full":
-        per_layer = 2 * s * b * h / (t if p.sequence_parallel else 1)
+        per_layer = 2 * tokens * h / (t if p.sequence_parallel else 1)
     elif p.sequence_parallel:
-        per_layer = s * b * h * (34 + score_term) / t
+        per_layer = tokens * h * (34 + score_term) / t
     else:
-        per_layer = s * b * h * (10 + 24 / t + score_term / t)
+        per_layer = tokens * h * (10 + 24 / t + score_term / t)
     scale = 2 if _dtype_bytes(cfg, cuda) == 4 else 1
     # 1F1B: the first stage keeps PP micro-batches of L/PP layers = L layers.
     in_flight = min(p.pipeline_model_parallel_size, _num_microbatches(cfg, world_size))
@@ -240,11 +309,15 @@ def estimate(
     world_size: int,
     cuda: bool = True,
     pp_rank: int | None = None,
-    fused_adam: bool | None = None,
+    fused_adam: bool = False,
+    side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> MemoryEstimate:
     """Per-GPU (per-process on CPU) estimate for pipeline stage ``pp_rank`` (default:
-    the most loaded). ``fused_adam`` (default: on GPU) means transformer-engine's or
-    apex's Adam, which needs no step temporaries."""
+    the most loaded). ``fused_adam``: transformer-engine's or apex's Adam is
+    installed (``platform.has_transformer_engine() or platform.has_apex()``), which
+    needs no step temporaries; otherwise torch's AdamW's are counted.
+    ``side_lengths`` (default: :func:`data_side_lengths` of the config's data) sizes
+    packed streams."""
     p = cfg.parallel
     dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
     stages = range(p.pipeline_model_parallel_size) if pp_rank is None else [pp_rank]
@@ -256,14 +329,18 @@ def estimate(
     if p.use_distributed_optimizer:
         optimizer = -(-optimizer // dp)
         stepped = -(-params // dp)
-    fused = cuda if fused_adam is None else fused_adam
+    if side_lengths is None and packed_format(cfg) == "thd":
+        side_lengths = data_side_lengths(cfg)
+    per_byte = 0.0 if fused_adam else (GPU_FOREACH_TRANSIENTS if cuda else CPU_STEP_TRANSIENTS)
     return MemoryEstimate(
         parameters=params,
         weights=params * width,
         gradients=params * 4,
         optimizer=optimizer,
-        activations=activation_bytes(cfg, cuda, world_size=world_size) + lm_logits_bytes(cfg),
-        step_transients=0 if fused else int(CPU_STEP_TRANSIENTS * 4 * stepped),
+        activations=activation_bytes(cfg, cuda, world_size=world_size, side_lengths=side_lengths)
+        + lm_logits_bytes(cfg),
+        step_transients=int(per_byte * 4 * stepped),
+        stream_tokens=stream_tokens(cfg, side_lengths=side_lengths),
         largest_tensor=4 * max(largest_parameter(cfg, r) for r in stages),
         runtime=0 if cuda else CPU_RUNTIME_BYTES,
         retained_heap=0 if cuda else int(CPU_RETAINED_HEAP * 4 * params),
@@ -271,10 +348,13 @@ def estimate(
     )
 
 
-def largest_micro_batch(cfg: MegarmConfig, world_size: int, gpu_gib: float, cuda: bool = True) -> int:
+def largest_micro_batch(cfg: MegarmConfig, world_size: int, gpu_gib: float, cuda: bool = True,
+                        fused_adam: bool = False) -> int:
     """Largest micro-batch (pairs) whose estimate fits ``gpu_gib`` (0: none fits)."""
-    base = estimate(cfg, world_size, cuda)
+    base = estimate(cfg, world_size, cuda, fused_adam=fused_adam)
     budget = gpu_gib * GIB - base.model_states
-    per_pair = activation_bytes(cfg, cuda, micro_batch_size=1, world_size=world_size)
+    sides = data_side_lengths(cfg) if packed_format(cfg) == "thd" else None
+    per_pair = activation_bytes(cfg, cuda, micro_batch_size=1, world_size=world_size,
+                                side_lengths=sides)
     per_pair += lm_logits_bytes(cfg, micro_batch_size=1)
     return max(0, int(budget // per_pair)) if per_pair else 0
