@@ -574,8 +574,11 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = HFCheckpoint(load)
     names = ckpt.names()
     num_layers = cfg.model.num_layers
+    experts = Shape.of(cfg.model).routed_experts
     if arch is None:
-        scored = set(family.entries(num_layers, ("value",))) - set(family.entries(num_layers))
+        scored = set(family.entries(num_layers, ("value",), experts=experts)) - set(
+            family.entries(num_layers, experts=experts)
+        )
         has_head = all(name in names for e in scored for name in e.hf)
         arch = family.sequence_classification if has_head else family.causal_lm
         log.info("config.json names no architecture; the weights look like %s", arch)
@@ -591,7 +594,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         cfg.training.objective = "joint"
         if not cfg.model.tie_word_embeddings:
             heads = ("lm",)
-    selected = family.entries(num_layers, heads)
+    selected = family.entries(num_layers, heads, experts=experts)
     wanted = {name for e in selected for name in e.hf}
     missing = sorted(wanted - set(names))
     if missing:
@@ -624,7 +627,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         if args.format == "torch_dist":
             write_torch_dist(ckpt, cfg, selected, with_score, tmp, hf)
         else:
-            all_entries = family.entries(num_layers, ("value",) if with_score else (), args.spec)
+            all_entries = family.entries(
+                num_layers, ("value",) if with_score else (), args.spec, experts
+            )
             write_legacy(ckpt, cfg, all_entries, with_score, tmp, tp, pp)
         (head_rule,) = [rule for rule in family.weights if rule.head == "value"]
         head = (
