@@ -97,8 +97,22 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
-        return None
+    def record_event(self, event: Any = None) -> _NullEvent:
+        # megatron-core's MoE alltoall dispatcher synchronizes on the event it records.
+        return _NullEvent()
+
+
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event`` on CPU: already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 class _RngWarningFilter(logging.Filter):
@@ -131,8 +145,22 @@ def _patch_torch_cuda() -> None:
     cuda.nvtx.range_pop = lambda: None
 
 
+def _splits_on_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron-core's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU:
+    the MoE alltoall dispatcher asks for its split sizes as numpy arrays (on CUDA they
+    come back from the device as such; a CPU tensor would be left a tensor, which
+    ``all_to_all_single`` refuses as split sizes)."""
+    del record_stream
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_host
 
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state

@@ -1,0 +1,209 @@
+"""Mixture-of-experts trunks (families qwen3_moe and qwen2_moe) end to end against
+transformers (fp32, CPU, gloo): tiny random Qwen3-MoE (top-2 of 4 experts,
+``norm_topk_prob``) and Qwen2-MoE (top-2 of 4 without renormalisation, a gated
+shared expert) ``*ForSequenceClassification`` models converted by hf2mcore give
+transformers' rewards at (EP, TP, PP) = (1,1,1), and at (2,1,1), (1,2,1), (1,1,2) on
+two ranks, with left and right padding; HF -> megarm -> HF is bit-identical.
+Conversions and exports run in one process each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megarm.testing import run_distributed
+from tests.test_convert import hf_rewards, load_hf_tensors, perturb_, token_batch
+from tests.test_family_convert import convert_all
+
+pytestmark = pytest.mark.slow
+
+VOCAB, PAD = 512, 511
+ATOL = 1e-5
+EXPERTS, TOP_K = 4, 2
+MODELS = {
+    # name: (model_type, family-specific keys)
+    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": True}),
+    "qwen2_moe": ("qwen2_moe", {"norm_topk_prob": False, "shared_expert_intermediate_size": 96}),
+}
+
+
+def hf_config(name: str, **extra):
+    from transformers import AutoConfig
+
+    model_type, keys = MODELS[name]
+    return AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+        router_aux_loss_coef=0.01, pad_token_id=PAD, **keys, **extra,
+    )
+
+
+def make_hf(path: Path, name: str, seed: int) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(hf_config(name, num_labels=1))
+    perturb_(model, seed)
+    with torch.no_grad():  # routers with clear preferences: no near-ties in the top-k
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(4.0)
+    model.save_pretrained(str(path))
+    return path
+
+
+def batch(left: bool, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged rows of up to 24 tokens padded with PAD (left or right)."""
+    return token_batch(left, seed, lengths=(24, 9, 17, 3, 24, 12), pad=PAD)
+
+
+# --------------------------------------------------------------------------- rank bodies
+
+
+def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list) -> dict:
+    """megarm's rewards for every model at every (EP, TP, PP) of one world (the rest
+    is data parallelism, every replica scoring the same rows)."""
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+
+    from megarm import distributed
+    from megarm.checkpoint import load_model_weights
+    from megarm.config import load_config
+    from megarm.model.builder import build_model
+    from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.score import ScoreBatch, run_model
+
+    out = {}
+    for ep, tp, pp in layouts:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+            destroy_rerun_state_machine()
+        distributed.init(tp, pp, expert_model_parallel_size=ep)
+        for name, mcore in models.items():
+            cfg = load_config(None, [
+                f"model.hf_config={mcore}", "model.params_dtype=fp32",
+                f"parallel.tensor_model_parallel_size={tp}",
+                f"parallel.pipeline_model_parallel_size={pp}",
+                f"parallel.expert_model_parallel_size={ep}",
+            ])
+            model = build_model(cfg)
+            load_model_weights(mcore, model)
+            for i, (tokens, valid, left) in enumerate(batches):
+                rows = tokens.shape[0]
+                found = run_model(model, [ScoreBatch(
+                    tokens=tokens,
+                    position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
+                    reward_index=last_valid_index(valid),
+                    rows=torch.arange(rows),
+                    attention_mask=padding_attention_mask(valid) if left else None,
+                )])
+                if found:
+                    out[(ep, tp, pp, name, i)] = torch.tensor([found[r] for r in range(rows)])
+    return out
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moe")
+
+
+@pytest.fixture(scope="module")
+def converted(work) -> dict[str, tuple[Path, Path]]:
+    """name -> (HF *ForSequenceClassification dir, its megarm checkpoint)."""
+    out = {name: (make_hf(work / f"hf-{name}", name, seed), work / f"mcore-{name}")
+           for seed, name in enumerate(MODELS, start=1)}
+    convert_all(list(out.values()), "hf2mcore", "--params-dtype", "fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(converted) -> tuple[list, dict[str, list[torch.Tensor]]]:
+    """The batches (right and left padding) and transformers' rewards for each."""
+    batches = [(*batch(left), left) for left in (False, True)]
+    expected = {name: [hf_rewards(converted[name][0], t, v) for t, v, _ in batches]
+                for name in MODELS}
+    return batches, expected
+
+
+def _compare(per_rank: list[dict], layouts: list, batches: list, expected: dict, world: int) -> dict:
+    worst: dict[str, float] = {}
+    for ep, tp, pp in layouts:
+        for name in MODELS:
+            for i, want in enumerate(expected[name]):
+                got = [r[(ep, tp, pp, name, i)] for r in per_rank if (ep, tp, pp, name, i) in r]
+                assert len(got) == world // (tp * pp), (ep, tp, pp, name)
+                assert want.abs().max() > 0.1, "rewards too small to compare meaningfully"
+                delta = max(float((g - want).abs().max()) for g in got)
+                key = f"{name} EP{ep} TP{tp} PP{pp}"
+                worst[key] = max(worst.get(key, 0.0), delta)
+                assert delta <= ATOL, (ep, tp, pp, name, "left" if batches[i][2] else "right", delta)
+    return worst
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_rewards_equal_transformers_in_one_process(converted, reference):
+    batches, expected = reference
+    layouts = [(1, 1, 1)]
+    models = {name: str(converted[name][1]) for name in MODELS}
+    per_rank = run_distributed(_rewards_at_layouts, 1, models, batches, layouts, timeout=600)
+    worst = _compare(per_rank, layouts, batches, expected, 1)
+    print("max |reward - transformers'|:", json.dumps(worst))
+
+
+def test_rewards_equal_transformers_with_expert_tensor_and_pipeline_parallelism(converted, reference):
+    batches, expected = reference
+    layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
+    models = {name: str(converted[name][1]) for name in MODELS}
+    per_rank = run_distributed(_rewards_at_layouts, 2, models, batches, layouts, timeout=900)
+    worst = _compare(per_rank, layouts, batches, expected, 2)
+    print("max |reward - transformers'|:", json.dumps(worst))
+
+
+def test_the_comparison_has_teeth(converted, reference):
+    """transformers itself: Qwen3-MoE without renormalised top-k probabilities, or
+    with top-1 routing, gives rewards far beyond the tolerance, so the equality above
+    tests the routing."""
+    from transformers import AutoModelForSequenceClassification
+
+    batches, expected = reference
+    tokens, valid, _ = batches[0]
+    for change in ({"norm_topk_prob": False}, {"num_experts_per_tok": 1}):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(converted["qwen3_moe"][0]), dtype=torch.float32, **change
+        )
+        assert (hf_rewards(model, tokens, valid) - expected["qwen3_moe"][0]).abs().max() > 1e-3, change
+
+
+def test_hf_megarm_hf_is_bit_identical(converted, reference, work):
+    from transformers import AutoModelForSequenceClassification
+
+    batches, expected = reference
+    pairs = {name: (converted[name][1], work / f"back-{name}") for name in MODELS}
+    convert_all(list(pairs.values()), "mcore2hf")
+    for name, (_, back) in pairs.items():
+        hf, _ = converted[name]
+        original, exported = load_hf_tensors(hf), load_hf_tensors(back)
+        assert sum("experts." in key for key in original) == 2 * EXPERTS * 3  # gate, up, down
+        assert set(exported) == set(original), name
+        for key in original:
+            assert torch.equal(original[key], exported[key]), (name, key)
+        config = json.loads((back / "config.json").read_text())
+        source = json.loads((hf / "config.json").read_text())
+        for key, value in source.items():
+            if key not in ("problem_type", "transformers_version"):
+                assert config[key] == value, (name, key)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            str(back), output_loading_info=True
+        )
+        assert not any(loading.values()), (name, loading)
+        for (tokens, valid, _), want in zip(batches, expected[name]):
+            assert torch.equal(hf_rewards(model, tokens, valid), want), name
