@@ -281,3 +281,57 @@ def test_training_at_ep2_equals_ep1(converted, work):
               f"4 steps rel {worst:.1e}, rewards rel {reward:.1e} (scale "
               f"{float(base['rewards'].abs().max()):.2f})")
         assert first <= 1e-6 and worst <= 1e-5 and reward <= 1e-5, (layout, first, worst, reward)
+
+
+# --------------------------------------------------------------------------- auxiliary loss
+
+
+def _aux_losses(mcore: str, tokens: torch.Tensor) -> list[float]:
+    """megatron-core's load-balancing loss of each layer (divided by its
+    coefficient, as its tracker keeps it) for one training-mode forward."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    from megarm import distributed
+    from megarm.checkpoint import load_model_weights
+    from megarm.config import load_config
+    from megarm.model.builder import build_model
+
+    distributed.init(1, 1)
+    cfg = load_config(None, [f"model.hf_config={mcore}", "model.params_dtype=fp32"])
+    (model,) = build_model(cfg)
+    load_model_weights(mcore, [model])
+    model.train()
+    clear_aux_losses_tracker()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    model(tokens, positions, None, reward_index=torch.full((tokens.shape[0],), tokens.shape[1] - 1))
+    values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
+    return [float(v) for v in values]
+
+
+def test_aux_loss_equals_transformers_load_balancing_loss(converted):
+    """Layer by layer, megatron-core's load-balancing loss is transformers'
+    ``load_balancing_loss_func`` on that layer's router logits divided by top-k
+    (megatron-core counts each token's share of the top-k assignments, transformers
+    each assignment), for rows without padding (megatron-core counts every token it
+    routes; transformers leaves out the masked ones)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, PAD, (3, 20), generator=gen)
+    for name in MODELS:
+        hf, mcore = converted[name]
+        (ours,) = run_distributed(_aux_losses, 1, str(mcore), tokens, timeout=600)
+        model = AutoModelForSequenceClassification.from_pretrained(str(hf), dtype=torch.float32)
+        with torch.no_grad():
+            logits = model.model(input_ids=tokens, output_router_logits=True).router_logits
+        assert len(logits) == len(ours) == 2
+        for layer, (mine, theirs) in enumerate(zip(ours, logits, strict=True)):
+            want = float(load_balancing_loss_func((theirs,), EXPERTS, TOP_K)) / TOP_K
+            print(f"{name} layer {layer}: megatron-core {mine:.8f}, transformers / top-k {want:.8f}")
+            assert abs(mine - want) <= 1e-6, (name, layer, mine, want)
+        # A balanced router gives 1; these are measurably unbalanced (the test has teeth).
+        assert max(ours) > 1.01
