@@ -220,7 +220,9 @@ def _train_at_ep(mcore: str, save_root: str, layouts: list, tokens: torch.Tensor
     from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
     from megarm import distributed
+    from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
+    from megarm.model.builder import build_model
     from megarm.model.masks import last_valid_index
     from megarm.score import ScoreBatch, run_model
     from megarm.training.loop import Trainer
@@ -250,9 +252,26 @@ def _train_at_ep(mcore: str, save_root: str, layouts: list, tokens: torch.Tensor
         )])
         out[(ep, dist_opt)] = {
             "loss": [h["loss"] for h in trainer.history],
+            "aux": [h["moe_aux_loss"] for h in trainer.history],
+            "balance": [h["moe_load_balance"] for h in trainer.history],
             "rewards": torch.tensor([found[r] for r in range(tokens.shape[0])]) if found else None,
         }
         trainer.close()
+    # The EP=2 checkpoint's weights at EP=1 (megatron-core's checkpoint numbers the
+    # experts globally).
+    parallel_state.destroy_model_parallel()
+    destroy_rerun_state_machine()
+    distributed.init(1, 1)
+    cfg = load_config(None, [f"model.hf_config={mcore}", "model.params_dtype=fp32"])
+    model = build_model(cfg)
+    load_model_weights(f"{save_root}/ep2-False", model)
+    found = run_model(model, [ScoreBatch(
+        tokens=tokens,
+        position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
+        reward_index=last_valid_index(valid),
+        rows=torch.arange(tokens.shape[0]),
+    )])
+    out["ep2 checkpoint at ep1"] = torch.tensor([found[r] for r in range(tokens.shape[0])])
     return out
 
 
@@ -281,6 +300,16 @@ def test_training_at_ep2_equals_ep1(converted, work):
               f"4 steps rel {worst:.1e}, rewards rel {reward:.1e} (scale "
               f"{float(base['rewards'].abs().max()):.2f})")
         assert first <= 1e-6 and worst <= 1e-5 and reward <= 1e-5, (layout, first, worst, reward)
+        # The auxiliary loss the routers added, logged per step: the same at both EPs.
+        aux = max(abs(a - b) / b for a, b in zip(run["aux"], base["aux"], strict=True))
+        assert aux <= 1e-5, (layout, run["aux"], base["aux"])
+    # coefficient 0.01 (router_aux_loss_coef) x 2 layers x a load balance >= 1
+    assert all(b >= 1.0 for b in base["balance"]), base["balance"]
+    assert base["aux"][0] == pytest.approx(0.01 * 2 * base["balance"][0], rel=1e-6)
+    print("moe_aux_loss per step at EP=1:", base["aux"], "load balance:", base["balance"])
+    resumed = float((per_rank[0]["ep2 checkpoint at ep1"] - runs[(2, False)]["rewards"]).abs().max())
+    print(f"EP=2 checkpoint scored at EP=1: max |reward difference| {resumed:.1e}")
+    assert resumed <= 1e-5 * float(base["rewards"].abs().max())
 
 
 # --------------------------------------------------------------------------- auxiliary loss

@@ -34,6 +34,7 @@ from megarm.config import MegarmConfig, to_dict, to_yaml
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
 from megarm.evaluate import BenchmarkEvaluator
 from megarm.model.builder import build_model, count_parameters, heads, params_dtype
+from megarm.model.moe import aux_loss_metrics
 from megarm.model.sharding import load_full_state_dict
 from megarm.reward_stats import after_training, data_convention
 from megarm.training.data import build_datasets, micro_batches
@@ -167,6 +168,8 @@ class Trainer:
             self.optimizer.zero_grad()
             outputs = self.run_schedule(batches, forward_only=False)
             metrics = reduce_stats(outputs, self.contributes, self.loss_weights)
+            if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
+                metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "
