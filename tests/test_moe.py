@@ -64,9 +64,26 @@ def batch(left: bool, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- rank bodies
 
 
-def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list) -> dict:
+def _full_state_dict(hf_dir: str, cfg) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The full (TP=PP=EP=1) megarm state dict of an HF model, by the family's table."""
+    from ckpt_convert.mapping import hf_to_mcore
+    from megarm.families import Shape, family
+    from tests.test_convert import load_hf_tensors
+
+    hf = load_hf_tensors(Path(hf_dir))
+    shape = Shape.of(cfg.model)
+    entries = family(cfg.model.family).entries(
+        shape.num_layers, ("value",), experts=shape.routed_experts
+    )
+    return dict(hf_to_mcore(hf.__getitem__, shape, entries))
+
+
+def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list,
+                        hf_dirs: dict[str, str] | None = None) -> dict:
     """megarm's rewards for every model at every (EP, TP, PP) of one world (the rest
-    is data parallelism, every replica scoring the same rows)."""
+    is data parallelism, every replica scoring the same rows); with ``hf_dirs``, at
+    EP > 1 also from the HF weights cut for this rank by megarm's sharding of full
+    state dicts (``<name>:full``)."""
     from megatron.core import parallel_state
     from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
@@ -75,6 +92,7 @@ def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list) ->
     from megarm.config import load_config
     from megarm.model.builder import build_model
     from megarm.model.masks import last_valid_index, padding_attention_mask
+    from megarm.model.sharding import load_full_state_dict
     from megarm.score import ScoreBatch, run_model
 
     out = {}
@@ -92,17 +110,23 @@ def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list) ->
             ])
             model = build_model(cfg)
             load_model_weights(mcore, model)
-            for i, (tokens, valid, left) in enumerate(batches):
-                rows = tokens.shape[0]
-                found = run_model(model, [ScoreBatch(
-                    tokens=tokens,
-                    position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
-                    reward_index=last_valid_index(valid),
-                    rows=torch.arange(rows),
-                    attention_mask=padding_attention_mask(valid) if left else None,
-                )])
-                if found:
-                    out[(ep, tp, pp, name, i)] = torch.tensor([found[r] for r in range(rows)])
+            sources = [(name, model)]
+            if hf_dirs and ep > 1:
+                cut = build_model(cfg)
+                load_full_state_dict(cut, _full_state_dict(hf_dirs[name], cfg), cfg)
+                sources.append((f"{name}:full", cut))
+            for key, scored in sources:
+                for i, (tokens, valid, left) in enumerate(batches):
+                    rows = tokens.shape[0]
+                    found = run_model(scored, [ScoreBatch(
+                        tokens=tokens,
+                        position_ids=torch.arange(tokens.shape[1]).expand_as(tokens).contiguous(),
+                        reward_index=last_valid_index(valid),
+                        rows=torch.arange(rows),
+                        attention_mask=padding_attention_mask(valid) if left else None,
+                    )])
+                    if found:
+                        out[(ep, tp, pp, key, i)] = torch.tensor([found[r] for r in range(rows)])
     return out
 
 
@@ -132,19 +156,27 @@ def reference(converted) -> tuple[list, dict[str, list[torch.Tensor]]]:
     return batches, expected
 
 
-def _compare(per_rank: list[dict], layouts: list, batches: list, expected: dict, world: int) -> dict:
+def _compare(per_rank: list[dict], layouts: list, batches: list, expected: dict, world: int,
+             full: bool = False) -> dict:
     worst: dict[str, float] = {}
     for ep, tp, pp in layouts:
-        for name in MODELS:
-            for i, want in enumerate(expected[name]):
-                got = [r[(ep, tp, pp, name, i)] for r in per_rank if (ep, tp, pp, name, i) in r]
-                assert len(got) == world // (tp * pp), (ep, tp, pp, name)
-                assert want.abs().max() > 0.1, "rewards too small to compare meaningfully"
-                delta = max(float((g - want).abs().max()) for g in got)
-                key = f"{name} EP{ep} TP{tp} PP{pp}"
-                worst[key] = max(worst.get(key, 0.0), delta)
-                assert delta <= ATOL, (ep, tp, pp, name, "left" if batches[i][2] else "right", delta)
+        for model in MODELS:
+            for name in [model, f"{model}:full"] if full and ep > 1 else [model]:
+                _compare_one(per_rank, (ep, tp, pp), name, batches, expected[model], world, worst)
     return worst
+
+
+def _compare_one(per_rank: list[dict], layout: tuple, name: str, batches: list,
+                 expected: list[torch.Tensor], world: int, worst: dict[str, float]) -> None:
+    ep, tp, pp = layout
+    for i, want in enumerate(expected):
+        got = [r[(ep, tp, pp, name, i)] for r in per_rank if (ep, tp, pp, name, i) in r]
+        assert len(got) == world // (tp * pp), (layout, name)
+        assert want.abs().max() > 0.1, "rewards too small to compare meaningfully"
+        delta = max(float((g - want).abs().max()) for g in got)
+        key = f"{name} EP{ep} TP{tp} PP{pp}"
+        worst[key] = max(worst.get(key, 0.0), delta)
+        assert delta <= ATOL, (layout, name, "left" if batches[i][2] else "right", delta)
 
 
 # --------------------------------------------------------------------------- tests
@@ -163,8 +195,9 @@ def test_rewards_equal_transformers_with_expert_tensor_and_pipeline_parallelism(
     batches, expected = reference
     layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
     models = {name: str(converted[name][1]) for name in MODELS}
-    per_rank = run_distributed(_rewards_at_layouts, 2, models, batches, layouts, timeout=900)
-    worst = _compare(per_rank, layouts, batches, expected, 2)
+    hf_dirs = {name: str(converted[name][0]) for name in MODELS}
+    per_rank = run_distributed(_rewards_at_layouts, 2, models, batches, layouts, hf_dirs, timeout=900)
+    worst = _compare(per_rank, layouts, batches, expected, 2, full=True)
     print("max |reward - transformers'|:", json.dumps(worst))
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Shape",
     "WeightRule",
     "detect",
+    "expert_of",
     "family",
     "head_weight",
     "megatron_rule",
@@ -103,6 +104,16 @@ def megatron_rule(name: str) -> WeightRule:
         if rule is not None:
             return rule
     raise KeyError(f"no family has a parameter called {name!r}")
+
+
+def expert_of(name: str) -> tuple[int, int, int] | None:
+    """``(expert, start, end)`` of a full-model megatron-core name of a routed
+    expert's tensor, any family (``name[start:end]`` is the expert number), else
+    ``None``."""
+    for fam in FAMILIES.values():
+        if fam.moe and (found := fam.expert_of(name)) is not None:
+            return found
+    return None
 
 
 def head_weight(head: str) -> str:

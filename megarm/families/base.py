@@ -510,10 +510,20 @@ class Family:
         for rule in self.weights:
             for template in {rule.local, rule.te_name}:
                 regex = re.escape(template)
-                for slot in ("{i}", "{e}"):
-                    regex = regex.replace(re.escape(slot), r"(\d+)")
+                for slot in ("i", "e"):
+                    regex = regex.replace(re.escape("{" + slot + "}"), rf"(?P<{slot}>\d+)")
                 found.append((re.compile(regex + "$"), rule))
         return found
+
+    def expert_of(self, megatron_name: str) -> tuple[int, int, int] | None:
+        """``(expert, start, end)`` of a full-model megatron-core name of a routed
+        expert's tensor (``name[start:end]`` spells the expert number); ``None`` for
+        any other name."""
+        for pattern, _ in self._patterns:
+            found = pattern.match(megatron_name)
+            if found and "e" in found.groupdict():
+                return int(found["e"]), found.start("e"), found.end("e")
+        return None
 
     def rule_of(self, megatron_name: str) -> WeightRule | None:
         """The rule of a full-model megatron-core name (either spec), or ``None``."""
