@@ -1,5 +1,7 @@
 """Convert a Hugging Face checkpoint of a megarm family (Qwen2 / Qwen2.5, Qwen3
-dense, Llama 3.x: :mod:`megarm.families`) into a megarm (megatron-core) one.
+dense, Llama 3.x, Qwen3-MoE, Qwen2-MoE: :mod:`megarm.families`) into a megarm
+(megatron-core) one; every routed expert's gate/up/down weights are one tensor each
+of the table (``{e}``), streamed one at a time.
 
     python ckpt_convert/hf2mcore.py --load-dir HF_DIR --save-dir MCORE_DIR \\
         [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] \\
@@ -16,7 +18,8 @@ may be sharded safetensors (``model.safetensors.index.json``), one
 (no ``lm_head.weight``) are fine. Tensors are read one at a time, file by file.
 
 Everything that can be checked from ``config.json`` is checked before any weight
-file is opened: the family and architecture, what megarm cannot represent (experts,
+file is opened: the family and architecture, what megarm cannot represent
+(DeepSeek-style experts and latent attention, dense layers among expert layers,
 sliding windows, RoPE scaling other than Llama 3's: refused by name), ``num_labels``,
 and the target layout (the config validator's rules: TP divides the KV and attention
 heads, PP the layers; the error lists the sizes allowed).
