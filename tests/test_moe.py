@@ -397,3 +397,45 @@ def test_aux_loss_equals_transformers_load_balancing_loss(converted):
             assert abs(mine - want) <= 1e-6, (name, layer, mine, want)
         # A balanced router gives 1; these are measurably unbalanced (the test has teeth).
         assert max(ours) > 1.01
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _parameter_counts(hf_dirs: dict[str, str], layouts: list) -> dict:
+    """(parameters this rank's model holds, the estimator's count) per layout."""
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+
+    from megarm import distributed
+    from megarm.config import load_config
+    from megarm.model.builder import build_model, count_parameters
+    from megarm.training.memory import stage_parameters
+
+    out = {}
+    for ep, tp in layouts:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+            destroy_rerun_state_machine()
+        distributed.init(tp, 1, expert_model_parallel_size=ep)
+        for name, hf in hf_dirs.items():
+            cfg = load_config(None, [
+                f"model.hf_config={hf}", "model.params_dtype=fp32",
+                f"parallel.expert_model_parallel_size={ep}", f"parallel.tensor_model_parallel_size={tp}",
+                f"parallel.sequence_parallel={str(tp > 1).lower()}",
+            ])
+            out[(ep, tp, name)] = (count_parameters(build_model(cfg, device="meta")), stage_parameters(cfg, 0))
+    return out
+
+
+def test_the_memory_estimate_counts_each_ranks_experts(converted):
+    """The estimator's parameters per rank equal the built model's at EP=1, EP=2 and
+    TP=2 (experts split by EP, then by TP; router replicated; shared expert split
+    by TP)."""
+    hf_dirs = {name: str(converted[name][0]) for name in MODELS}
+    (one,) = run_distributed(_parameter_counts, 1, hf_dirs, [(1, 1)], timeout=600)
+    per_rank = run_distributed(_parameter_counts, 2, hf_dirs, [(2, 1), (1, 2)], timeout=600)
+    for counts in [one, *per_rank]:
+        for key, (built, estimated) in counts.items():
+            assert built == estimated, (key, built, estimated)
+    assert per_rank[0][(2, 1, "qwen3_moe")][0] < one[(1, 1, "qwen3_moe")][0]
