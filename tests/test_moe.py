@@ -107,6 +107,8 @@ def _rewards_at_layouts(models: dict[str, str], batches: list, layouts: list,
                 f"parallel.tensor_model_parallel_size={tp}",
                 f"parallel.pipeline_model_parallel_size={pp}",
                 f"parallel.expert_model_parallel_size={ep}",
+                # megatron-core's dispatch needs it with EP and TP
+                f"parallel.sequence_parallel={str(ep > 1 and tp > 1).lower()}",
             ])
             model = build_model(cfg)
             load_model_weights(mcore, model)
