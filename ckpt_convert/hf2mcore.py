@@ -1,5 +1,7 @@
 """Convert a Hugging Face checkpoint of a megarm family (Qwen2 / Qwen2.5, Qwen3
-dense, Llama 3.x: :mod:`megarm.families`) into a megarm (megatron-core) one.
+dense, Llama 3.x, Qwen3-MoE, Qwen2-MoE: :mod:`megarm.families`) into a megarm
+(megatron-core) one; every routed expert's gate/up/down weights are one tensor each
+of the table (``{e}``), streamed one at a time.
 
     python ckpt_convert/hf2mcore.py --load-dir HF_DIR --save-dir MCORE_DIR \\
         [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] \\
@@ -16,7 +18,8 @@ may be sharded safetensors (``model.safetensors.index.json``), one
 (no ``lm_head.weight``) are fine. Tensors are read one at a time, file by file.
 
 Everything that can be checked from ``config.json`` is checked before any weight
-file is opened: the family and architecture, what megarm cannot represent (experts,
+file is opened: the family and architecture, what megarm cannot represent
+(DeepSeek-style experts and latent attention, dense layers among expert layers,
 sliding windows, RoPE scaling other than Llama 3's: refused by name), ``num_labels``,
 and the target layout (the config validator's rules: TP divides the KV and attention
 heads, PP the layers; the error lists the sizes allowed).
@@ -437,8 +440,11 @@ def _select_weights(
     input has a score head, and the table entries to convert; every tensor of the
     input is converted, dropped by the table on purpose, or an error."""
     num_layers = cfg.model.num_layers
+    experts = Shape.of(cfg.model).routed_experts
     if arch is None:
-        scored = set(family.entries(num_layers, ("value",))) - set(family.entries(num_layers))
+        scored = set(family.entries(num_layers, ("value",), experts=experts)) - set(
+            family.entries(num_layers, experts=experts)
+        )
         has_head = all(name in names for e in scored for name in e.hf)
         arch = family.sequence_classification if has_head else family.causal_lm
         log.info("config.json names no architecture; the weights look like %s", arch)
@@ -454,7 +460,7 @@ def _select_weights(
         cfg.training.objective = "joint"
         if not cfg.model.tie_word_embeddings:
             heads = ("lm",)
-    selected = family.entries(num_layers, heads)
+    selected = family.entries(num_layers, heads, experts=experts)
     wanted = {name for e in selected for name in e.hf}
     missing = sorted(wanted - set(names))
     if missing:
@@ -507,7 +513,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             write_torch_dist(ckpt, cfg, selected, with_score, tmp, hf)
         else:
             heads = ("value",) if with_score else ()
-            all_entries = family.entries(cfg.model.num_layers, heads, args.spec)
+            experts = Shape.of(cfg.model).routed_experts
+            all_entries = family.entries(cfg.model.num_layers, heads, args.spec, experts)
             write_legacy(ckpt, cfg, all_entries, with_score, tmp, tp, pp)
         head = (
             f"{family.head_rule('value').hf[0]} of the {arch} input"

@@ -227,7 +227,7 @@ def write_weights(
     ``heads``: the output heads to write (``value``; ``lm`` for a critique model's
     untied output layer)."""
     family, shape = families.family(model.family), Shape.of(model)
-    selected = family.entries(shape.num_layers, heads)
+    selected = family.entries(shape.num_layers, heads, experts=shape.routed_experts)
     planned = {
         name: torch.empty(size, dtype=dtype, device="meta")
         for name, size in family.hf_shapes(shape, heads).items()

@@ -75,8 +75,10 @@ def init(
     virtual_pipeline_model_parallel_size: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
 ) -> LaunchEnv:
-    """Start torch.distributed and megatron-core's parallel groups, then seed."""
+    """Start torch.distributed and megatron-core's parallel groups (with the
+    expert-parallel and expert-data-parallel ones), then seed."""
     from megatron.core import parallel_state
 
     lifecycle.install()  # workers die with torchrun; nothing they start outlives them
@@ -110,6 +112,7 @@ def init(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     # Explicitly, so megatron-core does not warn about an implicit init; megarm
     # does not use its rerun / fault-injection machinery.
@@ -138,6 +141,7 @@ def init_from_config(cfg) -> LaunchEnv:  # noqa: ANN001 - a megarm.config.Megarm
         p.pipeline_model_parallel_size,
         p.virtual_pipeline_model_parallel_size,
         seed=cfg.training.seed,
+        expert_model_parallel_size=p.expert_model_parallel_size,
     )
 
 

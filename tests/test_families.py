@@ -51,6 +51,29 @@ LLAMA32_1B = {**LLAMA31_8B, "head_dim": 64, "hidden_size": 2048, "intermediate_s
               "num_hidden_layers": 16, "tie_word_embeddings": True,
               "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0}}
 
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+    "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN15_MOE_A27B = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "decoder_sparse_step": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 5632,
+    "max_position_embeddings": 8192, "max_window_layers": 21, "moe_intermediate_size": 1408,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 60,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 5632,
+    "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
 
 def write_config(path: Path, config: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -86,6 +109,58 @@ def test_published_config_agrees_with_the_shipped_yaml(tmp_path, name, published
     assert again == cfg
 
 
+@pytest.mark.parametrize("published", [QWEN3_30B_A3B, QWEN15_MOE_A27B], ids=["qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
+def test_published_moe_configs_read_into_megarm_and_back(tmp_path, published):
+    """The expert keys of published Qwen3-MoE and Qwen2-MoE configs, both ways: read
+    into ModelConfig, written back by the table, equal to the published values."""
+    hf = write_config(tmp_path / "hf", published)
+    m = load_config(None, [f"model.hf_config={hf}"]).model
+    shared = published.get("shared_expert_intermediate_size")
+    assert (m.family, m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
+            m.moe_shared_expert_intermediate_size, m.moe_norm_topk_prob, m.moe_aux_loss_coeff) == (
+        published["model_type"], published["num_experts"], published["num_experts_per_tok"],
+        published["moe_intermediate_size"], shared, published["norm_topk_prob"], 0.001)
+    assert (m.qk_layernorm, m.add_qkv_bias) == ((True, False) if shared is None else (False, True))
+    written = FAMILIES[m.family].write(m)
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "router_aux_loss_coef", "intermediate_size", "num_hidden_layers"):
+        assert written[key] == published[key], key
+    assert ("shared_expert_intermediate_size" in written) == (shared is not None)
+    # A dense family refuses experts, a mixture-of-experts one needs them.
+    with pytest.raises(ConfigError) as exc:
+        resolve(None, ["model.family=qwen3", "model.num_moe_experts=8"])
+    assert [i.key for i in exc.value.issues] == ["model.num_moe_experts"]
+    with pytest.raises(ConfigError) as exc:
+        resolve(None, ["model.family=qwen3_moe"])
+    assert "model.num_moe_experts" in [i.key for i in exc.value.issues]
+    with pytest.raises(ConfigError) as exc:
+        resolve(None, ["model.family=qwen3_moe", "model.num_moe_experts=8", "model.moe_ffn_hidden_size=32",
+                       "model.moe_shared_expert_intermediate_size=64", "model.moe_router_topk=9"])
+    assert sorted(i.key for i in exc.value.issues) == [
+        "model.moe_router_topk", "model.moe_shared_expert_intermediate_size"]
+
+
+def test_expert_parallelism_is_validated():
+    moe = ["model.family=qwen3_moe", "model.num_moe_experts=6", "model.moe_ffn_hidden_size=32"]
+    assert resolve(None, [*moe, "parallel.expert_model_parallel_size=2"], 2).parallel.expert_model_parallel_size == 2
+    cases = {
+        "parallel.expert_model_parallel_size=4": ("must divide the 6 experts; allowed: 1, 2, 3, 6", 4),
+        "parallel.expert_model_parallel_size=3": ("world size 4 is not divisible by TP x EP x PP = 1 x 3 x 1", 4),
+        "parallel.expert_model_parallel_size=0": ("must be >= 1", 4),
+    }
+    for override, (message, world) in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            resolve(None, [*moe, override], world)
+        found = {i.key: i.message for i in exc.value.issues}
+        assert message in found["parallel.expert_model_parallel_size"], (override, found)
+    with pytest.raises(ConfigError) as exc:
+        resolve(None, ["parallel.expert_model_parallel_size=2"], 2)
+    assert "needs a mixture-of-experts trunk" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        resolve(None, [*moe, "parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"], 4)
+    assert [i.key for i in exc.value.issues] == ["parallel.sequence_parallel"]
+
+
 def test_a_family_sets_its_fixed_fields_and_refuses_others():
     m = load_config(None, ["model.family=qwen3"]).model
     assert m.qk_layernorm and not m.add_qkv_bias
@@ -115,6 +190,11 @@ def test_the_config_table_writes_what_transformers_and_megarm_read_back(tmp_path
         overrides += ["model.use_rope_scaling=true", "model.rope_scaling_factor=16.0",
                       "model.rope_low_freq_factor=2.0", "model.rope_high_freq_factor=8.0",
                       "model.rope_original_max_positions=64"]
+    if FAMILIES[family].moe:
+        overrides += ["model.num_moe_experts=6", "model.moe_router_topk=3", "model.moe_ffn_hidden_size=40",
+                      "model.moe_norm_topk_prob=true", "model.moe_aux_loss_coeff=0.01"]
+        if family == "qwen2_moe":
+            overrides += ["model.moe_shared_expert_intermediate_size=72"]
     model = load_config(None, overrides).model
     keys = FAMILIES[family].write(model)
     config = AutoConfig.for_model(keys.pop("model_type"), **keys)
@@ -123,6 +203,10 @@ def test_the_config_table_writes_what_transformers_and_megarm_read_back(tmp_path
     assert (theirs.num_hidden_layers, theirs.intermediate_size, theirs.num_key_value_heads,
             theirs.head_dim, theirs.rms_norm_eps, theirs.tie_word_embeddings) == (3, 160, 2, 24, 1e-5, True)
     assert theirs.rope_parameters["rope_theta"] == 250000.0
+    if FAMILIES[family].moe:
+        assert (theirs.num_experts, theirs.num_experts_per_tok, theirs.moe_intermediate_size,
+                theirs.norm_topk_prob, theirs.router_aux_loss_coef) == (6, 3, 40, True, 0.01)
+        assert getattr(theirs, "shared_expert_intermediate_size", None) == (72 if family == "qwen2_moe" else None)
     if family == "llama":
         assert theirs.rope_parameters["rope_type"] == "llama3"
         assert theirs.rope_parameters["original_max_position_embeddings"] == 64
@@ -138,9 +222,19 @@ def _refusal_cases() -> dict[str, tuple[dict, str]]:
     qwen3 = {**QWEN3_8B, "num_hidden_layers": 4}
     llama = {**LLAMA31_8B, "num_hidden_layers": 4}
     return {
-        "moe-type": ({**qwen3, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]},
-                     "'qwen3_moe' is not supported: a mixture-of-experts model"),
-        "moe-key": ({**qwen3, "num_experts": 128}, "num_experts=128: a mixture-of-experts model"),
+        # Mixture-of-experts trunks are families (qwen3_moe, qwen2_moe); what is still not:
+        "mla-type": ({**qwen3, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]},
+                     "'deepseek_v3' is not supported: multi-head latent attention (MLA)"),
+        "mla-key": ({**QWEN3_30B_A3B, "num_hidden_layers": 4, "kv_lora_rank": 512},
+                    "kv_lora_rank=512: multi-head latent attention (MLA)"),
+        "deepseek-experts": ({**QWEN3_30B_A3B, "num_hidden_layers": 4, "n_routed_experts": 256},
+                             "n_routed_experts=256: DeepSeek-style experts"),
+        "dense-among-sparse": ({**QWEN3_30B_A3B, "num_hidden_layers": 4, "decoder_sparse_step": 2},
+                               "decoder_sparse_step=2: dense MLP layers among the expert layers"),
+        "mlp-only-layers": ({**QWEN15_MOE_A27B, "num_hidden_layers": 4, "mlp_only_layers": [0]},
+                            "mlp_only_layers=[0]: dense MLP layers among the expert layers"),
+        "moe-key-on-dense": ({**qwen3, "num_experts": 128},
+                             "num_experts=128: a mixture-of-experts model in a dense family"),
         "sliding-window": ({**qwen3, "use_sliding_window": True}, "use_sliding_window is true"),
         "sliding-layers": ({**qwen3, "layer_types": ["full_attention", "sliding_attention"] * 2},
                            "layer_types has sliding-window layers"),
@@ -194,6 +288,10 @@ def _tiny_hf_config(family: str):
     from transformers import AutoConfig
 
     extra = {"rope_scaling": LLAMA31_8B["rope_scaling"]} if family == "llama" else {}
+    if FAMILIES[family].moe:
+        extra.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+        if family == "qwen2_moe":
+            extra.update(shared_expert_intermediate_size=40)
     return AutoConfig.for_model(
         FAMILIES[family].model_type, vocab_size=300, hidden_size=32, intermediate_size=48,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -201,26 +299,41 @@ def _tiny_hf_config(family: str):
     )
 
 
+def _saved_shapes(model, path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as transformers writes the model to disk (transformers 5
+    fuses a mixture-of-experts layer's experts in memory, not in the files)."""
+    from safetensors import safe_open
+
+    if not any(p.is_meta for p in model.parameters()):
+        model.save_pretrained(str(path))
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_weight_table_names_every_tensor_of_transformers_models(family):
+def test_the_weight_table_names_every_tensor_of_transformers_models(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from megarm.families import Shape
 
     fam = FAMILIES[family]
     config = _tiny_hf_config(family)
-    shape = Shape(2, 32, 48, 4, 2, 16, 300, 384)
-    with torch.device("meta"):
+    moe = (4, 24, 40 if family == "qwen2_moe" else 0) if fam.moe else ()
+    shape = Shape(2, 32, 48, 4, 2, 16, 300, 384, *moe)
+    # Dense models on the meta device; tiny MoE ones for real, to be saved.
+    with torch.device("cpu" if fam.moe else "meta"):
         scored = AutoModelForSequenceClassification.from_config(config)
         causal = AutoModelForCausalLM.from_config(config)
     assert type(scored).__name__ == fam.sequence_classification
     assert type(causal).__name__ == fam.causal_lm
-    assert {k: tuple(v.shape) for k, v in scored.state_dict().items()} == fam.hf_shapes(shape, ("value",))
-    trunk = {k: tuple(v.shape) for k, v in causal.state_dict().items() if not fam.is_dropped(k)}
+    assert _saved_shapes(scored, tmp_path / "scored") == fam.hf_shapes(shape, ("value",))
+    saved = _saved_shapes(causal, tmp_path / "causal")
+    trunk = {k: v for k, v in saved.items() if not fam.is_dropped(k)}
     assert trunk == fam.hf_shapes(shape)
-    assert [k for k in causal.state_dict() if fam.is_dropped(k)] == list(fam.dropped)
+    assert [k for k in saved if fam.is_dropped(k)] == list(fam.dropped)
     # A critique model keeps it: the table's LM head (megarm's output layer).
-    assert {k: tuple(v.shape) for k, v in causal.state_dict().items()} == fam.hf_shapes(shape, ("lm",))
+    assert saved == fam.hf_shapes(shape, ("lm",))
 
 
 def test_a_megatron_name_has_one_rule_in_every_family():
@@ -234,13 +347,16 @@ def test_a_megatron_name_has_one_rule_in_every_family():
             for name in {rule.local, rule.te_name}:
                 what = (rule.tp, rule.part)
                 assert seen.setdefault(name, what) == what, name
-                assert megatron_rule(name.format(i=7)).tp == rule.tp
+                assert megatron_rule(name.format(i=7, e=3)).tp == rule.tp
     assert TE_NAMES == {
         "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
         "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
     }
-    with pytest.raises(KeyError):
-        megatron_rule("decoder.layers.0.mlp.router.weight")
+    with pytest.raises(KeyError):  # DeepSeek's latent attention (MLA): no family has it
+        megatron_rule("decoder.layers.0.self_attention.linear_q_down_proj.weight")
+    expert = megatron_rule("decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight")
+    assert (expert.tp, expert.part, expert.kind) == ("fc1", "layer", "fc1-cat")
+    assert megatron_rule("decoder.layers.0.mlp.router.weight").tp is None
     assert megatron_rule(head_weight("lm")).tp == 0  # vocab-parallel, as the embedding
     assert megatron_rule(head_weight("value")).part == "final"
 
@@ -332,6 +448,9 @@ HF_CONFIG_KEYS = (
     "num_hidden_layers", "intermediate_size", "num_key_value_heads", "rope_theta",
     "rms_norm_eps", "rope_scaling", "rope_parameters", "use_sliding_window", "sliding_window",
     "max_window_layers", "layer_types", "mlp_bias", "num_experts", "num_local_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers",
+    "n_routed_experts", "kv_lora_rank",
     "hidden_act", "head_dim", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings",
 )
@@ -346,6 +465,8 @@ WEIGHT_NAMES = (
     "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "word_embeddings",
     "final_layernorm", "pre_mlp_layernorm", "input_layernorm", "layer_norm_weight",
     "q_layernorm", "k_layernorm", "value_head.weight",
+    "shared_expert_gate", "shared_expert", "local_experts", "shared_experts", "mlp.router",
+    "mlp.gate",
 )
 _SPELLED = re.compile(r"\b(" + "|".join(map(re.escape, HF_CONFIG_KEYS + WEIGHT_NAMES)) + r")\b")
 PRODUCTION = ("megarm", "ckpt_convert", "tools")

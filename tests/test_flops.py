@@ -26,6 +26,26 @@ def test_matmul_parameters_of_qwen25_7b_shape():
     assert 6.4e9 < matmul_parameters(cfg) < 6.6e9
 
 
+def test_matmul_parameters_of_a_mixture_of_experts_count_active_experts(tmp_path):
+    """Qwen3-30B-A3B: the router, 8 of 128 experts of 768; "A3B" is 3.3B activated
+    parameters with the embedding and LM head (0.31B each); Qwen2-MoE adds its
+    shared expert and gate."""
+    from tests.test_families import QWEN3_30B_A3B, write_config
+
+    hf = write_config(tmp_path / "a3b", QWEN3_30B_A3B)
+    cfg = load_config(None, [f"model.hf_config={hf}"])
+    h = 2048
+    per_layer = h * (32 + 2 * 4) * 128 + 32 * 128 * h + h * (128 + 3 * 8 * 768)
+    assert matmul_parameters(cfg) == 48 * per_layer + h
+    assert 3.2e9 < matmul_parameters(cfg) + 2 * 151936 * h < 3.4e9
+    moe = load_config(None, ["model.family=qwen2_moe", "model.num_moe_experts=4",
+                             "model.moe_ffn_hidden_size=32", "model.moe_router_topk=2",
+                             "model.moe_shared_expert_intermediate_size=96"])
+    dense = load_config(None, ["model.family=qwen2"])
+    mlp = 64 * (4 + 3 * 2 * 32 + 3 * 96 + 1) - 3 * 64 * 128
+    assert matmul_parameters(moe) - matmul_parameters(dense) == 2 * mlp
+
+
 def test_training_flops_counts_attention_per_sequence_and_no_logits():
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
                              "model.ffn_hidden_size=128", "model.num_attention_heads=4",

@@ -92,6 +92,18 @@ def layout_issues(m: ModelConfig, p: ParallelConfig) -> list[ConfigIssue]:
             "model.make_vocab_size_divisible_by",
             f"padded vocabulary {padded_vocab_size(m)} is not divisible by TP={tp}; use a multiple of {tp}",
         )
+    ep = p.expert_model_parallel_size
+    if ep < 1:
+        bad("parallel.expert_model_parallel_size", f"must be >= 1, got {ep}")
+    elif ep > 1 and not m.num_moe_experts:
+        bad("parallel.expert_model_parallel_size",
+            f"EP={ep} needs a mixture-of-experts trunk (model.num_moe_experts); set it to 1")
+    elif m.num_moe_experts and m.num_moe_experts % ep:
+        bad("parallel.expert_model_parallel_size",
+            f"EP={ep} must divide the {m.num_moe_experts} experts; allowed: {_divisors(m.num_moe_experts)}")
+    if m.num_moe_experts and m.moe_ffn_hidden_size and m.moe_ffn_hidden_size % tp:
+        bad("parallel.tensor_model_parallel_size",
+            f"TP={tp} must divide moe_ffn_hidden_size {m.moe_ffn_hidden_size}")
     layers_per_chunk = pp * (vpp or 1)
     if m.num_layers % layers_per_chunk:
         what = f"PP={pp}" + (f" x virtual {vpp}" if vpp else "")
@@ -190,6 +202,12 @@ def _parallel_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "parallel.sequence_parallel",
             "needs tensor_model_parallel_size > 1; set it false or raise TP",
         ))
+    if p.expert_model_parallel_size > 1 and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        issues.append(ConfigIssue(
+            "parallel.sequence_parallel",
+            "expert parallelism with tensor parallelism needs sequence_parallel=true "
+            "(megatron-core's MoE token dispatch); set it true, or TP or EP to 1",
+        ))
     if d.seq_length > m.max_position_embeddings:
         issues.append(ConfigIssue(
             "data.seq_length",
@@ -211,6 +229,13 @@ def _world_issues(cfg: MegarmConfig, world_size: int | None) -> list[ConfigIssue
             f"launch a multiple of {tp * pp} ranks",
         )]
     dp = world_size // (tp * pp)
+    ep = p.expert_model_parallel_size
+    if ep > 1 and world_size % (tp * ep * pp):
+        return [ConfigIssue(
+            "parallel.expert_model_parallel_size",
+            f"world size {world_size} is not divisible by TP x EP x PP = {tp} x {ep} x {pp}; "
+            f"launch a multiple of {tp * ep * pp} ranks or lower EP",
+        )]
     if t.global_batch_size % (t.micro_batch_size * dp):
         return [ConfigIssue(
             "training.global_batch_size",

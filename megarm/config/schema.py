@@ -27,12 +27,14 @@ class ModelConfig:
     below are read from it. A shape field the YAML also sets must agree with it (else
     an error names both values); one set on the command line wins, with a note."""
 
-    family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
+    family: Literal["qwen2", "qwen3", "llama", "qwen3_moe", "qwen2_moe"] = "qwen2"
     """Model family (:mod:`megarm.families`): the HF architecture the weights convert
     from and export to, and the fields it fixes. ``qwen2``: Qwen2 / Qwen2.5 (QKV
     bias); ``qwen3``: Qwen3 dense (QK-norm, no bias); ``llama``: Llama 3.x (no bias,
-    optional Llama-3 RoPE scaling). Read from ``model.hf_config``'s ``model_type``;
-    setting it sets ``add_qkv_bias`` and ``qk_layernorm`` to the family's values."""
+    optional Llama-3 RoPE scaling); ``qwen3_moe``: Qwen3-MoE (Qwen3's attention, routed
+    experts); ``qwen2_moe``: Qwen2-MoE (Qwen2's attention, routed experts and a gated
+    shared expert). Read from ``model.hf_config``'s ``model_type``; setting it sets
+    ``add_qkv_bias`` and ``qk_layernorm`` to the family's values."""
 
     num_layers: int = 2
     """Number of transformer layers (HF ``num_hidden_layers``)."""
@@ -99,6 +101,32 @@ class ModelConfig:
     before RoPE, one weight shared by the heads (Qwen3; megatron-core's
     ``qk_layernorm``). Fixed by ``family``."""
 
+    num_moe_experts: int | None = None
+    """Routed experts per layer of a mixture-of-experts trunk (HF ``num_experts``;
+    families ``qwen3_moe`` / ``qwen2_moe``, where every layer is a megatron-core
+    ``MoELayer``). ``null``: a dense trunk."""
+
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF ``num_experts_per_tok``)."""
+
+    moe_ffn_hidden_size: int | None = None
+    """One routed expert's SwiGLU intermediate size (HF ``moe_intermediate_size``)."""
+
+    moe_shared_expert_intermediate_size: int | None = None
+    """The shared expert's intermediate size (HF ``shared_expert_intermediate_size``;
+    ``qwen2_moe`` only, whose shared expert is scaled by a sigmoid gate)."""
+
+    moe_norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to one (HF
+    ``norm_topk_prob``: true in Qwen3-MoE, false in Qwen2-MoE): megatron-core's top-k
+    of the router logits then a softmax over them; false: a softmax over every expert,
+    then the top-k (``moe_router_pre_softmax``)."""
+
+    moe_aux_loss_coeff: float = 0.001
+    """Coefficient of megatron-core's load-balancing auxiliary loss (HF
+    ``router_aux_loss_coef``), whose gradient is added to the reward loss's in
+    training; 0 turns it off."""
+
     tie_word_embeddings: bool = False
     """Whether the HF model ties its LM head to the embedding. A pure reward model
     (``training.objective: rm``) has no LM head and only exports it in the HF config;
@@ -156,6 +184,12 @@ class ParallelConfig:
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size EP of a mixture-of-experts trunk: each EP rank holds
+    ``num_moe_experts / EP`` of every layer's experts and tokens travel to them by
+    all-to-all. Must divide the experts, and the world with TP x PP (expert layers use
+    TP x EP x PP x expert-data-parallel ranks)."""
 
 
 @dataclass

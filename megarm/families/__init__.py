@@ -4,7 +4,8 @@
   weight rules with their tensor-parallel split, refusals);
 - :mod:`megarm.families.common`: the lines the dense families share;
 - :mod:`megarm.families.qwen2`, :mod:`~megarm.families.qwen3`,
-  :mod:`~megarm.families.llama`: one description each.
+  :mod:`~megarm.families.llama`: one description each; their mixture-of-experts
+  siblings :mod:`~megarm.families.qwen3_moe` and :mod:`~megarm.families.qwen2_moe`.
 
 Adding a family is adding one description here (and its numeric test); the config
 reader, the converters, the sharding of full state dicts and the export all read
@@ -20,7 +21,9 @@ from typing import Any
 from megarm.families.base import Entry, Family, FamilyError, Read, Shape, WeightRule
 from megarm.families.llama import LLAMA
 from megarm.families.qwen2 import QWEN2
+from megarm.families.qwen2_moe import QWEN2_MOE
 from megarm.families.qwen3 import QWEN3
+from megarm.families.qwen3_moe import QWEN3_MOE
 
 __all__ = [
     "FAMILIES",
@@ -31,19 +34,20 @@ __all__ = [
     "Shape",
     "WeightRule",
     "detect",
+    "expert_of",
     "family",
     "head_weight",
     "megatron_rule",
     "te_names",
 ]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2, QWEN3, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2, QWEN3, LLAMA, QWEN3_MOE, QWEN2_MOE)}
 
-# Known HF model types that are not dense decoders megarm can represent.
+# Known HF model types megarm cannot represent.
 _REFUSED_TYPES = {
-    "qwen2_moe": "a mixture-of-experts model",
-    "qwen3_moe": "a mixture-of-experts model",
-    "mixtral": "a mixture-of-experts model",
+    "deepseek_v2": "multi-head latent attention (MLA) with DeepSeek-style experts (n_routed_experts)",
+    "deepseek_v3": "multi-head latent attention (MLA) with DeepSeek-style experts (n_routed_experts)",
+    "mixtral": "a mixture-of-experts model with sliding-window attention",
     "llama4": "a mixture-of-experts, multimodal model",
     "mistral": "a sliding-window attention model",
 }
@@ -70,7 +74,7 @@ def detect(hf: Mapping[str, Any], source: str = "config.json") -> Family:
     by_type = next((f for f in FAMILIES.values() if f.model_type == model_type), None)
     if model_type is not None and by_type is None:
         what = _REFUSED_TYPES.get(str(model_type))
-        why = f": {what}; megarm trains the dense {known}" if what else f"; megarm knows {known}"
+        why = f": {what}; megarm trains {known}" if what else f"; megarm knows {known}"
         raise FamilyError(f"{source}: model_type {model_type!r} is not supported{why}")
     by_arch = _by_architecture(arch) if arch is not None else None
     if arch is not None and by_arch is None:
@@ -100,6 +104,16 @@ def megatron_rule(name: str) -> WeightRule:
         if rule is not None:
             return rule
     raise KeyError(f"no family has a parameter called {name!r}")
+
+
+def expert_of(name: str) -> tuple[int, int, int] | None:
+    """``(expert, start, end)`` of a full-model megatron-core name of a routed
+    expert's tensor, any family (``name[start:end]`` is the expert number), else
+    ``None``."""
+    for fam in FAMILIES.values():
+        if fam.moe and (found := fam.expert_of(name)) is not None:
+            return found
+    return None
 
 
 def head_weight(head: str) -> str:

@@ -122,13 +122,17 @@ class Refusal:
 @dataclass(frozen=True)
 class WeightRule:
     """One line of a family's weight table. ``{i}`` stands for the layer number in
-    layer rules; names are full-model (TP=1, PP=1) names."""
+    layer rules and ``{e}`` for the expert number in a mixture-of-experts layer's
+    expert rules (one line per expert); names are full-model (TP=1, PP=1, EP=1)
+    names."""
 
     hf: tuple[str, ...]
     """HF tensor name template(s), in the order the transform takes them."""
     shapes: tuple[tuple[str, ...], ...]
     """Each HF tensor's shape in symbols: ``V`` vocabulary, ``H`` hidden, ``F`` FFN,
-    ``Q`` heads x head dim, ``K`` KV heads x head dim, ``D`` head dim, ``1``."""
+    ``Q`` heads x head dim, ``K`` KV heads x head dim, ``D`` head dim, ``1``; in
+    mixture-of-experts layers ``E`` experts, ``M`` one expert's FFN, ``S`` the
+    shared expert's FFN."""
     local: str
     """megatron-core name template with megarm's local layer spec."""
     kind: Kind
@@ -185,6 +189,12 @@ class Shape:
     head_dim: int
     vocab_size: int
     padded_vocab_size: int
+    routed_experts: int = 0
+    """Routed experts per layer (0: a dense trunk)."""
+    moe_ffn_hidden_size: int = 0
+    """One routed expert's FFN size."""
+    shared_ffn_hidden_size: int = 0
+    """The shared expert's FFN size (0: none)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -203,6 +213,9 @@ class Shape:
             head_dim=head_dim(model),
             vocab_size=model.vocab_size,
             padded_vocab_size=padded_vocab_size(model),
+            routed_experts=model.num_moe_experts or 0,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size or 0,
+            shared_ffn_hidden_size=model.moe_shared_expert_intermediate_size or 0,
         )
 
     def size(self, symbol: str) -> int:
@@ -214,6 +227,9 @@ class Shape:
             "Q": self.num_attention_heads * self.head_dim,
             "K": self.num_query_groups * self.head_dim,
             "D": self.head_dim,
+            "E": self.routed_experts,
+            "M": self.moe_ffn_hidden_size,
+            "S": self.shared_ffn_hidden_size,
             "1": 1,
         }[symbol]
 
@@ -398,32 +414,88 @@ class Family:
                     f"{getattr(model, key.field)!r} (its {key.what or key.hf} is one of "
                     f"{', '.join(map(repr, key.values))})",
                 ))
+        return problems + self._moe_problems(model)
+
+    def _moe_problems(self, model: Any) -> list[tuple[str, str]]:
+        """Expert fields the family cannot express: experts on a dense family, none
+        on a mixture-of-experts one, a shared expert the family has no place for."""
+        fields = {key.field for key in self.config}
+        experts = model.num_moe_experts
+        if not self.moe:
+            if experts:
+                return [("model.num_moe_experts", (
+                    f"model.family {self.name} is a dense trunk (got num_moe_experts={experts}); "
+                    "remove it or choose a mixture-of-experts family (qwen3_moe, qwen2_moe)"
+                ))]
+            return []
+        problems = []
+        if not experts or experts < 1:
+            return [("model.num_moe_experts", (
+                f"model.family {self.name} has routed experts: set model.num_moe_experts "
+                f"(>= 1, got {experts!r}) or model.hf_config"
+            ))]
+        if not 1 <= model.moe_router_topk <= experts:
+            problems.append(("model.moe_router_topk", (
+                f"must be within [1, num_moe_experts={experts}], got {model.moe_router_topk}"
+            )))
+        if not model.moe_ffn_hidden_size or model.moe_ffn_hidden_size < 1:
+            problems.append(("model.moe_ffn_hidden_size", (
+                f"model.family {self.name} needs each expert's FFN size (>= 1, got "
+                f"{model.moe_ffn_hidden_size!r})"
+            )))
+        shared = model.moe_shared_expert_intermediate_size
+        if "moe_shared_expert_intermediate_size" in fields:
+            if not shared or shared < 1:
+                problems.append(("model.moe_shared_expert_intermediate_size", (
+                    f"model.family {self.name} has a shared expert: set its FFN size (>= 1, "
+                    f"got {shared!r})"
+                )))
+        elif shared:
+            problems.append(("model.moe_shared_expert_intermediate_size", (
+                f"model.family {self.name} has no shared expert (got {shared}); remove it or "
+                "choose qwen2_moe"
+            )))
+        if model.moe_aux_loss_coeff < 0:
+            problems.append(("model.moe_aux_loss_coeff", f"must be >= 0, got {model.moe_aux_loss_coeff}"))
         return problems
 
     # ----------------------------------------------------------------- weights
 
-    def entries(self, num_layers: int, heads: tuple[str, ...] = (), spec: Spec = "local") -> list[Entry]:
+    @property
+    def moe(self) -> bool:
+        """Whether the family's trunk has mixture-of-experts layers (its table maps an
+        expert count)."""
+        return any(key.field == "num_moe_experts" for key in self.config)
+
+    def entries(
+        self, num_layers: int, heads: tuple[str, ...] = (), spec: Spec = "local", experts: int = 0
+    ) -> list[Entry]:
         """Every tensor of a full model with the given output ``heads`` (``value``),
-        in model order (embedding, layers, final)."""
+        in model order (embedding, layers, final); a rule with ``{e}`` once for each
+        of the ``experts`` routed experts."""
         out: list[Entry] = []
         for part in ("embedding", "layer", "final"):
             for layer in range(num_layers) if part == "layer" else [None]:
                 for rule in self.weights:
                     if rule.part != part or (rule.head is not None and rule.head not in heads):
                         continue
-                    fmt = {"i": layer} if layer is not None else {}
-                    out.append(Entry(
-                        hf=tuple(name.format(**fmt) for name in rule.hf),
-                        mcore=rule.megatron(spec).format(**fmt),
-                        rule=rule,
-                        layer=layer,
-                    ))
+                    per_expert = "{e}" in rule.local
+                    for expert in range(experts) if per_expert else [None]:
+                        fmt: dict[str, int] = {"i": layer} if layer is not None else {}
+                        if expert is not None:
+                            fmt["e"] = expert
+                        out.append(Entry(
+                            hf=tuple(name.format(**fmt) for name in rule.hf),
+                            mcore=rule.megatron(spec).format(**fmt),
+                            rule=rule,
+                            layer=layer,
+                        ))
         return out
 
     def hf_shapes(self, shape: Shape, heads: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
         """The shape every HF tensor must have, by name."""
         out: dict[str, tuple[int, ...]] = {}
-        for entry in self.entries(shape.num_layers, heads):
+        for entry in self.entries(shape.num_layers, heads, experts=shape.routed_experts):
             for name, symbols in zip(entry.hf, entry.rule.shapes, strict=True):
                 out[name] = tuple(shape.size(s) for s in symbols)
         return out
@@ -442,9 +514,21 @@ class Family:
         found = []
         for rule in self.weights:
             for template in {rule.local, rule.te_name}:
-                regex = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
+                regex = re.escape(template)
+                for slot in ("i", "e"):
+                    regex = regex.replace(re.escape("{" + slot + "}"), rf"(?P<{slot}>\d+)")
                 found.append((re.compile(regex + "$"), rule))
         return found
+
+    def expert_of(self, megatron_name: str) -> tuple[int, int, int] | None:
+        """``(expert, start, end)`` of a full-model megatron-core name of a routed
+        expert's tensor (``name[start:end]`` spells the expert number); ``None`` for
+        any other name."""
+        for pattern, _ in self._patterns:
+            found = pattern.match(megatron_name)
+            if found and "e" in found.groupdict():
+                return int(found["e"]), found.start("e"), found.end("e")
+        return None
 
     def rule_of(self, megatron_name: str) -> WeightRule | None:
         """The rule of a full-model megatron-core name (either spec), or ``None``."""

@@ -1,7 +1,9 @@
-"""Table lines every dense decoder family here shares (Qwen2, Qwen3, Llama): the
-shape keys of config.json, the RoPE keys, the dense trunk's weights, the value
-head, and the refusals of what no megarm trunk represents (experts, sliding
-windows). A family's module picks from these and adds its own lines."""
+"""Table lines the decoder families here share (Qwen2, Qwen3, Llama and their
+mixture-of-experts siblings): the shape keys of config.json, the RoPE keys, the
+expert keys, the trunk's weights (dense MLP or router, routed experts and shared
+expert), the value head, and the refusals of what no megarm trunk represents
+(sliding windows, DeepSeek-style latent attention, dense layers among sparse ones).
+A family's module picks from these and adds its own lines."""
 
 from __future__ import annotations
 
@@ -61,6 +63,31 @@ LLAMA3_ROPE_KEYS: tuple[ConfigKey, ...] = tuple(
     )
 )
 
+
+
+def moe_keys(experts: int, topk: int, ffn: int, shared: int | None = None) -> tuple[ConfigKey, ...]:
+    """The expert keys of a mixture-of-experts config, with the family's HF defaults;
+    ``shared``: the shared expert's FFN default (``None``: the family has none).
+
+    HF routes with a softmax over the experts, then the top ``num_experts_per_tok``;
+    ``norm_topk_prob`` renormalises those probabilities to sum to one (megatron-core's
+    top-k of the logits, then a softmax over them), else they are kept as they are
+    (megatron-core's softmax before the top-k).
+    """
+    keys = (
+        # transformers 5 writes Qwen3-MoE's count as num_local_experts.
+        ConfigKey("num_experts", "num_moe_experts", default=experts, also=("num_local_experts",)),
+        ConfigKey("num_experts_per_tok", "moe_router_topk", default=topk),
+        ConfigKey("moe_intermediate_size", "moe_ffn_hidden_size", default=ffn),
+        ConfigKey("norm_topk_prob", "moe_norm_topk_prob", default=False),
+        ConfigKey("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001),
+    )
+    if shared is None:
+        return keys
+    return (*keys, ConfigKey("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size",
+                             default=shared))
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -69,8 +96,37 @@ def _positive(value: object) -> bool:
 
 
 DENSE_ONLY: tuple[Refusal, ...] = tuple(
-    Refusal(key, _positive, f"{key}={{value}}: a mixture-of-experts model; megarm trains dense trunks")
-    for key in ("num_experts", "num_local_experts", "n_routed_experts")
+    Refusal(key, _positive, f"{key}={{value}}: a mixture-of-experts model in a dense family; "
+            "megarm's mixture-of-experts families are qwen3_moe and qwen2_moe (their model_type)")
+    for key in ("num_experts", "num_local_experts")
+)
+
+# What no megarm family represents: DeepSeek-style experts (n_routed_experts, with
+# grouped routing and a sigmoid router) and multi-head latent attention (MLA).
+UNSUPPORTED: tuple[Refusal, ...] = (
+    Refusal("n_routed_experts", _positive,
+            "n_routed_experts={value}: DeepSeek-style experts (grouped sigmoid routing); megarm's "
+            "mixture-of-experts families are qwen3_moe and qwen2_moe"),
+    Refusal("kv_lora_rank", _positive,
+            "kv_lora_rank={value}: multi-head latent attention (MLA); megarm's attention is "
+            "grouped-query attention"),
+)
+
+
+def _dense_layers(value: object) -> bool:
+    return bool(value)
+
+
+# Dense MLP layers among the sparse ones. megatron-core could place them
+# (moe_layer_freq as a list), but megarm's weight table has one layer kind per family;
+# every published Qwen3-MoE and Qwen2-MoE model has experts in every layer.
+SPARSE_EVERY_LAYER: tuple[Refusal, ...] = (
+    Refusal("decoder_sparse_step", lambda value: value != 1,
+            "decoder_sparse_step={value}: dense MLP layers among the expert layers; megarm's "
+            "mixture-of-experts trunks have experts in every layer (decoder_sparse_step 1)"),
+    Refusal("mlp_only_layers", _dense_layers,
+            "mlp_only_layers={value}: dense MLP layers among the expert layers; megarm's "
+            "mixture-of-experts trunks have experts in every layer (mlp_only_layers [])"),
 )
 
 FULL_ATTENTION: tuple[Refusal, ...] = (
@@ -95,6 +151,8 @@ DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Keys that describe more than the shape; the export carries them over from the
 # source config.json (hf2mcore copies it beside the weights).
 CARRIED = ("bos_token_id", "eos_token_id", "initializer_range", "attention_dropout")
+# And the mixture-of-experts ones (HF training switches).
+MOE_CARRIED = ("output_router_logits",)
 
 # --------------------------------------------------------------------------- weights
 
@@ -144,6 +202,40 @@ FC2 = WeightRule(
 FINAL_NORM = WeightRule(
     ("model.norm.weight",), (("H",),),
     "decoder.final_layernorm.weight", "copy", "final", tp=None,
+)
+# Mixture-of-experts layers: the router, each routed expert's SwiGLU MLP (SequentialMLP's
+# local experts; megatron-core's checkpoint numbers them globally whatever the EP), and
+# Qwen2-MoE's shared expert with its sigmoid gate. The norm before the MoE layer stays
+# a module of its own in the TE spec as well.
+MOE_MLP_NORM = WeightRule(
+    (L + "post_attention_layernorm.weight",), (("H",),),
+    M + "pre_mlp_layernorm.weight", "copy", "layer", tp=None,
+)
+ROUTER = WeightRule(
+    (L + "mlp.gate.weight",), (("E", "H"),),
+    M + "mlp.router.weight", "copy", "layer", tp=None,
+)
+EXPERT_FC1 = WeightRule(
+    (L + "mlp.experts.{e}.gate_proj.weight", L + "mlp.experts.{e}.up_proj.weight"),
+    (("M", "H"), ("M", "H")),
+    M + "mlp.experts.local_experts.{e}.linear_fc1.weight", "fc1-cat", "layer", tp="fc1",
+)
+EXPERT_FC2 = WeightRule(
+    (L + "mlp.experts.{e}.down_proj.weight",), (("H", "M"),),
+    M + "mlp.experts.local_experts.{e}.linear_fc2.weight", "copy", "layer", tp=1,
+)
+SHARED_FC1 = WeightRule(
+    (L + "mlp.shared_expert.gate_proj.weight", L + "mlp.shared_expert.up_proj.weight"),
+    (("S", "H"), ("S", "H")),
+    M + "mlp.shared_experts.linear_fc1.weight", "fc1-cat", "layer", tp="fc1",
+)
+SHARED_FC2 = WeightRule(
+    (L + "mlp.shared_expert.down_proj.weight",), (("H", "S"),),
+    M + "mlp.shared_experts.linear_fc2.weight", "copy", "layer", tp=1,
+)
+SHARED_GATE = WeightRule(
+    (L + "mlp.shared_expert_gate.weight",), (("1", "H"),),
+    M + "mlp.shared_experts.gate_weight", "copy", "layer", tp=None,
 )
 # *ForSequenceClassification's score head (num_labels=1) is megarm's value head.
 VALUE_HEAD = WeightRule(

@@ -22,7 +22,7 @@ LLAMA = Family(
     fixed={"add_qkv_bias": False, "qk_layernorm": False},
     # attention_bias: biases on q/k/v and o_proj; mlp_bias: on the MLP. Llama 3 has none.
     hf_fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-    refusals=c.DENSE_ONLY,
+    refusals=(*c.DENSE_ONLY, *c.UNSUPPORTED),
     weights=(
         c.EMBEDDING, c.INPUT_NORM, c.QKV, c.OUT_PROJ, c.MLP_NORM, c.FC1, c.FC2, c.FINAL_NORM,
         c.VALUE_HEAD, c.LM_HEAD,

@@ -20,7 +20,7 @@ QWEN2 = Family(
     # HF's Qwen2 attention always has q/k/v biases (and no other).
     fixed={"add_qkv_bias": True, "qk_layernorm": False},
     hf_fixed={"hidden_act": "silu"},
-    refusals=(*c.DENSE_ONLY, *c.FULL_ATTENTION),
+    refusals=(*c.DENSE_ONLY, *c.UNSUPPORTED, *c.FULL_ATTENTION),
     weights=(
         c.EMBEDDING, c.INPUT_NORM, c.QKV, c.QKV_BIAS, c.OUT_PROJ, c.MLP_NORM, c.FC1, c.FC2,
         c.FINAL_NORM, c.VALUE_HEAD, c.LM_HEAD,

@@ -21,7 +21,7 @@ QWEN3 = Family(
     fixed={"add_qkv_bias": False, "qk_layernorm": True},
     # attention_bias would add biases to q/k/v *and* o_proj; no Qwen3 model has them.
     hf_fixed={"hidden_act": "silu", "attention_bias": False},
-    refusals=(*c.DENSE_ONLY, *c.FULL_ATTENTION),
+    refusals=(*c.DENSE_ONLY, *c.UNSUPPORTED, *c.FULL_ATTENTION),
     weights=(
         c.EMBEDDING, c.INPUT_NORM, c.QKV, c.Q_NORM, c.K_NORM, c.OUT_PROJ, c.MLP_NORM, c.FC1,
         c.FC2, c.FINAL_NORM, c.VALUE_HEAD, c.LM_HEAD,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,41 @@ def params_dtype(cfg: MegarmConfig) -> torch.dtype:
     return platform.dtype(cfg.model.params_dtype)
 
 
+def moe_settings(cfg: MegarmConfig) -> dict[str, Any]:
+    """megatron-core's mixture-of-experts settings for the trunk (none when dense):
+    every layer a ``MoELayer`` with ``num_moe_experts`` experts, top-k routing as the
+    HF family does it (``moe_norm_topk_prob``: top-k of the logits, then a softmax;
+    else a softmax, then the top-k), the router in fp32, dropless (no capacity
+    factor), megatron-core's load-balancing auxiliary loss with ``moe_aux_loss_coeff``,
+    the alltoall dispatcher, and the shared expert's sigmoid gate when there is one."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_moe_experts:
+        return {}
+    shared = m.moe_shared_expert_intermediate_size
+    return dict(
+        num_moe_experts=m.num_moe_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=None,
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=bool(shared),
+        moe_grouped_gemm=platform.moe_grouped_gemm(),
+        moe_permute_fusion=False,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+    )
+
+
 def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
     """megatron-core's TransformerConfig for the trunk ``cfg.model`` describes."""
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
     return TransformerConfig(
+        **moe_settings(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -83,7 +114,7 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
         ),
         # Pipeline p2p sends are [s, b, h]; seq length varies per batch.
         variable_seq_lengths=True,
-        # Required by variable_seq_lengths; irrelevant without MoE layers.
+        # Required by variable_seq_lengths; the dispatcher of MoE layers.
         moe_token_dispatcher_type="alltoall",
     )
 
@@ -117,9 +148,14 @@ def layer_spec(cfg: MegarmConfig) -> ModuleSpec:
     ``thd`` runs on TE (cu_seqlens) as well as on SDPA.
     """
     qk_norm = cfg.model.qk_layernorm
+    experts = cfg.model.num_moe_experts or None
+    grouped = bool(experts) and platform.moe_grouped_gemm()
     if _te_attention(cfg) and packed_format(cfg) != "rows":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm))
+        # (experts, grouped GEMM): megatron-core's first two arguments
+        return get_gpt_layer_with_transformer_engine_spec(experts, grouped, qk_layernorm=qk_norm)
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(experts, grouped, normalization="RMSNorm", qk_layernorm=qk_norm)
+    )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     if qk_norm:  # over the head dimension, computed as HF's Qwen3RMSNorm

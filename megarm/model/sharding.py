@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
-from megarm.families import head_weight, megatron_rule, te_names
+from megarm.families import expert_of, head_weight, megatron_rule, te_names
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -64,9 +64,15 @@ def shard_state_dict(
     pp_size: int = 1,
     vp_stage: int | None = None,
     vp_size: int | None = None,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    num_experts: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One rank's (and chunk's) state dict, with layers renumbered from 0."""
+    """One rank's (and chunk's) state dict, with layers renumbered from 0 and, with
+    expert parallelism, this EP rank's ``num_experts / ep_size`` routed experts
+    renumbered from 0 (megatron-core's SequentialMLP numbers its local experts)."""
     layers = chunk_layers(num_layers, pp_rank, pp_size, vp_stage, vp_size)
+    per_rank = num_experts // ep_size if num_experts else 0
     first = layers.start == 0
     last = layers.stop == num_layers
     out: dict[str, torch.Tensor] = {}
@@ -84,6 +90,12 @@ def shard_state_dict(
             continue
         else:
             name_here = name
+        if ep_size > 1 and (expert := expert_of(name_here)) is not None:
+            number, start, end = expert
+            local = number - ep_rank * per_rank
+            if not 0 <= local < per_rank:
+                continue
+            name_here = f"{name_here[:start]}{local}{name_here[end:]}"
         out[name_here] = split_tp(name, tensor, tp_rank, tp_size).clone()
     return out
 
@@ -140,6 +152,9 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
             p.pipeline_model_parallel_size,
             vp if vpp else None,
             vpp,
+            ps.get_expert_model_parallel_rank(),
+            p.expert_model_parallel_size,
+            cfg.model.num_moe_experts or 0,
         )
         wanted = set(module.state_dict())
         output = head_weight("lm")

@@ -139,6 +139,14 @@ def has_transformer_engine() -> bool:
     return True
 
 
+def moe_grouped_gemm() -> bool:
+    """Run a mixture-of-experts layer's experts as one grouped GEMM
+    (transformer-engine's ``TEGroupedMLP``, on CUDA with TE) rather than megatron-core's
+    ``SequentialMLP`` (one expert after another; the CPU path). Both give the same
+    checkpoint keys."""
+    return has_transformer_engine()
+
+
 @lru_cache(maxsize=1)
 def has_apex() -> bool:
     """apex is importable (used for fused kernels when the user built it)."""

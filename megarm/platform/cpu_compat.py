@@ -97,8 +97,22 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
-        return None
+    def record_event(self, event: Any = None) -> _NullEvent:
+        # megatron-core's MoE alltoall dispatcher synchronizes on the event it records.
+        return _NullEvent()
+
+
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event`` on CPU: already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 class _RngWarningFilter(logging.Filter):
@@ -131,8 +145,55 @@ def _patch_torch_cuda() -> None:
     cuda.nvtx.range_pop = lambda: None
 
 
+def _splits_on_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron-core's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU:
+    the MoE alltoall dispatcher asks for its split sizes as numpy arrays (on CUDA they
+    come back from the device as such; a CPU tensor would be left a tensor, which
+    ``all_to_all_single`` refuses as split sizes)."""
+    del record_stream
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_collectives(mappings: Any) -> None:
+    """gloo's all-gather and reduce-scatter take equal chunks only; megatron-core's
+    MoE dispatch with experts split by TP gathers and scatters tokens in uneven
+    chunks (``output_split_sizes`` / ``input_split_sizes``). On CPU: the gather pads
+    every chunk to the largest and trims; the reduce-scatter all-reduces the whole
+    tensor and keeps this rank's chunk (the same sums)."""
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):  # noqa: ANN001, ANN202
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        chunks = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(chunks, padded.contiguous(), group=group)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes, strict=True)], dim=0)
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):  # noqa: ANN001, ANN202
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        return torch.split(total, sizes, dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
+
+
 def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_host
+    _uneven_collectives(mappings)
 
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state

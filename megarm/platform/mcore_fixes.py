@@ -1,4 +1,5 @@
-"""Fixes for megatron-core 0.16's distributed optimizer running torch's Adam.
+"""Fixes for megatron-core 0.16: its distributed optimizer running torch's Adam, and
+its MoE router without transformer-engine.
 
 Without apex or transformer-engine (every CPU machine, and CUDA machines without
 them) the distributed optimizer falls back to ``torch.optim.Adam``, whose state
@@ -11,6 +12,12 @@ that wrong when loading a checkpoint, breaking exact resume:
   then increments in place once per parameter (step 96 instead of 6).
 
 :func:`install` patches both, and only when apex / TE are absent.
+
+Without transformer-engine, ``megatron.core.transformer.moe.moe_utils`` never
+defines ``te_general_gemm`` (its import fails as a whole), yet the router's gating
+GEMM tests ``te_general_gemm is not None`` (``NameError`` in every MoE forward).
+:func:`install` defines the names that import would have given as ``None``, so the
+router takes its torch path (``torch.mm`` in the router dtype).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    _define_absent_te_names()
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
@@ -55,3 +63,23 @@ def install() -> None:
 
     cls._set_main_param_and_optimizer_states = set_states_keeping_step
     cls.load_state_dict = load_state_dict_unshared_step
+
+
+# The names moe_utils imports from megatron-core's TE extension in one statement.
+_TE_MOE_NAMES = (
+    "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+    "fused_permute_with_probs", "fused_sort_chunks_by_index",
+    "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+    "fused_unpermute", "te_general_gemm",
+)
+
+
+def _define_absent_te_names() -> None:
+    """``None`` for the TE functions moe_utils could not import (see the module)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if moe_utils.HAVE_TE:
+        return
+    for name in _TE_MOE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)

@@ -7,6 +7,10 @@ their product with the values add ``12 L h s`` per token of a length-``s``
 sequence (forward + backward, full square as Megatron-LM counts it), i.e.
 ``12 L h sum(s_i^2)`` per batch. A reward model has no vocabulary projection, so
 there is no ``6 h V`` logits term: counting one would inflate MFU by ~10-25%.
+
+A mixture-of-experts layer counts its *active* parameters: the router, the
+``moe_router_topk`` experts each token runs through and the shared expert (with its
+gate), not the experts a token skips.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ def matmul_parameters(cfg: MegarmConfig) -> int:
     qkv = m.hidden_size * (m.num_attention_heads + 2 * m.num_query_groups) * d
     proj = m.num_attention_heads * d * m.hidden_size
     mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    if m.num_moe_experts:
+        shared = m.moe_shared_expert_intermediate_size or 0
+        mlp = m.hidden_size * (
+            m.num_moe_experts  # router
+            + 3 * m.moe_router_topk * (m.moe_ffn_hidden_size or 0)
+            + 3 * shared + (1 if shared else 0)  # shared expert and its gate
+        )
     return m.num_layers * (qkv + proj + mlp) + m.hidden_size  # + value head
 
 

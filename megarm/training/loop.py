@@ -33,6 +33,7 @@ from megarm.data.blend import parse_data_path
 from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
 from megarm.model.builder import build_model, count_parameters, heads
+from megarm.model.moe import aux_loss_metrics
 from megarm.model.step import PairBatch, run_schedule
 from megarm.rewards.benchmarks import BenchmarkEvaluator
 from megarm.rewards.stats import after_training
@@ -138,6 +139,8 @@ class Trainer:
             metrics = reduce_stats(
                 outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
             )
+            if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
+                metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "

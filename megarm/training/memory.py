@@ -165,11 +165,21 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     t = p.tensor_model_parallel_size
     h, d = m.hidden_size, head_dim(m)
     qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    mlp = 3 * h * m.ffn_hidden_size // t
+    if m.num_moe_experts:
+        # This EP rank's routed experts (split by TP as the dense MLP), the replicated
+        # router, and the shared expert with its gate.
+        shared = m.moe_shared_expert_intermediate_size or 0
+        mlp = (
+            m.num_moe_experts // p.expert_model_parallel_size * 3 * h * (m.moe_ffn_hidden_size or 0) // t
+            + h * m.num_moe_experts
+            + 3 * h * shared // t + (h if shared else 0)
+        )
     per_layer = (
         qkv_out * h // t
         + (qkv_out // t if m.add_qkv_bias else 0)
         + h * m.num_attention_heads * d // t
-        + 3 * h * m.ffn_hidden_size // t
+        + mlp
         + 2 * h  # the two RMSNorm weights, replicated over TP
     )
     if m.qk_layernorm:

@@ -21,6 +21,8 @@ _LINE_KEYS = (
     ("lm_loss", "lm loss", ".4f"),
     ("perplexity", "ppl", ".3f"),
     ("lm_tokens", "lm tokens", ".0f"),
+    ("moe_aux_loss", "moe aux loss", ".4f"),
+    ("moe_load_balance", "expert balance", ".3f"),
     ("accuracy", "acc", ".3f"),
     ("reward_gap", "gap", ".3f"),
     ("chosen_reward", "r_c", ".3f"),
