@@ -372,7 +372,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             config = hf_config(cfg.model, base, pad_id, out_dtype, causal_lm)
             for key, value in reward_fields(checkpoint, tokenizer_dir).items():
                 # The causal LM carries where its critique model reads the reward too.
-                if not causal_lm or key == "reward_convention":
+                if not causal_lm or key == CONVENTION_KEY:
                     setattr(config, key, value)
             config.save_pretrained(str(tmp / subdir))
             copied = cli.copy_tokenizer(tokenizer_dir, tmp / subdir) if tokenizer_dir else []

@@ -195,7 +195,7 @@ def test_export_and_tp2_checkpoint_give_equal_results(rm_export, rm_checkpoint, 
     assert hf["metrics"] == tp["metrics"]
     assert hf["scored"] == tp["scored"] == 4 and hf["skipped"] == tp["skipped"] == []
     for a, b in zip(hf["records"], tp["records"], strict=True):
-        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5, abs=1e-6)  # fp32 summation order
     assert "| subsets/alpacaeval-easy |" in hf_out.with_suffix(".md").read_text()
     log_dir = tmp_path / "run"
     run_distributed(_training_time, 2, str(rm_checkpoint), str(data), str(rm_export), str(log_dir))

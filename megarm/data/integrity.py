@@ -117,7 +117,7 @@ def _odd_one(
     values = {key: measure(index) for key, index in indexes.items()}
     if stats_value is not None:
         wrong = [key for key, value in values.items() if value != stats_value]
-        reference = f"{stats_value} in {prefix}_stats.json"
+        reference = f"{stats_value} in {stats_path(prefix)}"
     else:
         if len(set(values.values())) <= 1:
             return None
