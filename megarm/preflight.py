@@ -16,13 +16,15 @@ from pathlib import Path
 
 from megarm.checkpoint.layout import CheckpointNotFoundError, resolve_checkpoint
 from megarm.config import (
-    ConfigError,
     ConfigIssue,
     DataConfig,
     MegarmConfig,
     ModelConfig,
     Settings,
     TrainingConfig,
+)
+from megarm.config import (
+    check as config_check,
 )
 from megarm.config import (
     resolve as config_resolve,
@@ -64,10 +66,7 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
 
 def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:
     """Raise :class:`~megarm.config.ConfigError` with every problem, or return ``cfg``."""
-    issues = validate(cfg, world_size)
-    if issues:
-        raise ConfigError(issues)
-    return cfg
+    return config_check(cfg, world_size, checks=validate)
 
 
 def resolve(

@@ -409,9 +409,13 @@ def _wandb_problems(log: LoggingConfig) -> list[ConfigIssue]:
     return []
 
 
-def check(cfg: MegarmConfig, world_size: int | None = None) -> MegarmConfig:
-    """Raise :class:`ConfigError` with every problem, or return ``cfg``."""
-    issues = validate(cfg, world_size)
+def check(
+    cfg: MegarmConfig,
+    world_size: int | None = None,
+    checks: Callable[[MegarmConfig, int | None], list[ConfigIssue]] = validate,
+) -> MegarmConfig:
+    """Raise :class:`ConfigError` with every problem ``checks`` finds, or return ``cfg``."""
+    issues = checks(cfg, world_size)
     if issues:
         raise ConfigError(issues)
     return cfg
