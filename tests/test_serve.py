@@ -243,3 +243,16 @@ def test_tp2_checkpoint_served_by_torchrun(rm_checkpoint, rm_export, reference):
         proc.wait(60)
         log = proc.stdout.read()
         assert "Application shutdown complete" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("std", [float("nan"), 0.0, -1.0, float("inf")])
+def test_unusable_statistics_are_refused_at_start_up(std):
+    """A NaN std answered every request with null rewards; 0 died with a
+    ZeroDivisionError traceback (issue #25): both are refused before serving."""
+    from megarm.checkpoint.metadata import RewardInfo
+    from megarm.errors import ScoringError
+    from megarm.serve import ModelLoop, create_app
+
+    with pytest.raises(ScoringError, match="unusable"):
+        create_app(ModelLoop(None), None, RewardInfo(mean=0.5, std=std), model_name="m",
+                   normalize=True)

@@ -10,6 +10,7 @@ Everything else asks this module.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,14 @@ class RewardInfo:
             raise ScoringError(
                 "normalisation asked for, but the model has no reward statistics; compute "
                 "them with python -m megarm.reward_stats --load ... --write"
+            )
+        if not (isinstance(self.mean, (int, float)) and math.isfinite(self.mean)) or not (
+            isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std > 0
+        ):
+            raise ScoringError(
+                f"the model's reward statistics are unusable (mean {self.mean!r}, std "
+                f"{self.std!r}: both must be finite numbers and std > 0); recompute them with "
+                "python -m megarm.reward_stats --load ... --write"
             )
         return [(r - self.mean) / self.std for r in rewards]
 

@@ -220,6 +220,8 @@ def _world_issues(cfg: MegarmConfig, world_size: int | None) -> list[ConfigIssue
     """The launch's rank count against TP x PP and the batch sizes."""
     if world_size is None:
         return []
+    if world_size < 1:
+        return [ConfigIssue("--world-size", f"must be >= 1, got {world_size}")]
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size % (tp * pp):
@@ -347,6 +349,8 @@ def _data_and_checkpoint_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             raise ValueError
     except ValueError:
         bad("data.split", f"expected three non-negative weights like '98,2,0', got {d.split!r}")
+    if t.eval_iters < 0:
+        bad("training.eval_iters", f"must be >= 0, got {t.eval_iters}")
     if c.save_interval is not None and c.save_interval < 1:
         bad("checkpoint.save_interval", "must be >= 1 (or null)")
     if c.save_interval and not c.save:

@@ -180,6 +180,34 @@ def load_config(
     return cfg
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter for configs: an alias (``*name``) is refused (a
+    few nested aliases expand to gigabytes before any value is checked), and so is a
+    key given twice in one mapping (the second would silently replace the first)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's types
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed in a megarm config; write the "
+                "value out", event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:  # noqa: ANN401
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    "keep one", key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load(
     path: str | os.PathLike | None,
     overrides: list[str] | None,
@@ -194,7 +222,7 @@ def _load(
         if not path.is_file():
             raise ConfigError([ConfigIssue("--config", f"no such file: {path}")])
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=StrictLoader) or {}  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError([ConfigIssue("--config", f"{path} is not valid YAML: {exc}")]) from exc
         if not isinstance(raw, dict):
