@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from megarm.data.encoding import TRUNCATION_POLICIES
@@ -27,6 +29,33 @@ def fail(exc: BaseException | str) -> int:
     """Report a bad input or set-up: one ``error:`` line on stderr; the exit status."""
     print(f"error: {exc}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def is_same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (symlinks and hard links resolved)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(option: str, output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse, before any work, an output that is one of the inputs or cannot be
+    written (``ScoringError`` naming ``option``)."""
+    if any(is_same_file(output, source) for source in inputs):
+        raise ScoringError(f"{option} {output} is an input file; write elsewhere")
+    if output.is_dir():
+        raise ScoringError(f"{option} {output} is a directory; name a file")
+    if not output.parent.is_dir():
+        raise ScoringError(f"{option} {output}: directory {output.parent} does not exist")
+    probe = output.with_name(f".{output.name}.probe-{os.getpid()}")
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ScoringError(f"cannot write {option} {output}: {exc.strerror or exc}") from exc
 
 
 def run_command(

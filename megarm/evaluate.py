@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -55,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -64,8 +76,15 @@ def _write(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate; rank 0 writes the outputs and returns the result."""
     output = Path(args.output)
-    if output.parent and not output.parent.is_dir():
-        raise EvaluateError(f"--output {output}: directory {output.parent} does not exist")
+    table = output.with_suffix(".md")
+    if table == output:
+        raise EvaluateError(
+            f"--output {output}: the markdown table goes to <output>.md, which would replace "
+            "the results; name the results .json"
+        )
+    inputs = [Path(args.data)]
+    cli.check_output("--output", output, inputs)
+    cli.check_output("--output", table, inputs)
     scorer, encoder, info = open_scorer(cli.scorer_spec(args))
     with scorer:
         if not scorer.is_driver:
@@ -76,10 +95,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             args.data, args.format, encoder, scorer.rewards, args.handler_name, critic
         )
     result["model"] = str(args.load)
-    table = markdown(result["format"], result["metrics"], result["scored"], len(result["skipped"]))
-    _write(output, json.dumps(result, indent=2) + "\n")
-    _write(output.with_suffix(".md"), table)
-    print(table, end="", flush=True)
+    text = markdown(result["format"], result["metrics"], result["scored"], len(result["skipped"]))
+    # A metric with nothing to average is NaN; JSON has no NaN: it is written as null.
+    _write(output, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
+    _write(table, text)
+    print(text, end="", flush=True)
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} records (reasons in {output})", flush=True)
     return result

@@ -203,3 +203,47 @@ def test_export_and_tp2_checkpoint_give_equal_results(rm_export, rm_checkpoint, 
     (logged,) = [r for r in rows if r["split"] == "benchmark"]
     expected = flatten(hf["metrics"])
     assert {k: logged[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("case", ["output_is_data", "output_is_md", "hard_link", "unwritable"])
+def test_outputs_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, case):
+    """Issue #25: --output equal to --data replaced the benchmark file; --output r.md
+    overwrote the results with the table; an unwritable output crashed after scoring."""
+    import os
+
+    data = write_jsonl(tmp_path / "rb.jsonl", RB_RECORDS)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("megarm.evaluate.open_scorer", no_model)
+    output = {
+        "output_is_data": data,
+        "output_is_md": tmp_path / "r.md",
+        "hard_link": tmp_path / "link.jsonl",
+        "unwritable": tmp_path / "ro" / "r.json",
+    }[case]
+    if case == "hard_link":
+        os.link(data, output)
+    if case == "unwritable":
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere")
+        output.parent.mkdir()
+        output.parent.chmod(0o500)
+    before = data.read_bytes()
+    try:
+        code = main(["--load", str(tmp_path / "model"), "--data", str(data), "--output", str(output)])
+    finally:
+        if case == "unwritable":
+            output.parent.chmod(0o700)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert data.read_bytes() == before
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+    from megarm.evaluate import _finite
+
+    out = json.dumps(_finite({"score": float("nan"), "subsets": {"a": float("inf"), "b": 0.5}}),
+                     allow_nan=False)
+    assert json.loads(out) == {"score": None, "subsets": {"a": None, "b": 0.5}}
