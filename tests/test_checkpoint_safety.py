@@ -348,3 +348,32 @@ def test_verify_command_names_a_damaged_file(saved, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megarm.checkpoint", "verify", str(run)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and data.name in bad.stderr and "bytes" in bad.stderr
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_checkpoint_without_its_manifest(saved, tmp_path):
+    """Issue #25: a flipped byte plus a deleted manifest passed as 'intact (0 files)'."""
+    run = _copy(saved, tmp_path)
+    data = _data_file(run / "iter_0000002")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    (run / "iter_0000002" / "megarm_integrity.json").unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "megarm.checkpoint", "verify", str(run)]
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "no integrity manifest" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    unverified = subprocess.run([*cmd, "--allow-unverified"], capture_output=True, text=True,
+                                env=env, cwd=ROOT, timeout=300)
+    assert unverified.returncode == 0 and "only the pickles were checked" in unverified.stdout
+
+
+def test_a_tracker_that_is_a_directory_is_refused_up_front(tmp_path):
+    """Issue #25: training resumed past it and crashed at its first tracker rename."""
+    from megarm.checkpoint.layout import TRACKER, CheckpointNotFoundError, resolve_checkpoint
+
+    (tmp_path / "iter_0000001").mkdir()
+    (tmp_path / TRACKER).mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="is not a file"):
+        resolve_checkpoint(tmp_path)

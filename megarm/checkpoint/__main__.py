@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("directory", help="save root, iter_* directory or converted checkpoint")
     verify.add_argument("--iteration", type=int, default=None, help="iteration (default: the tracker's)")
     verify.add_argument("--size-only", action="store_true", help="compare sizes, skip checksums")
+    verify.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="accept a checkpoint without an integrity manifest (another tool wrote it): "
+        "only its pickles are checked",
+    )
     args = parser.parse_args(argv)
     try:
         opened = open_checkpoint(args.directory, args.iteration, "size" if args.size_only else "checksum")
@@ -36,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = read_manifest(opened.path) or {}
+    if not files and not args.allow_unverified:
+        print(
+            f"error: {opened.path} has no integrity manifest (megarm_integrity.json): its "
+            "files cannot be checked. Every megarm checkpoint has one; a missing one means "
+            "damage or another tool. Pass --allow-unverified to check only its pickles",
+            file=sys.stderr,
+        )
+        return 2
     common = opened.common
     layout = common.get("checkpoint_layout")
     print(

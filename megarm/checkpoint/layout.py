@@ -51,6 +51,13 @@ def read_tracker(root: str | Path) -> int | str | None:
     ``"release"``); ``None`` without a tracker. A tracker holding anything else is
     an error naming the file."""
     tracker = Path(root) / TRACKER
+    if tracker.exists() and not tracker.is_file():
+        # Training would resume, train, then fail to rename its tracker over it.
+        raise CheckpointNotFoundError(
+            f"{tracker} is not a file (a directory?); remove it and write the iteration of "
+            f"a complete iter_* directory into a file of that name (found: "
+            f"{completed_iterations(root) or 'none'})"
+        )
     if not tracker.is_file():
         return None
     text = tracker.read_text(errors="replace").strip()
