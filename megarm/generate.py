@@ -30,6 +30,7 @@ installed (it is not a megarm dependency; that path is not tested here).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -77,14 +78,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _done_indexes(partial: Path) -> list[dict[str, Any]]:
-    """The complete lines of a partial output (a line cut by a crash is dropped)."""
+    """The complete lines of a partial output, up to the first damaged one (a line
+    cut by a crash, even inside a UTF-8 character, or one without its index)."""
     lines = []
-    for line in partial.read_text(encoding="utf-8").splitlines():
+    for raw in partial.read_bytes().split(b"\n"):
         try:
-            lines.append(json.loads(line))
-        except ValueError:
+            line = json.loads(raw.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             break
+        if not isinstance(line, dict) or not isinstance(line.get("index"), int):
+            break
+        lines.append(line)
     return lines
+
+
+def _fingerprint(paths: list[Path]) -> list[str]:
+    """The sha256 of each input file: progress is kept by record index, so a resume
+    must read the very same records."""
+    out = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        out.append(digest.hexdigest())
+    return out
+
+
+def _check_resume(partial: Path, settings_path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume a partial output written with other settings or inputs,
+    naming the first setting that differs and both values."""
+    try:
+        before = json.loads(settings_path.read_text()) if settings_path.exists() else None
+    except ValueError:
+        before = None
+    if not isinstance(before, dict):
+        raise GenerateError(
+            f"{partial} has no readable settings ({settings_path}); delete it to start over"
+        )
+    for key, value in settings.items():
+        if before.get(key) != value:
+            what = "the input files' contents" if key == "input_sha256" else f"{key}"
+            raise GenerateError(
+                f"{partial} was written with other settings: {what} was "
+                f"{before.get(key)!r}, now {value!r}; run with the same arguments and inputs "
+                f"to resume, or delete {partial} and {settings_path} to start over"
+            )
 
 
 def _read_pairs(inputs: list, handler: Any) -> tuple[list[tuple[int, Pair]], list[str]]:
@@ -107,9 +146,11 @@ def _read_pairs(inputs: list, handler: Any) -> tuple[list[tuple[int, Pair]], lis
 def _generate(
     writer: CritiqueWriter, partial: Path, done: list[dict[str, Any]],
     todo: list[tuple[int, Pair]], total: int, batch_size: int,
-) -> None:
+) -> list[str]:
     """Write ``done`` back, then the critiques of ``todo``, batch by batch, each batch
-    flushed to disk before the next starts."""
+    flushed to disk before the next starts; the records skipped (a prompt and
+    response that cannot fit the sequence length), with their reasons."""
+    skipped = []
     from tqdm import tqdm
 
     # Write back the complete lines only: a line cut by the crash would end the file.
@@ -120,7 +161,15 @@ def _generate(
         with tqdm(total=total, initial=total - len(todo), unit="rec",
                   desc="critiques", disable=None, file=sys.stderr) as bar:
             for start in range(0, len(todo), step):
-                batch = todo[start : start + step]
+                batch = []
+                for index, pair in todo[start : start + step]:
+                    try:
+                        for response in (pair.chosen, pair.rejected):
+                            writer.prompt_ids(pair.prompt, response)
+                        batch.append((index, pair))
+                    except RecordError as exc:
+                        skipped.append(f"record {index}: {exc.reason} ({exc.detail})")
+                        bar.update(1)
                 items = [(p.prompt, r) for _, p in batch for r in (p.chosen, p.rejected)]
                 texts = writer.critiques(items)
                 for k, (index, pair) in enumerate(batch):
@@ -133,6 +182,7 @@ def _generate(
                 handle.flush()
                 os.fsync(handle.fileno())
                 bar.update(len(batch))
+    return skipped
 
 
 def run(args: argparse.Namespace) -> dict[str, int]:
@@ -147,6 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     try:
         inputs = resolve_inputs(args.input)
         map_keys = json.loads(args.map_keys) if args.map_keys else None
+        if map_keys is not None and not isinstance(map_keys, dict):
+            raise ValueError('--map-keys must be a JSON object like {"prompt": "question"}')
         handler = get_handler(args.handler_name, map_keys)
     except (InputError, ValueError) as exc:
         raise GenerateError(str(exc)) from exc
@@ -157,15 +209,14 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         "input": [str(p) for p in inputs], "model": str(Path(args.model).resolve()),
         "handler": args.handler_name, "map_keys": map_keys, "critique_prompt": args.critique_prompt,
         "prompt_type": args.prompt_type, "sampling": asdict(sampling),
+        # Everything else that changes an output line.
+        "tokenizer": args.tokenizer_name_or_path, "seq_length": args.seq_length,
+        "truncation": args.truncation, "dtype": args.dtype, "backend": args.backend,
+        "input_sha256": _fingerprint(inputs),
     }
     done: list[dict[str, Any]] = []
     if partial.exists():
-        before = json.loads(settings_path.read_text()) if settings_path.exists() else None
-        if before != settings:
-            raise GenerateError(
-                f"{partial} was written with other settings ({settings_path}); delete both to "
-                "start over, or run with the same arguments to resume"
-            )
+        _check_resume(partial, settings_path, settings)
         done = _done_indexes(partial)
         print(f"resuming after {len(done)} records in {partial}", file=sys.stderr, flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         import torch
 
         torch.manual_seed(args.seed)
-    _generate(writer, partial, done, todo, len(pairs), args.batch_size)
+    skipped += _generate(writer, partial, done, todo, len(pairs), args.batch_size)
     lines = sorted(_done_indexes(partial), key=lambda line: line["index"])
     with open(partial, "w", encoding="utf-8") as handle:
         for line in lines:

@@ -131,3 +131,69 @@ def test_score_with_a_critique_model_reads_the_reward_after_the_critique(
     rewards = HFScorer(str(rm_export)).rewards(rows)
     reported = [r for s in scored for r in (s["chosen_reward"], s["rejected_reward"])]
     assert reported == pytest.approx(rewards, abs=1e-5)
+
+
+def _crash_after_one_batch(monkeypatch, critic, inputs, output):
+    from megarm import generate
+
+    calls = {"n": 0}
+    real = generate.CritiqueWriter.critiques
+
+    def crash_second(self, items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, items)
+
+    monkeypatch.setattr(generate.CritiqueWriter, "critiques", crash_second)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(critic, inputs, output)
+    monkeypatch.setattr(generate.CritiqueWriter, "critiques", real)
+
+
+def test_resume_refuses_other_inputs_or_settings_and_survives_damage(
+    critic, tmp_path, monkeypatch, capsys
+):
+    """Issue #25: a reordered input resumed with records lost and duplicated (exit 0);
+    --seq-length and --truncation were not part of the resume key; a .partial cut
+    inside a UTF-8 character, or a line without its index, gave a traceback."""
+    inputs = tmp_path / "pairs.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert _generate(critic, inputs, tmp_path / "whole.jsonl") == 0
+    output = tmp_path / "out.jsonl"
+    _crash_after_one_batch(monkeypatch, critic, inputs, output)
+    partial = tmp_path / "out.jsonl.partial"
+    good = partial.read_bytes()
+    # Another order of the same records: refused, naming the inputs' contents.
+    reordered = tmp_path / "reordered.jsonl"
+    reordered.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[::-1]))
+    inputs.write_bytes(reordered.read_bytes())
+    capsys.readouterr()
+    assert _generate(critic, inputs, output) == 2
+    assert "the input files' contents" in capsys.readouterr().err
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert _generate(critic, inputs, output, "--seq-length", "200") == 2
+    assert "seq_length was None, now 200" in capsys.readouterr().err
+    # A cut multi-byte character, then a line without an index: resumed from there.
+    partial.write_bytes(good + '{"index": 1, "prompt": "\u00e9'.encode()[:-1])
+    assert _generate(critic, inputs, output) == 0
+    assert output.read_text() == (tmp_path / "whole.jsonl").read_text()
+    _crash_after_one_batch(monkeypatch, critic, inputs, tmp_path / "again.jsonl")
+    again = tmp_path / "again.jsonl.partial"
+    again.write_bytes(again.read_bytes() + b'{"prompt": "no index"}\n')
+    assert _generate(critic, inputs, tmp_path / "again.jsonl") == 0
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_a_record_too_long_is_skipped_and_bad_map_keys_are_one_line(critic, tmp_path, capsys):
+    long = {"prompt": "Say something.", "chosen": "word " * 300, "rejected": "no"}
+    inputs = tmp_path / "pairs.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS[:2], long]))
+    assert _generate(critic, inputs, tmp_path / "out.jsonl", "--seq-length", "120") == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").open()]
+    assert [line["index"] for line in lines] == [0, 1]
+    err = capsys.readouterr().err
+    assert "record 2: too_long" in err and "1 records skipped" in err
+    assert _generate(critic, inputs, tmp_path / "x.jsonl", "--map-keys", "[1]") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --map-keys must be a JSON object") and "Traceback" not in err
