@@ -224,6 +224,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError as exc:  # includes bad UTF-8
         raise Problem(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # e.g. 600 KB of nested [
+        raise Problem(400, "malformed JSON: nested too deeply") from None
 
 
 def _texts(value: Any, key: str, limits: Limits, count: int | None = None) -> list[Any]:

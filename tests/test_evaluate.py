@@ -247,3 +247,15 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
     out = json.dumps(_finite({"score": float("nan"), "subsets": {"a": float("inf"), "b": 0.5}}),
                      allow_nan=False)
     assert json.loads(out) == {"score": None, "subsets": {"a": None, "b": 0.5}}
+
+
+@pytest.mark.parametrize("bad", [None, "one", 0, 3, True])
+def test_a_bad_num_correct_is_a_skipped_record_not_a_traceback(encoder, tmp_path, bad):
+    """Issue #25: ``"num_correct": null`` in a RewardBench 2 row was a TypeError."""
+    good = {"id": "a", "prompt": "q", "subset": "Focus", "chosen": ["3"], "rejected": ["1", "2"]}
+    records = [good, {**good, "id": "b", "num_correct": bad}]
+    data = write_jsonl(tmp_path / "rb2.jsonl", records)
+    result = evaluate(str(data), "rewardbench2", encoder, numeric_rewards(encoder))
+    assert result["scored"] == 1 and result["metrics"]["subsets"]["Focus"] == 1.0
+    (skip,) = result["skipped"]
+    assert skip["index"] == 1 and "num_correct" in skip["reason"]

@@ -256,3 +256,17 @@ def test_unusable_statistics_are_refused_at_start_up(std):
     with pytest.raises(ScoringError, match="unusable"):
         create_app(ModelLoop(None), None, RewardInfo(mean=0.5, std=std), model_name="m",
                    normalize=True)
+
+
+def test_deeply_nested_json_is_a_400_not_a_500():
+    """Issue #25: 600 KB of nested ``[`` was a plain-text 500 and a RecursionError."""
+    from fastapi.testclient import TestClient
+
+    from megarm.checkpoint.metadata import RewardInfo
+    from megarm.serve import ModelLoop, create_app
+
+    app = create_app(ModelLoop(None), None, RewardInfo(), model_name="m")
+    with TestClient(app) as client:
+        answer = client.post("/get_reward", content=b"[" * 600_000)
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "malformed JSON: nested too deeply"}

@@ -130,10 +130,17 @@ def make_task(fmt: str, index: int, record: dict[str, Any]) -> Task:
     elif fmt == "rewardbench2":
         chosen, rejected = _texts(record, "chosen"), _texts(record, "rejected")
         responses = chosen + rejected
+        correct = record.get("num_correct", len(chosen))
+        if isinstance(correct, bool) or not isinstance(correct, int) or not 1 <= correct <= len(chosen):
+            raise RecordError(
+                "malformed_record",
+                f"num_correct must be a whole number from 1 to the {len(chosen)} chosen "
+                f"responses, got {correct!r}",
+            )
         meta = {
             "subset": str(record.get("subset", "all")),
             "id": str(record.get("id", index)),
-            "num_correct": int(record.get("num_correct", len(chosen))),
+            "num_correct": correct,
         }
     elif fmt == "rmbench":
         responses = _texts(record, "chosen", 3) + _texts(record, "rejected", 3)
