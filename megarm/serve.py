@@ -83,6 +83,9 @@ class Limits:
 
     max_body_bytes: int = 8 << 20
     max_sequences: int = 256
+    body_seconds: float = 30.0
+    """How long a client may take to send its body (a slow client holds a
+    connection, not the server)."""
 
 
 # --------------------------------------------------------------------------- batching
@@ -210,16 +213,21 @@ def _authorized(request: Request, key: str) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than ``limit`` bytes before reading it."""
+async def read_json(request: Request, limit: int, seconds: float = 30.0) -> Any:
+    """The request body as JSON, refusing more than ``limit`` bytes before reading it
+    and a body that takes longer than ``seconds`` to arrive."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise Problem(413, f"request body of {length} bytes exceeds --max-body-bytes {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Problem(413, f"request body exceeds --max-body-bytes {limit}")
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise Problem(413, f"request body exceeds --max-body-bytes {limit}")
+    except TimeoutError:
+        raise Problem(408, f"request body not received within {seconds:g} s") from None
     try:
         return json.loads(body)
     except ValueError as exc:  # includes bad UTF-8
@@ -349,7 +357,7 @@ def create_app(
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> Any:
-        body = await read_json(request, limits.max_body_bytes)
+        body = await read_json(request, limits.max_body_bytes, limits.body_seconds)
         if not isinstance(body, dict) or "query" not in body:
             raise Problem(400, "expected a JSON object with 'query': [text, ...]")
         queries = _texts(body["query"], "query", limits)
@@ -369,7 +377,7 @@ def create_app(
 
     @app.post("/score")
     async def score(request: Request) -> Any:
-        body = await read_json(request, limits.max_body_bytes)
+        body = await read_json(request, limits.max_body_bytes, limits.body_seconds)
         if not isinstance(body, dict) or "messages" not in body:
             raise Problem(400, "expected a JSON object with 'messages': [[message, ...], ...]")
         conversations = _texts(body["messages"], "messages", limits)

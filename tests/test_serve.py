@@ -270,3 +270,25 @@ def test_deeply_nested_json_is_a_400_not_a_500():
         answer = client.post("/get_reward", content=b"[" * 600_000)
     assert answer.status_code == 400
     assert answer.json() == {"error": "malformed JSON: nested too deeply"}
+
+
+def test_a_body_that_never_arrives_is_dropped_after_the_deadline():
+    """Issue #25 (weak): a client sending headers and part of a body held its
+    request open indefinitely; the body now has a deadline (408)."""
+    import asyncio
+
+    from megarm.serve import Problem, read_json
+
+    class Slow:
+        headers = {"content-length": "100"}
+
+        async def stream(self):
+            yield b'{"query": ['
+            await asyncio.sleep(60)
+
+    async def read():
+        return await read_json(Slow(), 1 << 20, seconds=0.2)
+
+    with pytest.raises(Problem) as info:
+        asyncio.run(read())
+    assert info.value.status == 408
