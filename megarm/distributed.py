@@ -274,3 +274,14 @@ def distributed_from_config(cfg) -> Iterator[LaunchEnv]:  # noqa: ANN001
         yield init_from_config(cfg)
     finally:
         teardown()
+
+
+def all_gather_device(chunks: list[torch.Tensor], tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """``torch.distributed.all_gather`` of a device tensor on ``group`` (megatron-core's
+    own groups; used by the CPU fix for its uneven token gather in platform/)."""
+    torch.distributed.all_gather(chunks, tensor, group=group)
+
+
+def all_reduce_device(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """``torch.distributed.all_reduce`` (sum) of a device tensor on ``group``, in place."""
+    torch.distributed.all_reduce(tensor, group=group)

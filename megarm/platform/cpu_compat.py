@@ -172,14 +172,18 @@ def _uneven_collectives(mappings: Any) -> None:
         padded = input_.new_zeros((longest, *input_.shape[1:]))
         padded[: input_.shape[0]] = input_
         chunks = [torch.empty_like(padded) for _ in sizes]
-        torch.distributed.all_gather(chunks, padded.contiguous(), group=group)
+        from megarm import distributed  # at call time: distributed imports platform
+
+        distributed.all_gather_device(chunks, padded.contiguous(), group)
         return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes, strict=True)], dim=0)
 
     def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):  # noqa: ANN001, ANN202
         if input_split_sizes is None or group.size() == 1:
             return scatter(input_, group, input_split_sizes, use_global_buffer)
+        from megarm import distributed
+
         total = input_.clone()
-        torch.distributed.all_reduce(total, group=group)
+        distributed.all_reduce_device(total, group)
         sizes = [int(n) for n in input_split_sizes]
         return torch.split(total, sizes, dim=0)[group.rank()].contiguous()
 
