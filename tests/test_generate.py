@@ -52,7 +52,6 @@ def test_critiques_continue_the_chat_template_and_resume_after_a_crash(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megarm import generate
     from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT
 
     inputs = tmp_path / "pairs.jsonl"
@@ -76,23 +75,11 @@ def test_critiques_continue_the_chat_template_and_resume_after_a_crash(
     assert whole[0]["rejected_critique"] == tok.decode(new)
 
     # A crash after the first batch (one record) leaves a partial output...
-    calls = {"n": 0}
-    real = generate.CritiqueWriter.critiques
-
-    def crash_second(self, items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, items)
-
-    monkeypatch.setattr(generate.CritiqueWriter, "critiques", crash_second)
-    with pytest.raises(KeyboardInterrupt):
-        _generate(critic, inputs, tmp_path / "resumed.jsonl")
+    _crash_after_one_batch(monkeypatch, critic, inputs, tmp_path / "resumed.jsonl")
     partial = tmp_path / "resumed.jsonl.partial"
     assert len(partial.read_text().splitlines()) == 1 and not (tmp_path / "resumed.jsonl").exists()
     partial.write_text(partial.read_text() + '{"index": 1, "prom')  # a line cut mid-write
     # ...which other settings may not resume, and the same command completes.
-    monkeypatch.setattr(generate.CritiqueWriter, "critiques", real)
     assert _generate(critic, inputs, tmp_path / "resumed.jsonl", "--max-new-tokens", "5") == 2
     assert _generate(critic, inputs, tmp_path / "resumed.jsonl") == 0
     assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
