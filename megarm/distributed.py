@@ -76,6 +76,7 @@ def init(
     seed: int = 1234,
     timeout_minutes: int = 30,
     expert_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
 ) -> LaunchEnv:
     """Start torch.distributed and megatron-core's parallel groups (with the
     expert-parallel and expert-data-parallel ones), then seed."""
@@ -113,6 +114,7 @@ def init(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        context_parallel_size=context_parallel_size,
     )
     # Explicitly, so megatron-core does not warn about an implicit init; megarm
     # does not use its rerun / fault-injection machinery.
@@ -142,6 +144,7 @@ def init_from_config(cfg) -> LaunchEnv:  # noqa: ANN001 - a megarm.config.Megarm
         p.virtual_pipeline_model_parallel_size,
         seed=cfg.training.seed,
         expert_model_parallel_size=p.expert_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
     )
 
 
@@ -285,3 +288,65 @@ def all_gather_device(chunks: list[torch.Tensor], tensor: torch.Tensor, group: d
 def all_reduce_device(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
     """``torch.distributed.all_reduce`` (sum) of a device tensor on ``group``, in place."""
     torch.distributed.all_reduce(tensor, group=group)
+
+
+# --------------------------------------------------------------------------- context parallelism
+
+
+def _reduce_scatter_first_dim(full: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``full`` ``[size, ...]`` summed over ``group``; this rank's slice ``[...]``.
+    gloo has no reduce-scatter, so there the whole tensor is all-reduced and sliced
+    (the same sum; size x the traffic, which only CPU runs pay)."""
+    rank = dist.get_rank(group)
+    if dist.get_backend(group) == "gloo":
+        full = full.contiguous()
+        dist.all_reduce(full, group=group)
+        return full[rank]
+    out = torch.empty_like(full[rank])
+    dist.reduce_scatter_tensor(out, full.contiguous(), group=group)
+    return out
+
+
+class _GatherContext(torch.autograd.Function):
+    """All-gather over the context-parallel group; the backward reduce-scatters
+    (each rank's K/V feed every rank's queries, so its gradient is their sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return _reduce_scatter_first_dim(grad, ctx.group), None
+
+
+class _SumContext(torch.autograd.Function):
+    """Sum over the context-parallel group; the backward is the identity: every rank
+    computes the same loss from the sum, and each passes the gradient to its own
+    addend (megatron-core's schedule and DDP then add the ranks' gradients)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # noqa: ANN001
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+def gather_context(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every context-parallel rank's ``tensor`` stacked by rank, ``[cp, ...]``
+    (differentiable: the backward reduce-scatters)."""
+    return _GatherContext.apply(tensor, group)
+
+
+def sum_context(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``tensor`` summed over the context-parallel group (differentiable: the
+    backward passes each rank's gradient to its own addend)."""
+    return _SumContext.apply(tensor, group)

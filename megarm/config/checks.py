@@ -170,6 +170,7 @@ def _size_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
             ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
             ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+            ("parallel.context_parallel_size", p.context_parallel_size),
             ("data.seq_length", d.seq_length),
             ("training.micro_batch_size", t.micro_batch_size),
             ("training.global_batch_size", t.global_batch_size),
@@ -208,10 +209,41 @@ def _parallel_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "expert parallelism with tensor parallelism needs sequence_parallel=true "
             "(megatron-core's MoE token dispatch); set it true, or TP or EP to 1",
         ))
+    issues.extend(_context_issues(cfg))
     if d.seq_length > m.max_position_embeddings:
         issues.append(ConfigIssue(
             "data.seq_length",
             f"{d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}",
+        ))
+    return issues
+
+
+def _context_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """Context parallelism against the sequence length, attention and trunk."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    cp = p.context_parallel_size
+    if cp == 1:
+        return []
+    issues = []
+    unit = 2 * cp * (p.tensor_model_parallel_size if p.sequence_parallel else 1)
+    if d.seq_length % unit:
+        what = "2 x CP x TP (sequence parallelism)" if p.sequence_parallel else "2 x CP"
+        issues.append(ConfigIssue(
+            "data.seq_length",
+            f"{d.seq_length} is not a multiple of {what} = {unit}; context parallelism cuts "
+            f"every sequence into 2 x CP chunks: use {-(-d.seq_length // unit) * unit}",
+        ))
+    if m.attention_backend == "unfused":
+        issues.append(ConfigIssue(
+            "model.attention_backend",
+            "megatron-core's unfused attention has no context parallelism; set "
+            "model.attention_backend=auto (transformer-engine, else megarm's SDPA)",
+        ))
+    if m.num_moe_experts:
+        issues.append(ConfigIssue(
+            "parallel.context_parallel_size",
+            "context parallelism with a mixture-of-experts trunk is not supported yet; "
+            "set it to 1 (use expert and tensor parallelism for MoE trunks)",
         ))
     return issues
 
@@ -223,14 +255,20 @@ def _world_issues(cfg: MegarmConfig, world_size: int | None) -> list[ConfigIssue
     if world_size < 1:
         return [ConfigIssue("--world-size", f"must be >= 1, got {world_size}")]
     p, t = cfg.parallel, cfg.training
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world_size % (tp * pp * cp):
+        if cp == 1:
+            return [ConfigIssue(
+                "parallel",
+                f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}; "
+                f"launch a multiple of {tp * pp} ranks",
+            )]
         return [ConfigIssue(
-            "parallel",
-            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} ranks",
+            "parallel.context_parallel_size",
+            f"world size {world_size} is not divisible by TP x CP x PP = {tp} x {cp} x {pp} = "
+            f"{tp * cp * pp}; launch a multiple of {tp * cp * pp} ranks or change CP",
         )]
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     ep = p.expert_model_parallel_size
     if ep > 1 and world_size % (tp * ep * pp):
         return [ConfigIssue(

@@ -185,6 +185,21 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
 
+    context_parallel_size: int = 1
+    """Context-parallel size CP: every sequence is split over CP ranks (each holds
+    ``2`` of its ``2 * CP`` chunks, megatron-core's load-balanced causal split), so a
+    pair too long for one device's activations fits; the numbers equal CP=1. The
+    world is TP x CP x PP x DP ranks; ``data.seq_length`` must be a multiple of
+    ``2 * CP`` (x TP with sequence parallelism). Raise CP for length, TP for model
+    size (docs/config.md, "Long inputs")."""
+
+    cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
+    """How transformer-engine's attention exchanges K/V under CP: ``p2p`` (a ring,
+    overlapping the transfers with compute; the default), ``all_gather``, ``a2a``
+    (all-to-all over heads, Ulysses-style: needs heads divisible by TP x CP) or
+    ``a2a+p2p`` (hierarchical). Without transformer-engine megarm's SDPA attention
+    all-gathers K and V (one collective per layer) whatever this says."""
+
     expert_model_parallel_size: int = 1
     """Expert-parallel size EP of a mixture-of-experts trunk: each EP rank holds
     ``num_moe_experts / EP`` of every layer's experts and tokens travel to them by

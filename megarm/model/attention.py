@@ -16,14 +16,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
+from megarm.distributed import gather_context
 from megarm.platform.attention_kernels import sdpa_context
 
 
@@ -59,8 +61,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism; use TE")
+        self.cp = config.context_parallel_size
         tp = config.tensor_model_parallel_size
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
@@ -86,18 +87,26 @@ class SDPAttention(MegatronModule):
                 if packed_seq_params.qkv_format != "thd":
                     raise ValueError(
                         f"SDPAttention packs only thd, not {packed_seq_params.qkv_format}")
+                if self.cp > 1:
+                    return self._context_segments(query, key, value, packed_seq_params)
                 return self._segments(query, key, value, packed_seq_params)
+            if self.cp > 1:
+                return self._context_rows(query, key, value, attention_mask)
             return self._attend(query, key, value, attention_mask, attn_mask_type)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                attn_mask_type: AttnMaskType | None) -> Tensor:
-        """``[s, b, n, d]`` -> ``[s, b, n * d]``, inside the caller's :func:`sdpa_context`."""
+                attn_mask_type: AttnMaskType | None, lower_right: bool = False) -> Tensor:
+        """``[s, b, n, d]`` -> ``[s, b, n * d]``, inside the caller's :func:`sdpa_context`.
+        ``lower_right``: causal with the queries aligned to the *last* keys (queries
+        that are the end of a longer key sequence, as under context parallelism)."""
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type or self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         mask = None if attention_mask is None else attention_mask.logical_not()
+        if lower_right and causal and sq != k.shape[2]:
+            causal, mask = False, causal_lower_right(sq, k.shape[2])
         dropout = self.dropout if self.training else 0.0
         # Dropout inside the TP region draws from the model-parallel RNG stream,
         # as megatron-core's DotProductAttention does.
@@ -144,4 +153,61 @@ class SDPAttention(MegatronModule):
                 strict=True,
             )
         ]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ context parallelism
+    #
+    # Without transformer-engine, CP attention all-gathers K and V over the CP group
+    # (megatron-core's "all_gather" CP scheme; the backward reduce-scatters) rather than
+    # passing them round a ring: one collective per layer, each rank's queries then
+    # attend with plain SDPA calls, and GQA K/V (groups < heads) stay small to gather.
+    # A rank's queries are two chunks of each sequence (megarm.model.context_split):
+    # chunk r attends to the global keys up to its end, chunk 2CP-1-r likewise, each
+    # causal with the queries aligned to the last keys (lower right).
+
+    def _global_order(self, gathered: Tensor) -> Tensor:
+        """``[cp, 2c, ...]`` (each rank's two chunks) -> ``[2 cp c, ...]`` in sequence
+        order: rank j's first chunk is chunk j, its second chunk 2cp-1-j."""
+        cp, local = gathered.shape[0], gathered.shape[1]
+        halves = gathered.unflatten(1, (2, local // 2))
+        first = halves[:, 0].flatten(0, 1)
+        second = halves[:, 1].flip(0).flatten(0, 1)
+        return torch.cat([first, second])
+
+    def _context_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """Padded rows cut for CP: ``[2c, b, n, d]`` queries against the whole rows'
+        keys. With a mask (packed rows) its query rows are this rank's and its keys in
+        sequence order already, so one call takes it."""
+        group = parallel_state.get_context_parallel_group()
+        keys = self._global_order(gather_context(key, group))
+        values = self._global_order(gather_context(value, group))
+        if mask is not None:
+            return self._attend(query, keys, values, mask, AttnMaskType.causal)
+        return torch.cat(self._two_chunks(query, keys, values))
+
+    def _two_chunks(self, query: Tensor, keys: Tensor, values: Tensor) -> list[Tensor]:
+        """This rank's two query chunks of one sequence against its full keys."""
+        rank = parallel_state.get_context_parallel_rank()
+        chunk = query.shape[0] // 2
+        ends = ((rank + 1) * chunk, (2 * self.cp - rank) * chunk)
+        return [
+            self._attend(q, keys[:end], values[:end], None, AttnMaskType.causal, lower_right=True)
+            for q, end in zip(query.split(chunk), ends, strict=True)
+        ]
+
+    def _context_segments(self, query: Tensor, key: Tensor, value: Tensor,
+                          packed: PackedSeqParams) -> Tensor:
+        """A THD stream cut for CP: ``seq_lengths`` are this rank's share of each
+        segment (two chunks); K and V are gathered once for the whole stream."""
+        lengths = list(packed.seq_lengths)
+        group = parallel_state.get_context_parallel_group()
+        keys, values = gather_context(key, group), gather_context(value, group)
+        parts: list[Tensor] = []
+        start = 0
+        for n in lengths:
+            piece = slice(start, start + n)
+            k = self._global_order(keys[:, piece])[:, None]
+            v = self._global_order(values[:, piece])[:, None]
+            parts += [p[:, 0] for p in self._two_chunks(query[piece][:, None], k, v)]
+            start += n
         return torch.cat(parts)

@@ -98,6 +98,9 @@ def transformer_config(cfg: MegarmConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
+        # transformer-engine's attention reads it; megarm's SDPA all-gathers K/V.
+        cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None,
         use_cpu_initialization=not platform.is_cuda(),
         bias_activation_fusion=platform.is_cuda(),
         # transformer-engine's fused RoPE (bshd and THD) needs no host sync per layer;

@@ -40,6 +40,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
+from megarm.distributed import sum_context
+
 
 class RewardModel(MegatronModule):
     """GPT trunk + value head. One instance is one pipeline stage (or model chunk).
@@ -227,8 +229,10 @@ class RewardModel(MegatronModule):
             else None
         )
         if packed_seq_params is not None:
-            # megatron-core applies RoPE per cu_seqlens segment from position 0.
-            rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q)
+            # megatron-core applies RoPE per cu_seqlens segment from position 0 (under
+            # CP to this rank's chunks: it divides the padded cu_seqlens by CP).
+            # packed_seq: never megatron-core's own CP slicing of the frequencies.
+            rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
         else:
             rotary_pos_emb = self.rotary(
                 position_ids, input_ids.shape[1], plain_positions, max_position
@@ -270,7 +274,8 @@ class RewardModel(MegatronModule):
             return self.rotary_pos_emb(seq_length)
         if max_position is None:
             max_position = int(position_ids.max())
-        freqs = self.rotary_pos_emb(max_position + 1)  # [n, 1, 1, d]
+        # packed_seq: the whole table; a batch cut for CP carries its own positions.
+        freqs = self.rotary_pos_emb(max_position + 1, packed_seq=True)  # [n, 1, 1, d]
         return freqs[:, 0][position_ids.t().to(freqs.device)]  # [s, b, 1, d]
 
     def rewards(
@@ -298,12 +303,21 @@ class RewardModel(MegatronModule):
         The head runs in fp32 whatever the parameter dtype: a bf16 product would
         round every reward to 8 mantissa bits (steps of ~0.03 at |r| 4-8), creating
         ties in pairwise accuracy and a coarse loss.
+
+        Under context parallelism a sequence's reward token is on one CP rank
+        (``reward_index`` -1 on the others): each rank's rewards are summed over the
+        CP group, so every rank has all of them and the loss is the CP=1 loss.
         """
         if reward_row is None:
             reward_row = torch.arange(hidden.shape[1], device=hidden.device)
-        picked = hidden[reward_index, reward_row]  # [n, h]
+        held = reward_index >= 0
+        picked = hidden[reward_index.clamp(min=0), reward_row]  # [n, h]
         weight = self.value_head.weight
-        return torch.nn.functional.linear(picked.float(), weight.float()).squeeze(-1)
+        rewards = torch.nn.functional.linear(picked.float(), weight.float()).squeeze(-1)
+        if self.config.context_parallel_size == 1:
+            return rewards
+        rewards = torch.where(held, rewards, torch.zeros_like(rewards))
+        return sum_context(rewards, parallel_state.get_context_parallel_group())
 
     def lm_losses(self, hidden: Tensor, lm_index: Tensor, lm_target: Tensor) -> Tensor:
         """Next-token cross-entropy ``[m]`` at the ``lm_index`` positions of the

@@ -18,10 +18,13 @@ from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 from torch import Tensor
 
 from megarm.model.attention import PackedSegments
+from megarm.model.context_split import split_batch
 
 LossFn = Callable[["PairBatch", object], tuple[Tensor, dict[str, Tensor]]]
 """``loss(batch, output) -> (loss, outputs)``: what the schedule takes at the last stage."""
@@ -71,15 +74,28 @@ class PairBatch:
     lm_scale: float = 0.0
     """Turns this micro-batch's cross-entropy sum into its share of the global
     batch's token mean (set by the training loop; see the module docstring)."""
+    lengths: Tensor | None = None
+    """``[n]`` real tokens of each sequence, kept when the batch is cut for context
+    parallelism (this rank's positions no longer hold every reward token)."""
+    context_rank: int = 0
+    """The context-parallel rank this batch was cut for (:mod:`megarm.model.context_split`)."""
+    context_size: int = 1
+    """CP ranks the batch was cut over (1: not cut). ``reward_index`` is then -1
+    for sequences whose reward token another CP rank holds."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
         if self.cu_seqlens is None:
             return None
+        # Cut for CP, cu_seqlens are the padded global boundaries: megatron-core's
+        # RoPE and transformer-engine read them as cu_seqlens_*_padded.
+        padded = self.cu_seqlens if self.context_size > 1 else None
         return PackedSegments(
             qkv_format="thd",
             cu_seqlens_q=self.cu_seqlens,
             cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=padded,
+            cu_seqlens_kv_padded=padded,
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
             seq_lengths=self.seq_lengths,
@@ -128,12 +144,29 @@ def model_forward(batch: PairBatch, model: torch.nn.Module) -> Tensor | tuple:
 def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module, loss: LossFn):
     """megatron-core forward step: every pipeline stage reads the same micro-batch.
 
-    Batches arrive on the host (pinned on CUDA) and move to the model's device here,
-    asynchronously, one micro-batch at a time.
+    Batches arrive on the host (pinned on CUDA); under context parallelism each is
+    cut to this rank's share there (:mod:`megarm.model.context_split`), then moves to
+    the model's device, asynchronously, one micro-batch at a time.
     """
     batch: PairBatch = next(data_iterator)
+    size = parallel_state.get_context_parallel_world_size()
+    if size > 1:
+        config = get_model_config(model)
+        multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        batch = split_batch(batch, parallel_state.get_context_parallel_rank(), size, multiple)
     batch = batch.to(next(model.parameters()).device)
     return model_forward(batch, model), partial(loss, batch)
+
+
+def holds_rewards() -> bool:
+    """This rank reports the schedule's rewards and pair statistics: TP rank 0 and CP
+    rank 0 of the last pipeline stage (one rank per data-parallel replica; the other
+    TP and CP ranks hold the same values)."""
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
 
 
 def reward_outputs(batch: PairBatch, output: Tensor | tuple) -> tuple[Tensor, dict[str, Tensor]]:

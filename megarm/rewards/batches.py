@@ -18,7 +18,7 @@ from torch import Tensor
 
 from megarm import distributed, platform
 from megarm.data.dataset import collate_pairs
-from megarm.model.step import PairBatch, run_schedule
+from megarm.model.step import PairBatch, holds_rewards, run_schedule
 
 
 def plan_batches(
@@ -115,8 +115,8 @@ def make_batches(
 
 def run_model(model: list[torch.nn.Module], batches: list[ScoreBatch]) -> dict[int, float]:
     """Rewards by row number for ``batches`` through the model's step under
-    megatron-core's pipeline schedule (forward only), on the ranks that hold the value
-    head (TP rank 0 of the last stage); an empty dict elsewhere."""
+    megatron-core's pipeline schedule (forward only), on the ranks that report rewards
+    (TP and CP rank 0 of the last stage); an empty dict elsewhere."""
     if not batches:
         return {}
     for chunk in model:
@@ -124,7 +124,7 @@ def run_model(model: list[torch.nn.Module], batches: list[ScoreBatch]) -> dict[i
     pair_batches = [b.pair_batch() for b in batches]
     with torch.no_grad():
         outputs = run_schedule(model, pair_batches, forward_only=True)
-    if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+    if not holds_rewards():
         return {}
     found: dict[int, float] = {}
     for batch, out in zip(batches, outputs, strict=True):

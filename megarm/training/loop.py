@@ -34,7 +34,7 @@ from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
 from megarm.model.builder import build_model, count_parameters, heads
 from megarm.model.moe import aux_loss_metrics
-from megarm.model.step import PairBatch, run_schedule
+from megarm.model.step import PairBatch, holds_rewards, run_schedule
 from megarm.rewards.benchmarks import BenchmarkEvaluator
 from megarm.rewards.stats import after_training
 from megarm.training.data import build_datasets, micro_batches
@@ -56,10 +56,7 @@ class Trainer:
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
-        self.is_logging_rank = (
-            ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and self.dp_rank == 0
-        )
+        self.is_logging_rank = holds_rewards() and self.dp_rank == 0
         self.contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.lock = self._lock_save_dir()
 
@@ -189,7 +186,9 @@ class Trainer:
         contributes), before the schedule runs."""
         if not self.has_lm_head:
             return
-        local = sum(b.lm_tokens for b in batches) if self.contributes else 0
+        # Counted before the batches are cut for CP: one CP rank per replica adds them.
+        counts = self.contributes and ps.get_context_parallel_rank() == 0
+        local = sum(b.lm_tokens for b in batches) if counts else 0
         total = float(all_reduce_host(torch.tensor([float(local)], dtype=torch.float64))[0])
         scale = len(batches) * self.dp_size / total if total else 0.0
         for batch in batches:
@@ -254,7 +253,7 @@ class Trainer:
         if not self.cfg.logging.log_dir:
             return
         mine: list[list[float]] = [[], []]
-        if self.contributes:
+        if holds_rewards():
             for out in outputs:
                 chosen, rejected = out["rewards"].float().cpu().chunk(2)
                 mine[0] += chosen.tolist()

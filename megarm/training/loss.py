@@ -59,7 +59,10 @@ def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
 
 def sequence_lengths(batch: PairBatch) -> Tensor:
     """``[2b]`` real tokens of each sequence: the position of its reward token + 1
-    (positions restart per packed sequence, so this holds packed or not)."""
+    (positions restart per packed sequence, so this holds packed or not; a batch
+    cut for context parallelism keeps them in ``lengths``)."""
+    if batch.lengths is not None:
+        return batch.lengths
     rows = (
         torch.arange(batch.reward_index.shape[0], device=batch.reward_index.device)
         if batch.reward_row is None
@@ -133,6 +136,12 @@ def loss_func(
             center_sq,
         ]
     )
+    if batch.context_rank:
+        # Every CP rank has the same rewards: pair and sequence sums count on CP rank 0;
+        # the LM sums are each rank's own positions and add up over CP.
+        keep = torch.zeros(len(STAT_KEYS), dtype=stats.dtype, device=device)
+        keep[[STAT_KEYS.index("lm_loss_sum"), STAT_KEYS.index("lm_tokens")]] = 1.0
+        stats = stats * keep
     out = {"stats": stats}
     if rewards is not None:
         out["rewards"] = rewards.detach()
@@ -155,9 +164,10 @@ def reduce_stats(
 ) -> dict[str, float]:
     """Sum the micro-batches' stats over all ranks and turn them into metrics.
 
-    ``outputs`` is what the schedule returned on this rank. Exactly one rank per
-    data-parallel replica must ``contribute`` (TP rank 0 of the last pipeline
-    stage); the others add zeros, so every rank ends with the same numbers. The
+    ``outputs`` is what the schedule returned on this rank. Exactly one TP rank per
+    data-parallel replica and CP rank must ``contribute`` (TP rank 0 of the last
+    pipeline stage; :func:`loss_func` keeps only the LM sums on CP ranks > 0); the
+    others add zeros, so every rank ends with the same numbers. The
     sums leave the device in one copy, after the schedule, and are reduced on the
     host group (:func:`megarm.distributed.all_reduce_host`).
 

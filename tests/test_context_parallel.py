@@ -1,0 +1,209 @@
+"""Context parallelism: CP=2 equals CP=1, in the split, in training and in scoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megarm.model.context_split import held_positions, locate, split_batch
+from megarm.testing import run_distributed
+from tests.helpers import load_full_state, pair_batch, randomize_, tiny_config
+
+# Sequences of up to 384 tokens: with CP=2 each rank holds 2 of the 4 chunks of each
+# of the micro-batch's 4 sequences (THD: every sequence cut on its own).
+SEQ = 384
+BASE = (
+    "training.global_batch_size=4",
+    "training.micro_batch_size=2",
+    "training.train_iters=10",
+    "training.eval_interval=0",
+    "data.synthetic_num_pairs=48",
+    f"data.seq_length={SEQ}",
+    "model.max_position_embeddings=512",
+    "data.split=100,0,0",
+    "optimizer.lr=1e-3",
+    "optimizer.lr_warmup_fraction=0.2",
+    "optimizer.clip_grad=1.0",
+    "logging.log_dir=null",
+)
+
+
+# --------------------------------------------------------------------------- the split
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_held_positions_cover_every_position_once_and_locate_inverts_them(size):
+    length = 2 * size * 5
+    seen = np.concatenate([held_positions(length, r, size) for r in range(size)])
+    assert sorted(seen.tolist()) == list(range(length))
+    for rank in range(size):
+        held = torch.from_numpy(held_positions(length, rank, size))
+        owner, local = locate(held, length // (2 * size), size)
+        assert owner.tolist() == [rank] * len(held)
+        assert local.tolist() == list(range(len(held)))
+
+
+def _lm(batch, rows: int):
+    """Give a batch an LM target at every labelled position (flat ``pos * rows + row``)."""
+    pos, row = torch.nonzero(batch.tokens.t() > 0, as_tuple=True)
+    batch.lm_index = pos * rows + row
+    batch.lm_target = batch.tokens.t()[pos, row]
+    batch.lm_tokens = int(pos.numel())
+    return batch
+
+
+def test_padded_rows_split_keeps_every_token_reward_and_lm_position_once():
+    batch = _lm(pair_batch(3, 30, 250, seed=2), rows=6)  # width 30 -> padded to 32
+    size = 2
+    shares = [split_batch(batch, r, size) for r in range(size)]
+    full_lengths = batch.position_ids[torch.arange(6), batch.reward_index] + 1
+    held_rewards = torch.zeros(6, dtype=torch.long)
+    for rank, share in enumerate(shares):
+        assert share.tokens.shape == (6, 16)
+        keep = torch.from_numpy(held_positions(32, rank, size))
+        padded = torch.nn.functional.pad(batch.tokens, (0, 2))
+        assert torch.equal(share.tokens, padded[:, keep])
+        assert torch.equal(share.position_ids, keep.expand(6, 16))
+        assert torch.equal(share.lengths, full_lengths)
+        mine = share.reward_index >= 0
+        held_rewards += mine.long()
+        # the held reward token is the sequence's last token
+        rows = torch.arange(6)[mine]
+        assert torch.equal(share.tokens[rows, share.reward_index[mine]],
+                           batch.tokens[rows, batch.reward_index[mine]])
+        got = share.tokens.t().reshape(-1)[share.lm_index]
+        assert torch.equal(got, share.lm_target)
+    assert held_rewards.tolist() == [1] * 6
+    assert sum(s.lm_tokens for s in shares) == batch.lm_tokens
+
+
+def test_thd_split_cuts_each_sequence_and_keeps_rewards_and_lm_positions():
+    from megarm.data.packing import collate_thd
+    from megarm.training.data import to_pair_batch
+
+    gen = np.random.RandomState(0)
+    samples = []
+    for n in ((37, 20), (9, 54)):
+        sample = {}
+        for key, length in zip(("chosen", "rejected"), n, strict=True):
+            ids = gen.randint(1, 250, length)
+            sample[f"{key}_input_ids"] = ids
+            sample[f"{key}_labels"] = ids
+        samples.append(sample)
+    batch = to_pair_batch(collate_thd(samples, 0, pad_to_multiple_of=2), lm=True)
+    size, multiple = 2, 2
+    shares = [split_batch(batch, r, size, multiple) for r in range(size)]
+    # each segment padded to a multiple of 2 * CP * TP = 8
+    assert shares[0].cu_seqlens.tolist() == [0, 40, 56, 80, 136]
+    assert shares[0].seq_lengths == (20, 8, 12, 28)
+    held = torch.zeros(4, dtype=torch.long)
+    # (token at the supervised position, its target): the same set over the shares
+    want = sorted(zip(batch.tokens[0, batch.lm_index].tolist(), batch.lm_target.tolist(), strict=True))
+    got = []
+    for share in shares:
+        assert share.tokens.shape[1] == sum(share.seq_lengths)
+        mine = share.reward_index >= 0
+        held += mine.long()
+        assert torch.equal(share.tokens[0, share.reward_index[mine]],
+                           batch.tokens[0, batch.reward_index[mine]])
+        got += zip(share.tokens[0, share.lm_index].tolist(), share.lm_target.tolist(), strict=True)
+    assert sorted(got) == want
+    assert held.tolist() == [1, 1, 1, 1]
+    assert sum(s.lm_tokens for s in shares) == batch.lm_tokens
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def _split_matches_megatron():
+    """On a CP=2 group: the padded-rows split is megatron-core's own."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megarm import distributed
+
+    distributed.init(context_parallel_size=2)
+    batch = pair_batch(2, 32, 250, seed=3)
+    mask = torch.rand(4, 1, 32, 32) > 0.5
+    batch.attention_mask = mask
+    batch.max_position = 31
+    share = split_batch(batch, ps.get_context_parallel_rank(), 2)
+    theirs = get_batch_on_this_cp_rank(
+        {"tokens": batch.tokens.clone(), "position_ids": batch.position_ids.clone(),
+         "attention_mask": mask.clone()}
+    )
+    return (
+        torch.equal(share.tokens, theirs["tokens"])
+        and torch.equal(share.position_ids, theirs["position_ids"])
+        and torch.equal(share.attention_mask, theirs["attention_mask"])
+    )
+
+
+def test_padded_rows_split_is_megatron_cores():
+    assert run_distributed(_split_matches_megatron, 2) == [True, True]
+
+
+def _train(overrides: tuple[str, ...], full: dict[str, torch.Tensor] | None):
+    """Train 10 iterations from known weights; return history (and the weights)."""
+    from megarm import distributed
+    from megarm.training.loop import Trainer
+
+    cfg = tiny_config(*BASE, *overrides)
+    distributed.init_from_config(cfg)
+    trainer = Trainer(cfg)
+    if full is None:
+        full = randomize_(trainer.model[0].module.state_dict())
+    load_full_state(trainer, full)
+    trainer.train()
+    keys = ("loss", "grad_norm", "accuracy", "tokens", "lm_loss")
+    history = [{k: h[k] for k in keys if k in h} for h in trainer.history]
+    return history, full
+
+
+REFERENCES = {"rows": (), "thd": ("data.packing=true", "data.packed_format=thd"),
+              "joint": ("training.objective=joint", "data.packing=true", "data.packed_format=thd")}
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {}
+
+
+def _reference(references: dict, kind: str):
+    if kind not in references:
+        ((history, full),) = run_distributed(_train, 1, REFERENCES[kind], None)
+        references[kind] = (history, full)
+    return references[kind]
+
+
+CP2 = ("parallel.context_parallel_size=2",)
+LAYOUTS = [
+    pytest.param("rows", 2, CP2, id="cp2-rows"),
+    pytest.param("thd", 2, CP2, id="cp2-thd"),
+    pytest.param("thd", 4, (*CP2, "parallel.tensor_model_parallel_size=2",
+                            "parallel.sequence_parallel=true"), id="tp2-sp-cp2-thd", marks=pytest.mark.slow),
+    pytest.param("rows", 4, (*CP2, "parallel.pipeline_model_parallel_size=2"), id="pp2-cp2-rows",
+                 marks=pytest.mark.slow),
+    pytest.param("thd", 4, (*CP2, "parallel.use_distributed_optimizer=true",
+                            "training.micro_batch_size=1"), id="dp2-cp2-distopt-thd", marks=pytest.mark.slow),
+    pytest.param("joint", 2, CP2, id="cp2-joint-thd", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("kind, world, overrides", LAYOUTS)
+def test_context_parallel_trains_like_cp1(references, kind, world, overrides):
+    expected, full = _reference(references, kind)
+    results = run_distributed(_train, world, (*REFERENCES[kind], *overrides), full)
+    for history, _ in results:  # every rank reports the same metrics
+        first, ref = history[0], expected[0]
+        assert math.isclose(first["loss"], ref["loss"], rel_tol=1e-6)
+        assert math.isclose(first["grad_norm"], ref["grad_norm"], rel_tol=1e-6)
+        assert first["tokens"] == ref["tokens"]
+        for got, want in zip(history, expected, strict=True):
+            assert abs(got["loss"] - want["loss"]) < 1e-5
+            assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5
+            if "lm_loss" in want:
+                assert abs(got["lm_loss"] - want["lm_loss"]) < 1e-5
