@@ -104,6 +104,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split every sequence over this many ranks (inputs too long for one device)",
+    )
+    p.add_argument(
         "--max-batch-tokens",
         type=int,
         default=16384,

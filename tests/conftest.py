@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 PAD_ID = 151643  # Qwen2.5's <|endoftext|>
 
 
-def build_reward_model(out: Path, tokenizer_dir: Path, seed: int = 3) -> Path:
+def build_reward_model(
+    out: Path, tokenizer_dir: Path, seed: int = 3, max_positions: int = 256
+) -> Path:
     """A random reward model whose weights are all perturbed (a misplaced tensor or a
     reward read one token off shows), saved with the tokenizer files."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
@@ -33,7 +35,7 @@ def build_reward_model(out: Path, tokenizer_dir: Path, seed: int = 3) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         rope_theta=1e6,
         rms_norm_eps=1e-6,
         pad_token_id=PAD_ID,
@@ -68,13 +70,17 @@ def rm_export(rm_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def rm_checkpoint(rm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``rm_export`` converted to a megarm torch_dist checkpoint (tokenizer copied)."""
-    out = tmp_path_factory.mktemp("rm_mcore") / "mcore"
+    return convert_to_mcore(rm_export, tmp_path_factory.mktemp("rm_mcore") / "mcore")
+
+
+def convert_to_mcore(export: Path, out: Path) -> Path:
+    """An HF reward model converted by ``ckpt_convert/hf2mcore.py`` (fp32)."""
     # Keep what PYTHONPATH already holds (tools/gpu_check.sh puts megatron-core there).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     done = subprocess.run(
-        [sys.executable, str(REPO / "ckpt_convert" / "hf2mcore.py"), "--load-dir", str(rm_export),
-         "--save-dir", str(out), "--params-dtype", "fp32", "--tokenizer-model", str(rm_export)],
+        [sys.executable, str(REPO / "ckpt_convert" / "hf2mcore.py"), "--load-dir", str(export),
+         "--save-dir", str(out), "--params-dtype", "fp32", "--tokenizer-model", str(export)],
         capture_output=True, text=True, env=env, cwd=str(REPO), timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

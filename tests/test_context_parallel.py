@@ -207,3 +207,91 @@ def test_context_parallel_trains_like_cp1(references, kind, world, overrides):
             assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5
             if "lm_loss" in want:
                 assert abs(got["lm_loss"] - want["lm_loss"]) < 1e-5
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _losses(overrides: tuple[str, ...]) -> tuple[int, list[float]]:
+    from megarm import distributed
+    from megarm.training.loop import Trainer
+
+    cfg = tiny_config(*BASE, "training.train_iters=6", "data.packing=true", *overrides)
+    distributed.init_from_config(cfg)
+    trainer = Trainer(cfg)
+    start = trainer.iteration
+    trainer.train()
+    return start, [h["loss"] for h in trainer.history]
+
+
+@pytest.mark.slow
+def test_cp2_resume_is_bitwise_and_a_cp2_checkpoint_resumes_at_cp1(tmp_path):
+    (_, straight), _ = run_distributed(_losses, 2, CP2)
+    save = f"checkpoint.save={tmp_path / 'ckpt'}"
+    run_distributed(_losses, 2, (*CP2, save, "training.exit_interval=3"))
+    load = f"checkpoint.load={tmp_path / 'ckpt'}"
+    (start, rest), _ = run_distributed(_losses, 2, (*CP2, load))
+    assert start == 3 and rest == straight[3:]  # bit for bit
+    # The checkpoint has no CP dimension: one rank at CP=1 continues the same run.
+    ((start, cp1),) = run_distributed(_losses, 1, (load,))
+    assert start == 3
+    assert math.isclose(cp1[0], straight[3], rel_tol=1e-6)
+    assert all(abs(a - b) < 1e-5 for a, b in zip(cp1, straight[3:], strict=True))
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+WORDS = ("alpha", "river", "stone", "garden", "signal", "copper", "window", "orbit", "lantern")
+
+
+@pytest.fixture(scope="module")
+def long_model(rm_tokenizer, tmp_path_factory):
+    """A tiny HF reward model with 4096 positions, and its megarm checkpoint."""
+    from tests.conftest import build_reward_model, convert_to_mcore
+
+    base = tmp_path_factory.mktemp("long_rm")
+    export = build_reward_model(base / "export", rm_tokenizer, max_positions=4096)
+    return export, convert_to_mcore(export, base / "mcore")
+
+
+def _score(argv: list[str]) -> int:
+    from megarm.score import main
+
+    return main(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, layout", [
+    pytest.param(2, [], id="cp2"),
+    pytest.param(4, ["--tensor-model-parallel-size", "2"], id="tp2-cp2"),
+])
+def test_score_at_cp2_equals_transformers_on_long_inputs(long_model, tmp_path, world, layout):
+    import json
+    import random
+
+    from tests.test_score import transformers_rewards
+
+    export, checkpoint = long_model
+    rng = random.Random(7)
+    rows = [
+        {"prompt": " ".join(rng.choice(WORDS) for _ in range(n)),
+         "chosen": " ".join(rng.choice(WORDS) for _ in range(40)),
+         "rejected": " ".join(rng.choice(WORDS) for _ in range(25))}
+        for n in (1100, 1400)
+    ]
+    data, out = tmp_path / "long.jsonl", tmp_path / "rewards.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--load", str(checkpoint), "--input", str(data), "--output", str(out),
+            "--context-parallel-size", "2", *layout]  # fmt: skip
+    assert run_distributed(_score, world, argv) == [0] * world
+    got = [(r["chosen_reward"], r["rejected_reward"]) for r in map(json.loads, out.open())]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export)
+    lengths = [len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["chosen"]}]))
+               for r in rows]
+    assert min(lengths) > 2000  # long enough that each CP rank holds real work
+    for pair, want in zip(got, transformers_rewards(export, rows), strict=True):
+        assert pair == pytest.approx(want, abs=1e-5)

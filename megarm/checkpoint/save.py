@@ -59,17 +59,20 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def layout() -> tuple[int, int, int]:
-    """(PP, TP, DP) sizes of this run: RNG states are saved per rank of this grid."""
-    return (
+def layout() -> tuple[int, ...]:
+    """(PP, TP, DP) sizes of this run, and CP when it is above 1: RNG states are saved
+    per rank of this grid (a CP=1 run keeps the three-entry grid of older checkpoints)."""
+    grid = (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_data_parallel_world_size(),
     )
+    cp = ps.get_context_parallel_world_size()
+    return grid if cp == 1 else (*grid, cp)
 
 
 def rng_sharded_object() -> ShardedObject:
-    """Every RNG this rank draws from, as one ShardedObject of the (PP, TP, DP) grid."""
+    """Every RNG this rank draws from, as one ShardedObject of the :func:`layout` grid."""
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -83,6 +86,8 @@ def rng_sharded_object() -> ShardedObject:
         ps.get_tensor_model_parallel_rank(),
         ps.get_data_parallel_rank(),
     )
+    if ps.get_context_parallel_world_size() > 1:
+        offset = (*offset, ps.get_context_parallel_rank())
     return ShardedObject("rng_state", state, layout(), offset, replica_id=0)
 
 

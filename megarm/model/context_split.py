@@ -92,11 +92,13 @@ def _split_rows(batch: PairBatch, rank: int, size: int, multiple: int) -> PairBa
     def pad(t: Tensor, value: int) -> Tensor:
         return torch.nn.functional.pad(t, (0, extra), value=value) if extra else t
 
-    if batch.max_position is None:  # plain arange positions, continued into the padding
+    if batch.max_position is None:
+        # Plain arange positions, continued into the padding; the batch stays "plain"
+        # (max_position None), so the model takes its RoPE table's rows for this
+        # rank's chunks as [s, 1, 1, d], which fused RoPE kernels accept.
         positions = torch.arange(full, device=batch.tokens.device).expand(rows, full)
-        max_position = full - 1
     else:
-        positions, max_position = pad(batch.position_ids, 0), batch.max_position
+        positions = pad(batch.position_ids, 0)
     mask = batch.attention_mask
     if mask is not None and extra:
         grown = torch.ones(rows, 1, full, full, dtype=torch.bool, device=mask.device)
@@ -122,7 +124,6 @@ def _split_rows(batch: PairBatch, rank: int, size: int, multiple: int) -> PairBa
         attention_mask=None if mask is None else mask[:, :, keep, :],
         reward_index=torch.where(owner == rank, local, -1),
         lengths=_lengths(batch),
-        max_position=max_position,
         lm_index=lm_index,
         lm_target=lm_target,
         lm_tokens=lm_tokens,

@@ -41,6 +41,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
 from megarm.distributed import sum_context
+from megarm.model.context_split import held_positions
 
 
 class RewardModel(MegatronModule):
@@ -271,7 +272,15 @@ class RewardModel(MegatronModule):
             arange = torch.arange(seq_length, device=position_ids.device)
             plain = torch.equal(position_ids, arange.expand_as(position_ids))
         if plain:
-            return self.rotary_pos_emb(seq_length)
+            cp = self.config.context_parallel_size
+            if cp == 1:
+                return self.rotary_pos_emb(seq_length)
+            # Rows cut for CP (megarm.model.context_split): this rank's two chunks of
+            # the whole row's table (megatron-core's own slicing needs CUDA).
+            freqs = self.rotary_pos_emb(seq_length * cp, packed_seq=True)
+            rank = parallel_state.get_context_parallel_rank()
+            keep = torch.from_numpy(held_positions(seq_length * cp, rank, cp))
+            return freqs.index_select(0, keep.to(freqs.device))
         if max_position is None:
             max_position = int(position_ids.max())
         # packed_seq: the whole table; a batch cut for CP carries its own positions.

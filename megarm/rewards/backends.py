@@ -49,6 +49,7 @@ class MegatronScorer:
         iteration: int | None = None,
         max_tokens: int = 16384,
         max_rows: int | None = None,
+        cp: int = 1,
     ) -> None:
         world = distributed.world_size_from_environ()
         self.load, self.max_tokens, self.max_rows = load, max_tokens, max_rows
@@ -61,6 +62,7 @@ class MegatronScorer:
         settings["parallel"] = {
             "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp,
+            "context_parallel_size": cp,
         }
         try:
             self.cfg: MegarmConfig = load_config(None, settings=settings)
@@ -74,7 +76,9 @@ class MegatronScorer:
             raise ScoringError(str(ConfigError(problems)))
         self.max_positions = self.cfg.model.max_position_embeddings
         self.vocab_size = self.cfg.model.vocab_size
-        self.launch = distributed.init(tp, pp, seed=self.cfg.training.seed)
+        self.launch = distributed.init(
+            tp, pp, seed=self.cfg.training.seed, context_parallel_size=cp
+        )
         self.model = build_model(self.cfg)
         load_model_weights(load, self.model, iteration)
         self.is_driver = self.launch.rank == 0
@@ -226,6 +230,8 @@ class ScorerSpec:
     """TP of a megarm checkpoint's scoring launch."""
     pipeline_model_parallel_size: int = 1
     """PP of a megarm checkpoint's scoring launch."""
+    context_parallel_size: int = 1
+    """CP of a megarm checkpoint's scoring launch (long inputs)."""
     max_batch_tokens: int = 16384
     """Padded tokens per micro-batch (rows x longest row)."""
     micro_batch_size: int | None = None
@@ -263,6 +269,7 @@ def open_scorer(args: ScorerSpec) -> tuple[Scorer, Encoder, RewardInfo]:
             args.iteration,
             args.max_batch_tokens,
             args.micro_batch_size,
+            args.context_parallel_size,
         )
     try:
         seq_length = args.seq_length or scorer.max_positions

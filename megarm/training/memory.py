@@ -210,7 +210,8 @@ def lm_logits_bytes(cfg: MegarmConfig, micro_batch_size: int | None = None) -> i
     if cfg.training.objective == "rm":
         return 0
     rows = (1 if cfg.training.objective == "sft" else 2) * (micro_batch_size or cfg.training.micro_batch_size)
-    tokens = SUPERVISED_FRACTION * rows * cfg.data.seq_length
+    # Under context parallelism each rank holds 1/CP of the supervised positions.
+    tokens = SUPERVISED_FRACTION * rows * cfg.data.seq_length / cfg.parallel.context_parallel_size
     return int(3 * 4 * tokens * padded_vocab_size(cfg.model) / cfg.parallel.tensor_model_parallel_size)
 
 
@@ -275,11 +276,19 @@ def activation_bytes(
     side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """Activation bytes of the first pipeline stage for micro-batches of
-    :func:`stream_tokens` tokens (``rows x data.seq_length`` when padded)."""
+    :func:`stream_tokens` tokens (``rows x data.seq_length`` when padded).
+
+    Context parallelism gives each rank ``1/CP`` of the tokens, plus what its
+    attention exchanges: megarm's SDPA path all-gathers every layer's K and V and
+    keeps the gathered copies for the backward (``2 x tokens x KV heads / TP x head
+    dim`` per layer); transformer-engine's p2p ring holds about as much in flight,
+    so the same term is counted for both."""
     m, p = cfg.model, cfg.parallel
-    s, h, a = cfg.data.seq_length, m.hidden_size, m.num_attention_heads
+    cp = p.context_parallel_size
+    s, h, a = cfg.data.seq_length // cp, m.hidden_size, m.num_attention_heads
     t = p.tensor_model_parallel_size
-    tokens = stream_tokens(cfg, micro_batch_size, side_lengths)  # "s b" of the formulas
+    full_tokens = stream_tokens(cfg, micro_batch_size, side_lengths)
+    tokens = full_tokens / cp  # "s b" of the formulas, this CP rank's share
     fused_attention = m.attention_backend != "unfused"
     score_term = 0.0 if (m.recompute_granularity == "selective" or fused_attention) else 5 * a * s / h
     if m.recompute_granularity == "full":
@@ -289,6 +298,10 @@ def activation_bytes(
     else:
         per_layer = tokens * h * (10 + 24 / t + score_term / t)
     scale = 2 if _dtype_bytes(cfg, cuda) == 4 else 1
+    if cp > 1 and m.recompute_granularity != "full":
+        kv_heads = max(1, m.num_query_groups // t)
+        # K and V of the whole sequence, 2 bytes per element as the formulas count
+        per_layer += 2 * 2 * full_tokens * kv_heads * head_dim(m)
     # 1F1B: the first stage keeps PP micro-batches of L/PP layers = L layers.
     in_flight = min(p.pipeline_model_parallel_size, _num_microbatches(cfg, world_size))
     layers = m.num_layers // p.pipeline_model_parallel_size * in_flight
@@ -297,9 +310,8 @@ def activation_bytes(
 
 def _num_microbatches(cfg: MegarmConfig, world_size: int | None = None) -> int:
     p = cfg.parallel
-    dp = (world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size) // (
-        p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    )
+    model_ranks = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    dp = (world_size or model_ranks) // model_ranks
     return max(1, cfg.training.global_batch_size // (cfg.training.micro_batch_size * max(dp, 1)))
 
 
@@ -329,16 +341,17 @@ def estimate(
     ``side_lengths`` (default: :func:`data_side_lengths` of the config's data) sizes
     packed streams."""
     p = cfg.parallel
-    dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
+    cp = p.context_parallel_size
+    dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cp))
     stages = range(p.pipeline_model_parallel_size) if pp_rank is None else [pp_rank]
     params = max(stage_parameters(cfg, r) for r in stages)
     width = _dtype_bytes(cfg, cuda)
     optim_per_param = 8 + (4 if width < 4 else 0)  # moments (+ fp32 main weights)
     optimizer = params * optim_per_param
     stepped = params  # parameters this rank's optimizer updates
-    if p.use_distributed_optimizer:
-        optimizer = -(-optimizer // dp)
-        stepped = -(-params // dp)
+    if p.use_distributed_optimizer:  # sharded over data x context parallel ranks
+        optimizer = -(-optimizer // (dp * cp))
+        stepped = -(-params // (dp * cp))
     if side_lengths is None and packed_format(cfg) == "thd":
         side_lengths = data_side_lengths(cfg)
     per_byte = 0.0 if fused_adam else (GPU_FOREACH_TRANSIENTS if cuda else CPU_STEP_TRANSIENTS)
