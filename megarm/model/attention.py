@@ -168,7 +168,7 @@ class SDPAttention(MegatronModule):
     def _global_order(self, gathered: Tensor) -> Tensor:
         """``[cp, 2c, ...]`` (each rank's two chunks) -> ``[2 cp c, ...]`` in sequence
         order: rank j's first chunk is chunk j, its second chunk 2cp-1-j."""
-        cp, local = gathered.shape[0], gathered.shape[1]
+        local = gathered.shape[1]
         halves = gathered.unflatten(1, (2, local // 2))
         first = halves[:, 0].flatten(0, 1)
         second = halves[:, 1].flip(0).flatten(0, 1)
