@@ -278,7 +278,7 @@ def test_score_at_cp2_equals_transformers_on_long_inputs(long_model, tmp_path, w
         {"prompt": " ".join(rng.choice(WORDS) for _ in range(n)),
          "chosen": " ".join(rng.choice(WORDS) for _ in range(40)),
          "rejected": " ".join(rng.choice(WORDS) for _ in range(25))}
-        for n in (1100, 1400)
+        for n in (2200, 2700)
     ]
     data, out = tmp_path / "long.jsonl", tmp_path / "rewards.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -290,8 +290,164 @@ def test_score_at_cp2_equals_transformers_on_long_inputs(long_model, tmp_path, w
 
     tok = AutoTokenizer.from_pretrained(export)
     lengths = [len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
-                                            {"role": "assistant", "content": r["chosen"]}]))
+                                            {"role": "assistant", "content": r["chosen"]}],
+                                           tokenize=True, return_dict=True)["input_ids"])
                for r in rows]
     assert min(lengths) > 2000  # long enough that each CP rank holds real work
     for pair, want in zip(got, transformers_rewards(export, rows), strict=True):
         assert pair == pytest.approx(want, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- dispatch, config, memory
+
+
+def test_te_attention_is_chosen_when_importable_and_given_the_cp_settings(monkeypatch):
+    """With transformer-engine, its attention (and CP communication) runs: megarm
+    hands it megatron-core's TE spec and the CP size and scheme in the config."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megarm import platform
+    from megarm.model import builder
+    from megarm.model.attention import SDPAttention
+
+    calls = []
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: True)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(builder, "get_gpt_layer_with_transformer_engine_spec",
+                        lambda *a, **k: calls.append((a, k)) or "te-spec")
+    cfg = tiny_config(*CP2, "parallel.cp_comm_type=a2a", "data.packing=true", "data.packed_format=thd")
+    assert builder.layer_spec(cfg) == "te-spec" and len(calls) == 1
+    config = builder.transformer_config(cfg)
+    assert (config.context_parallel_size, config.cp_comm_type) == (2, "a2a")
+    # Packed rows need megarm's block mask: the local spec, with megarm's CP attention.
+    rows = tiny_config(*CP2, "data.packing=true", "data.packed_format=rows")
+    spec = builder.layer_spec(rows)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: False)
+    spec = builder.layer_spec(cfg)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+
+
+@pytest.mark.parametrize("overrides, key, fix", [
+    (("data.seq_length=30",), "data.seq_length", "use 32"),
+    (("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+      "data.seq_length=36"), "data.seq_length", "use 40"),
+    (("model.attention_backend=unfused",), "model.attention_backend", "auto"),
+    (("parallel.context_parallel_size=0",), "parallel.context_parallel_size", ">= 1"),
+])
+def test_bad_cp_settings_are_refused_by_name(overrides, key, fix):
+    from megarm.config.checks import validate
+
+    problems = validate(tiny_config(*CP2, *overrides))
+    assert key in [p.key for p in problems]
+    assert fix in " ".join(p.message for p in problems if p.key == key)
+
+
+def test_world_must_divide_by_tp_cp_pp_and_dp_excludes_cp():
+    from megarm.config.checks import validate
+
+    cfg = tiny_config(*CP2, "parallel.tensor_model_parallel_size=2",
+                      "training.global_batch_size=4", "training.micro_batch_size=2")
+    (problem,) = validate(cfg, world_size=6)
+    assert problem.key == "parallel.context_parallel_size" and "TP x CP x PP" in problem.message
+    assert validate(cfg, world_size=8) == []  # DP = 8 / (2 x 2) = 2: 4 = 2 x 2
+    assert validate(cfg, world_size=4) == []
+
+
+def test_memory_estimate_per_cp_rank():
+    from megarm.training.memory import activation_bytes, estimate
+
+    base = ("data.seq_length=8192", "model.max_position_embeddings=16384",
+            "parallel.use_distributed_optimizer=true")
+    one = tiny_config(*base)
+    two = tiny_config(*base, *CP2)
+    a1, a2 = activation_bytes(one, world_size=2), activation_bytes(two, world_size=2)
+    # Half the tokens per rank, plus the gathered K/V of the whole sequence per layer.
+    # K+V, 2 B (x2: fp32), tokens (2 pairs x 2 sides), KV heads, head dim, layers
+    kv = 2 * 2 * 2 * (2 * 2 * 8192) * 2 * 16 * 4
+    assert a2 == pytest.approx(a1 / 2 + kv, rel=1e-6)
+    # The distributed optimizer shards over data x context ranks (DP=1, CP=2 here).
+    assert estimate(two, 2).optimizer == pytest.approx(estimate(one, 2).optimizer, rel=1e-3)
+    assert estimate(two, 2).optimizer == pytest.approx(estimate(one, 1).optimizer / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("limit", [None, 100])
+def test_a_causal_tail_equals_the_last_rows_of_full_causal_attention(monkeypatch, limit):
+    """The CP chunk attention (queries at the end of a longer key range), whole or in
+    query blocks (where the CPU would build the lower-right mask), equals the same
+    rows of plain causal attention over the whole sequence."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megarm.model import attention
+    from megarm.model.builder import transformer_config
+
+    monkeypatch.setattr(attention, "max_mask_elements", lambda device: limit)
+    core = attention.SDPAttention(transformer_config(tiny_config()), 1, AttnMaskType.causal, "self")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(48, 2, n, 16, generator=gen) for n in (4, 2, 2))
+    full = core._attend(q, k, v, None, AttnMaskType.causal)
+    tail = core._causal_tail(q[24:40], k, v, end=40)
+    torch.testing.assert_close(tail, full[24:40], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- a 100k-token pair
+
+LONG = 131072
+
+
+def _long_forward(prefix: str, cp: int) -> list[float]:
+    """One forward (CP=``cp``) of a 1-layer model over the preprocessed long pair."""
+    from megarm import distributed
+    from megarm.model.builder import build_model
+    from megarm.model.step import run_schedule
+    from megarm.training.data import build_datasets, micro_batches
+
+    cfg = tiny_config(
+        "model.num_layers=1", "model.hidden_size=16", "model.ffn_hidden_size=32",
+        "model.num_attention_heads=2", "model.num_query_groups=1", "model.vocab_size=151936",
+        f"model.max_position_embeddings={LONG}", f"data.seq_length={LONG}", f"data.data_path={prefix}",
+        "data.split=100,0,0", "training.global_batch_size=1", "training.micro_batch_size=1",
+        f"parallel.context_parallel_size={cp}",
+    )
+    distributed.init_from_config(cfg)
+    (model,) = build_model(cfg)
+    model.load_state_dict(randomize_(model.state_dict(), seed=5), strict=False)
+    data = build_datasets(cfg)
+    batch = next(micro_batches(data.train, cfg, data.pad_token_id, 0, 1, shuffle=False))
+    with torch.no_grad():
+        (out,) = run_schedule([model], [batch], forward_only=True)
+    return out["rewards"].tolist()
+
+
+@pytest.mark.slow
+def test_a_100k_token_pair_preprocesses_checks_and_runs_at_cp2(rm_tokenizer, tmp_path):
+    import json
+    import random
+
+    from megarm.data.integrity import read_stats
+    from megarm.data.preprocess import main as preprocess
+    from megarm.preflight import resolve
+
+    rng = random.Random(3)
+    record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(24000)),
+              "chosen": " ".join(rng.choice(WORDS) for _ in range(2000)),
+              "rejected": " ".join(rng.choice(WORDS) for _ in range(1000))}
+    raw = tmp_path / "long.jsonl"
+    raw.write_text(json.dumps(record) + "\n")
+    prefix = str(tmp_path / "data" / "long")
+    assert preprocess(["--input", str(raw), "--output-prefix", prefix, "--tokenizer-name-or-path",
+                       str(rm_tokenizer), "--handler-name", "pairwise_messages",
+                       "--seq-length", str(LONG)]) == 0  # fmt: skip
+    stats = read_stats(prefix)
+    assert stats["counts"]["kept"] == 1 and stats["counts"]["truncated"] == 0, stats["counts"]
+    assert sum(q["max"] for q in stats["lengths"].values()) > 100_000, stats["lengths"]
+    # The start-up data checks accept it at this length and CP=2.
+    resolve(None, [f"data.data_path={prefix}", f"data.seq_length={LONG}",
+                   f"model.max_position_embeddings={LONG}", "model.vocab_size=151936",
+                   "parallel.context_parallel_size=2", "training.global_batch_size=1",
+                   "training.micro_batch_size=1"], world_size=2)
+    cp2 = run_distributed(_long_forward, 2, prefix, 2)
+    (cp1,) = run_distributed(_long_forward, 1, prefix, 1)
+    assert cp2[0] == cp2[1]
+    assert cp2[0] == pytest.approx(cp1, abs=1e-5)

@@ -58,3 +58,27 @@ def test_qwen_config_validates_with_real_shapes(path):
 
 def test_tiny_config_validates():
     resolve(ROOT / "configs/orm_trainer_tiny.yaml", [], 2)
+
+
+LONG = sorted(ROOT.glob("configs/long_*.yaml"))
+
+
+def test_long_input_configs_are_shipped():
+    assert [p.stem for p in LONG] == ["long_llama31_70b_128k", "long_qwen25_32b_32k", "long_qwen25_7b_32k"]
+
+
+@pytest.mark.parametrize("path", LONG, ids=lambda p: p.stem)
+def test_long_input_config_validates_and_fits_80gb(path):
+    """The context-parallel configs validate at their GPUs and their stated memory
+    estimate is the estimator's, under 80 GiB."""
+    from megarm.training.memory import GIB, estimate
+
+    world = intended_world_size(path)
+    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    p = cfg.parallel
+    assert p.context_parallel_size > 1 and cfg.data.packing
+    length = int(path.stem.rsplit("_", 1)[1][:-1]) * 1024
+    assert cfg.data.seq_length == length <= cfg.model.max_position_embeddings
+    peak = estimate(cfg, world).training_peak / GIB
+    assert peak < 80
+    assert f"{peak:.2f} GiB at the training peak" in path.read_text()

@@ -191,7 +191,7 @@ class ParallelConfig:
     pair too long for one device's activations fits; the numbers equal CP=1. The
     world is TP x CP x PP x DP ranks; ``data.seq_length`` must be a multiple of
     ``2 * CP`` (x TP with sequence parallelism). Raise CP for length, TP for model
-    size (docs/config.md, "Long inputs")."""
+    size (docs/long_inputs.md)."""
 
     cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
     """How transformer-engine's attention exchanges K/V under CP: ``p2p`` (a ring,

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from megarm.distributed import gather_context
-from megarm.platform.attention_kernels import sdpa_context
+from megarm.platform.attention_kernels import max_mask_elements, sdpa_context
 
 
 @dataclass
@@ -190,10 +190,23 @@ class SDPAttention(MegatronModule):
         rank = parallel_state.get_context_parallel_rank()
         chunk = query.shape[0] // 2
         ends = ((rank + 1) * chunk, (2 * self.cp - rank) * chunk)
-        return [
-            self._attend(q, keys[:end], values[:end], None, AttnMaskType.causal, lower_right=True)
-            for q, end in zip(query.split(chunk), ends, strict=True)
-        ]
+        return [self._causal_tail(q, keys, values, end) for q, end in zip(query.split(chunk), ends, strict=True)]
+
+    def _causal_tail(self, query: Tensor, keys: Tensor, values: Tensor, end: int) -> Tensor:
+        """Queries that are positions ``end - len(query) .. end - 1`` of a sequence,
+        causal over its keys ``[:end]``; in query blocks where the device would
+        materialise the mask (:func:`max_mask_elements`), each block then the tail
+        of a shorter key range (row by row the same softmax)."""
+        n = query.shape[0]
+        limit = max_mask_elements(query.device)
+        step = n if limit is None or n * end <= limit else max(1, limit // end)
+        parts = []
+        for start in range(0, n, step):
+            stop = end - (n - min(n, start + step))
+            block = query[start : start + step]
+            parts.append(self._attend(block, keys[:stop], values[:stop], None, AttnMaskType.causal,
+                                      lower_right=True))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _context_segments(self, query: Tensor, key: Tensor, value: Tensor,
                           packed: PackedSeqParams) -> Tensor:

@@ -88,3 +88,16 @@ def backend_report(device: torch.device, dtype: torch.dtype, heads: int = 14, gr
         "padded": chosen_backend(q, kv, kv, None, True, gqa),
         "padded_masked": chosen_backend(q, kv, kv, mask, False, gqa),
     }
+
+
+# A causal mask whose queries are the end of a longer key sequence (context
+# parallelism's chunks, lower-right aligned) has no fused CPU kernel: torch
+# materialises it (query x key elements, as floats, plus its gradient's). CUDA's
+# flash / memory-efficient kernels take the alignment as a flag and build nothing.
+_CPU_MASK_ELEMENTS = 1 << 24
+
+
+def max_mask_elements(device: torch.device) -> int | None:
+    """Most query x key elements one lower-right causal SDPA call should cover on
+    ``device`` (callers split the queries into blocks above it); ``None``: no limit."""
+    return None if device.type == "cuda" else _CPU_MASK_ELEMENTS
