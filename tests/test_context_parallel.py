@@ -430,7 +430,7 @@ def test_a_100k_token_pair_preprocesses_checks_and_runs_at_cp2(rm_tokenizer, tmp
     from megarm.preflight import resolve
 
     rng = random.Random(3)
-    record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(24000)),
+    record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(49000)),
               "chosen": " ".join(rng.choice(WORDS) for _ in range(2000)),
               "rejected": " ".join(rng.choice(WORDS) for _ in range(1000))}
     raw = tmp_path / "long.jsonl"

@@ -59,9 +59,11 @@ def _no_tf32():
     _exact_fp32()
 
 
-def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = None) -> list:
+def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = None,
+                    cp: int = 1, attention: str = "auto") -> list:
     """Rewards of the right- and left-padded batches on this rank's device; with
-    ``packed`` the right-padded rows also go through a packed layout."""
+    ``packed`` the right-padded rows also go through a packed layout. The last entry
+    is the core attention's class name (TE's, or megarm's SDPA)."""
     from megarm import distributed
     from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
@@ -72,8 +74,10 @@ def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = No
 
     _exact_fp32()
     cfg = load_config(None, [f"model.hf_config={mcore_dir}", f"model.params_dtype={dtype}",
-                             f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64"])
-    distributed.init(tp, 1)
+                             f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=64",
+                             f"parallel.context_parallel_size={cp}",
+                             f"model.attention_backend={attention}"])
+    distributed.init(tp, 1, context_parallel_size=cp)
     model = build_model(cfg)
     load_model_weights(mcore_dir, model)
     out = []
@@ -90,7 +94,8 @@ def _megarm_rewards(mcore_dir: str, tp: int, dtype: str, packed: str | None = No
         out.append(torch.tensor([found[r] for r in range(tokens.shape[0])]) if found else None)
     if packed:
         out.append(_packed_rewards(model[0], packed))
-    return out
+    core = model[0].decoder.layers[0].self_attention.core_attention
+    return [*out, type(core).__name__]
 
 
 def _packed_rewards(model: torch.nn.Module, layout: str) -> torch.Tensor:
@@ -157,7 +162,22 @@ def test_tp2_over_gloo_on_one_device_equals_tp1(rm_checkpoint):
     ranks = run_distributed(_megarm_rewards, 2, str(rm_checkpoint), 2, "fp32",
                             env={"MEGARM_DIST_BACKEND": "gloo"})
     tp2 = next(r for r in ranks if r[0] is not None)
-    for a, b in zip(tp2, tp1, strict=True):
+    for a, b in zip(tp2[:-1], tp1[:-1], strict=True):
+        _close(a, b, FP32_RTOL)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+def test_cp2_over_gloo_on_one_device_equals_cp1(rm_checkpoint, attention, record_property):
+    """Context parallelism on the device: megarm's SDPA path (all-gathered K/V), and
+    with ``auto`` transformer-engine's own CP attention where TE is installed (the
+    class that ran is recorded in tests.xml)."""
+    (cp1,) = run_distributed(_megarm_rewards, 1, str(rm_checkpoint), 1, "fp32")
+    ranks = run_distributed(_megarm_rewards, 2, str(rm_checkpoint), 1, "fp32", None, 2, attention,
+                            env={"MEGARM_DIST_BACKEND": "gloo"})
+    record_property("core_attention", ranks[0][-1])
+    cp2 = ranks[0]  # CP rank 0 reports the rewards (both ranks hold them)
+    assert ranks[1][0] is None
+    for a, b in zip(cp2[:-1], cp1[:-1], strict=True):
         _close(a, b, FP32_RTOL)
 
 
