@@ -181,7 +181,7 @@ def _reference(references: dict, kind: str):
 
 CP2 = ("parallel.context_parallel_size=2",)
 LAYOUTS = [
-    pytest.param("rows", 2, CP2, id="cp2-rows"),
+    pytest.param("rows", 2, CP2, id="cp2-rows", marks=pytest.mark.slow),
     pytest.param("thd", 2, CP2, id="cp2-thd"),
     pytest.param("thd", 4, (*CP2, "parallel.tensor_model_parallel_size=2",
                             "parallel.sequence_parallel=true"), id="tp2-sp-cp2-thd", marks=pytest.mark.slow),
