@@ -385,10 +385,16 @@ def test_a_causal_tail_equals_the_last_rows_of_full_causal_attention(monkeypatch
     monkeypatch.setattr(attention, "max_mask_elements", lambda device: limit)
     core = attention.SDPAttention(transformer_config(tiny_config()), 1, AttnMaskType.causal, "self")
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(48, 2, n, 16, generator=gen) for n in (4, 2, 2))
+    q, k, v = (torch.randn(48, 2, n, 16, generator=gen, requires_grad=True) for n in (4, 2, 2))
     full = core._attend(q, k, v, None, AttnMaskType.causal)
     tail = core._causal_tail(q[24:40], k, v, end=40)
     torch.testing.assert_close(tail, full[24:40], rtol=1e-6, atol=1e-6)
+    # and the gradients (the CPU recomputes masked calls in the backward)
+    weights = torch.randn(tail.shape, generator=gen)
+    want = torch.autograd.grad((full[24:40] * weights).sum(), (q, k, v))
+    got = torch.autograd.grad((tail * weights).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- a 100k-token pair

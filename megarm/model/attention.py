@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
@@ -200,12 +201,19 @@ class SDPAttention(MegatronModule):
         n = query.shape[0]
         limit = max_mask_elements(query.device)
         step = n if limit is None or n * end <= limit else max(1, limit // end)
+        # Where the mask is materialised, autograd would keep it (query x key bools)
+        # for the backward, more than the activations CP saves: such calls are
+        # recomputed in the backward instead (the mask lives only inside one call).
+        recompute = limit is not None and torch.is_grad_enabled()
         parts = []
         for start in range(0, n, step):
             stop = end - (n - min(n, start + step))
             block = query[start : start + step]
-            parts.append(self._attend(block, keys[:stop], values[:stop], None, AttnMaskType.causal,
-                                      lower_right=True))
+            args = (block, keys[:stop], values[:stop], None, AttnMaskType.causal, True)
+            if recompute and block.shape[0] != stop:  # a lower-right mask: materialised
+                parts.append(torch.utils.checkpoint.checkpoint(self._attend, *args, use_reentrant=False))
+            else:
+                parts.append(self._attend(*args))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _context_segments(self, query: Tensor, key: Tensor, value: Tensor,
