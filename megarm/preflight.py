@@ -102,25 +102,28 @@ def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:
 
 
 def _objective_data_problems(d: DataConfig, t: TrainingConfig) -> list[ConfigIssue]:
-    """SFT records train ``objective: sft`` only; preference pairs ``rm`` or ``joint``."""
+    """SFT records train ``objective: sft`` only, ranked records ``listwise`` only,
+    preference pairs ``rm`` or ``joint``."""
     from megarm.data.blend import data_kind, parse_data_path
 
     try:
         kinds = {prefix: data_kind(prefix) for _, prefix in parse_data_path(d.data_path)}  # type: ignore[arg-type]
     except ValueError:
         return []  # named by _validate_data_path
-    wanted = "sft" if t.objective == "sft" else "pairs"
+    wanted = {"sft": "sft", "listwise": "ranked"}.get(t.objective, "pairs")
+    what = {"sft": "SFT records", "ranked": "ranked records", "pairs": "preference pairs"}
+    objective_for = {"sft": "sft", "ranked": "listwise", "pairs": "rm or joint"}
+    fixes = {
+        "sft": "preprocess SFT records with --handler-name sft",
+        "ranked": "preprocess K scored responses per prompt with --handler-name ranked "
+        "(or ultrafeedback_ranked)",
+        "pairs": "preprocess preference pairs (e.g. --handler-name critique_pairs)",
+    }
     for prefix, kind in kinds.items():
         if kind is not None and kind != wanted:
-            fix = (
-                "preprocess SFT records with --handler-name sft"
-                if wanted == "sft"
-                else "preprocess preference pairs (e.g. --handler-name critique_pairs)"
-            )
             return [ConfigIssue(
                 "training.objective",
-                f"{t.objective} trains on {'SFT records' if wanted == 'sft' else 'preference pairs'}"
-                f" but {prefix} holds {'SFT records' if kind == 'sft' else 'preference pairs'}; "
-                f"set training.objective={'sft' if kind == 'sft' else 'rm or joint'} or {fix}",
+                f"{t.objective} trains on {what[wanted]} but {prefix} holds {what[kind]}; "
+                f"set training.objective={objective_for[kind]} or {fixes[wanted]}",
             )]
     return []

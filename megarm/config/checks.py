@@ -306,13 +306,20 @@ def _model_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
 
 
 def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
-    """The joint objective's loss weights."""
+    """The centring coefficient, list-wise synthetic data, the joint objective's loss
+    weights."""
     t = cfg.training
     issues = []
     if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
         issues.append(ConfigIssue(
             "training.center_rewards_coefficient",
             f"must be >= 0, got {t.center_rewards_coefficient}; use 0 to turn it off or e.g. 0.01",
+        ))
+    if t.objective == "listwise" and cfg.data.synthetic_num_responses < 2:
+        issues.append(ConfigIssue(
+            "data.synthetic_num_responses",
+            f"must be >= 2 (a ranking needs two responses), got "
+            f"{cfg.data.synthetic_num_responses}",
         ))
     if t.objective != "joint":
         return issues

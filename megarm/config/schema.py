@@ -218,7 +218,12 @@ class DataConfig:
     dataset's stats.json) and that it fits ``model.vocab_size``."""
 
     synthetic_num_pairs: int = 512
-    """Number of generated pairs when ``data_path`` is null."""
+    """Number of generated pairs when ``data_path`` is null (ranked records with
+    ``training.objective: listwise``)."""
+
+    synthetic_num_responses: int = 4
+    """Responses per generated ranked record (``training.objective: listwise`` with
+    ``data_path`` null); at least 2."""
 
     packing: bool = False
     """Pack the chosen and rejected sequences of a micro-batch's pairs together
@@ -241,10 +246,12 @@ class TrainingConfig:
 
     micro_batch_size: int = 2
     """Preference pairs per micro-batch per data-parallel rank (2x rows: chosen and
-    rejected go through one forward)."""
+    rejected go through one forward); records for ``sft`` and ``listwise`` (a ranked
+    record's K responses are K rows of one micro-batch)."""
 
     global_batch_size: int = 8
-    """Pairs per optimizer step over all data-parallel ranks and accumulation steps."""
+    """Pairs (records) per optimizer step over all data-parallel ranks and
+    accumulation steps."""
 
     train_iters: int = 10
     """Number of optimizer steps."""
@@ -282,7 +289,7 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     """Stop (after saving) after this many minutes of wall time."""
 
-    objective: Literal["rm", "sft", "joint"] = "rm"
+    objective: Literal["rm", "sft", "joint", "listwise"] = "rm"
     """What the model learns. ``rm``: a reward model, the Bradley-Terry loss on
     preference pairs (the value head only; no vocabulary-sized output layer is
     built). ``sft``: supervised fine-tuning, the next-token cross-entropy on the
@@ -291,7 +298,10 @@ class TrainingConfig:
     ``rm_loss_weight * BT + lm_loss_weight * LM`` with the LM loss over each side's
     supervised tokens (a critique, or a generated reason), as CLoud's stage 3 and
     WorldPM-style training. The LM loss is the mean over the supervised tokens of
-    the whole global batch."""
+    the whole global batch. ``listwise``: a reward model on ranked records (K scored
+    responses per prompt, ``--handler-name ranked`` or ``ultrafeedback_ranked``), the
+    Plackett-Luce loss over each record's score order (ties by Breslow's rule; K=2 is
+    Bradley-Terry); the batch sizes count records, each response runs once."""
 
     lm_loss_weight: float = 0.3
     """Weight of the LM (cross-entropy) loss in ``objective: joint``."""

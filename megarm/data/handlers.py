@@ -29,6 +29,9 @@ REJECT_REASONS = (
     "identical",
     "tie",
     "too_long",
+    "too_few_responses",
+    "score_count",
+    "label_range",
 )
 
 _ROLE_ALIASES = {
@@ -480,6 +483,11 @@ HANDLERS: dict[str, type[Handler]] = {
         SFTHandler,
     )
 }
+# Ranked records (K responses per prompt, objective listwise) live in their own module,
+# which builds on this one: registered here, after every name it imports exists.
+from megarm.data.ranked import RANKED_HANDLERS  # noqa: E402
+
+HANDLERS.update(RANKED_HANDLERS)
 # MindSpeed-RL's class names, so its dataset YAMLs work unchanged.
 HANDLER_ALIASES = {"AlpacaStylePairwiseHandler": "alpaca_pairwise"}
 

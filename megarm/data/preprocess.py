@@ -343,20 +343,32 @@ class _Tally:
         self.supervised_tokens = 0
         self.examples: list[str] = []  # the first rejects, quoted if the run fails
         self.max_token_id = -1  # checked against the model's vocabulary before training
+        self.responses = array("i")  # ranked records: responses per record
 
     def kept(self, result: tuple) -> None:
         _, prompt, chosen, rejected, _, truncated, supervised = result
+        if isinstance(chosen, list):  # a ranked record: K responses, one length each
+            self.responses.append(len(chosen))
+            self._count(prompt, chosen, truncated)
+            for tail in chosen:
+                self.lengths["responses"].append(len(prompt) + len(tail))
+                self.tokens["responses"] += len(prompt) + len(tail)
+                self.supervised_tokens += len(tail)
+            return
         tails = [chosen] if rejected is None else [chosen, rejected]
+        self._count(prompt, tails, truncated)
+        for side, tail, start in zip(self.sides, tails, supervised, strict=True):
+            self.lengths[side].append(len(prompt) + len(tail))
+            self.tokens[side] += len(prompt) + len(tail)
+            self.supervised_tokens += len(tail) - start
+
+    def _count(self, prompt: np.ndarray, tails: list[np.ndarray], truncated: bool) -> None:
         for ids in (prompt, *tails):
             if len(ids):
                 self.max_token_id = max(self.max_token_id, int(ids.max()))
         self.counts["records"] += 1
         self.counts["kept"] += 1
         self.counts["truncated"] += int(truncated)
-        for side, tail, start in zip(self.sides, tails, supervised, strict=True):
-            self.lengths[side].append(len(prompt) + len(tail))
-            self.tokens[side] += len(prompt) + len(tail)
-            self.supervised_tokens += len(tail) - start
 
     def rejected(self, raw: RawRecord, reason: str, detail: str) -> dict[str, Any]:
         """Count a rejected record; its line for the rejects file."""
@@ -407,7 +419,8 @@ def _stats(
         "megarm_version": megarm_version(),
         "handler": handler.name,
         # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
-        "kind": "sft" if handler.kind == "sft" else "critique_pairs" if critiques else "pairs",
+        "kind": handler.kind if handler.kind in ("sft", "ranked")
+        else "critique_pairs" if critiques else "pairs",
         "tokenizer": {
             "name_or_path": args.tokenizer_name_or_path,
             "vocab_sha256": vocab_sha256(tokenizer),
@@ -431,6 +444,10 @@ def _stats(
         "tokens": tally.tokens,
         "supervised_tokens": tally.supervised_tokens,
         "has_margin": handler.has_margin,
+        **({"responses_per_record": {
+            "min": int(min(tally.responses)), "max": int(max(tally.responses)),
+            "mean": round(float(np.mean(tally.responses)), 4),
+        }} if len(tally.responses) else {}),
         "max_token_id": tally.max_token_id,
         "seq_length": args.seq_length,
         "files": names,
@@ -447,11 +464,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     Every record is either written or listed in the rejects file with its reason;
     the outputs are renamed into place only when the run is accepted."""
     job, files = _prepare(args)
-    sft = job.handler.kind == "sft"
-    tally = _Tally(("sequences",) if sft else ("chosen", "rejected"), files,
-                   [record_unit(path) for path in files])
+    sft, ranked = job.handler.kind == "sft", job.handler.kind == "ranked"
+    sides = ("sequences",) if sft else ("responses",) if ranked else ("chosen", "rejected")
+    tally = _Tally(sides, files, [record_unit(path) for path in files])
     try:
-        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft)
+        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft, ranked)
     except OSError as exc:
         _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
@@ -506,7 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; no output written", file=sys.stderr)
         return 130
     counts = stats["counts"]
-    what = "SFT records" if stats["kind"] == "sft" else stats["kind"].replace("_", " ")
+    what = {"sft": "SFT records", "ranked": "ranked records"}.get(
+        stats["kind"], stats["kind"].replace("_", " "))
     print(
         f"wrote {counts['kept']} {what} ({counts['rejected']} rejected, {counts['truncated']} "
         f"truncated) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "

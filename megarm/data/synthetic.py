@@ -56,3 +56,53 @@ class SyntheticPairs:
             sample[f"{key}_labels"] = labels
         sample["margin"] = 0.0
         return sample
+
+
+class SyntheticRanked:
+    """``size`` deterministic ranked records of ``num_responses`` responses each, the
+    layout of :class:`megarm.data.dataset.RankedDataset` items.
+
+    Response ``j`` of a record draws a share ``1 - j / (K - 1)`` of its tokens from the
+    "good" set and the rest from the "bad" one, and scores ``K - 1 - j`` (distinct, the
+    response order shuffled per record), so a reward model can learn the ranking from
+    content alone."""
+
+    def __init__(
+        self,
+        size: int,
+        vocab_size: int,
+        seq_length: int,
+        num_responses: int = 4,
+        seed: int = 0,
+        first_id: int = 1,
+    ) -> None:
+        if num_responses < 2:
+            raise ValueError("ranked records need at least 2 responses")
+        self.pairs = SyntheticPairs(size, vocab_size, seq_length, seed, first_id)
+        self.num_responses = num_responses
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs
+        rng = np.random.RandomState((p.seed * 1_000_003 + index + 7_777) % 2**32)
+        k = self.num_responses
+        prompt = rng.choice(p.prompt_ids, rng.randint(2, max(2, p.seq_length // 2) + 1))
+        budget = p.seq_length - len(prompt)
+        ids_list, labels_list, scores = [], [], []
+        for j in rng.permutation(k):
+            n = rng.randint(1, budget + 1)
+            good = rng.random_sample(n) < 1.0 - j / (k - 1)
+            response = np.where(good, rng.choice(p.good, n), rng.choice(p.bad, n))
+            ids = np.concatenate([prompt, response]).astype(np.int32)
+            labels = ids.copy()
+            labels[: len(prompt)] = IGNORE_INDEX
+            ids_list.append(ids)
+            labels_list.append(labels)
+            scores.append(float(k - 1 - j))
+        return {
+            "ranked_input_ids": ids_list,
+            "ranked_labels": labels_list,
+            "scores": np.asarray(scores, dtype=np.float32),
+        }

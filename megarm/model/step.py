@@ -71,6 +71,13 @@ class PairBatch:
     lm_scale: float = 0.0
     """Turns this micro-batch's cross-entropy sum into its share of the global
     batch's token mean (set by the training loop; see the module docstring)."""
+    scores: Tensor | None = None
+    """``[n, K]`` scores of ``n`` ranked records (``training.objective: listwise``;
+    higher is better). The rows are the records' responses one record after another,
+    the row-major order of the ``valid`` slots; ``margin`` is then empty."""
+    valid: Tensor | None = None
+    """``[n, K]`` bool: which of a record's ``K`` slots hold a response (records with
+    fewer responses than the micro-batch's most are padded)."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
@@ -89,6 +96,11 @@ class PairBatch:
     def num_pairs(self) -> int:
         """Pairs in this micro-batch (0 for SFT records)."""
         return self.margin.shape[0]
+
+    @property
+    def num_records(self) -> int:
+        """Ranked records in this micro-batch (0 unless list-wise)."""
+        return 0 if self.scores is None else self.scores.shape[0]
 
     @property
     def num_sequences(self) -> int:

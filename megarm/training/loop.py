@@ -39,6 +39,7 @@ from megarm.rewards.benchmarks import BenchmarkEvaluator
 from megarm.rewards.stats import after_training
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.loss import loss_func, loss_weights, reduce_stats
+from megarm.training.memory import rows_per_record
 from megarm.training.metrics import MetricsWriter
 from megarm.training.optimizer import build_optimizer
 
@@ -87,6 +88,7 @@ class Trainer:
             config.no_sync_func = config.no_sync_func[0]
 
         self.data = build_datasets(cfg)
+        self.rows_per_record = rows_per_record(cfg)
         self.iteration = 0
         self.consumed_samples = 0
         self.resumed: Resumed | None = None
@@ -137,7 +139,8 @@ class Trainer:
             self.optimizer.zero_grad()
             outputs = self.run_schedule(batches, forward_only=False)
             metrics = reduce_stats(
-                outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+                outputs, self.contributes, self.loss_weights,
+                self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
             )
             if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
                 metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
@@ -198,7 +201,7 @@ class Trainer:
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
         rm_weight, lm_weight = self.loss_weights
-        rows = self.cfg.training.micro_batch_size * (1 if self.cfg.training.objective == "sft" else 2)
+        rows = self.cfg.training.micro_batch_size * self.rows_per_record
         return run_schedule(
             self.model,
             batches,
@@ -242,10 +245,11 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         metrics = reduce_stats(
-            outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+            outputs, self.contributes, self.loss_weights,
+            self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
         )
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
-        if self.has_value_head:
+        if self.has_value_head and t.objective in ("rm", "joint"):  # pairs: chosen, rejected
             self.write_eval_rewards(outputs)
         return metrics
 

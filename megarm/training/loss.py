@@ -30,6 +30,7 @@ from torch import Tensor
 
 from megarm.distributed import all_reduce_host
 from megarm.model.step import PairBatch
+from megarm.training.objectives import listwise
 
 # Per-micro-batch sums reduced over data-parallel ranks for metrics.
 STAT_KEYS = (
@@ -47,6 +48,8 @@ STAT_KEYS = (
     "lm_tokens",
     "sequences",
     "center_sq",
+    # training.objective listwise: megarm.training.objectives.listwise.STAT_KEYS.
+    *(f"list_{key}" for key in listwise.STAT_KEYS),
 )
 
 
@@ -55,6 +58,19 @@ def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
     chosen, rejected = rewards.float().chunk(2)
     gap = chosen - rejected
     return -F.logsigmoid(gap - margin.float()), gap
+
+
+def per_record(rewards: Tensor, valid: Tensor) -> Tensor:
+    """``[n, K]`` rewards of ``n`` ranked records from the ``[rows]`` rewards (records
+    one after another, :func:`megarm.data.dataset.sample_rows`); 0 at padded slots.
+    Differentiable in ``rewards``."""
+    return rewards.new_zeros(valid.shape).masked_scatter(valid, rewards)
+
+
+def listwise_center(rewards: Tensor, valid: Tensor) -> Tensor:
+    """``[n]`` centring terms of ranked records: ``(2 * mean_i r_i)^2`` over each
+    record's responses, which for ``K = 2`` is TRL's ``(r_chosen + r_rejected)^2``."""
+    return (2 * (rewards * valid).sum(-1) / valid.sum(-1)) ** 2
 
 
 def sequence_lengths(batch: PairBatch) -> Tensor:
@@ -97,6 +113,17 @@ def loss_func(
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
     center_sq = zero
+    list_stats = [zero] * len(listwise.STAT_KEYS)
+    if rewards is not None and batch.scores is not None:  # list-wise: no pairs
+        valid = batch.valid.bool()
+        ranked = per_record(rewards.float(), valid)
+        rm_loss = listwise.plackett_luce_loss(ranked, batch.scores, valid).mean()
+        centre = listwise_center(ranked, valid)
+        center_sq = centre.detach().double().sum()
+        if center_coef:
+            rm_loss = rm_loss + center_coef * centre.mean()
+        terms.append(rm_weight * rm_loss)
+        list_stats = list(listwise.ranking_stats(ranked, batch.scores, valid).unbind())
     if rewards is not None and batch.num_pairs:
         losses, gap = pairwise_loss(rewards, batch.margin)
         chosen, rejected = rewards.detach().double().chunk(2)
@@ -131,6 +158,7 @@ def loss_func(
             *lm_stats,
             _fill(float(batch.num_sequences), device),
             center_sq,
+            *list_stats,
         ]
     )
     out = {"stats": stats}
@@ -142,7 +170,7 @@ def loss_func(
 def loss_weights(cfg) -> tuple[float, float]:  # noqa: ANN001 - a megarm.config.MegarmConfig
     """``(rm_weight, lm_weight)`` of ``training.objective``."""
     t = cfg.training
-    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0)}.get(
+    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0), "listwise": (1.0, 0.0)}.get(
         t.objective, (t.rm_loss_weight, t.lm_loss_weight)
     )
 
@@ -152,6 +180,7 @@ def reduce_stats(
     contribute: bool = True,
     weights: tuple[float, float] = (1.0, 0.0),
     center_coef: float = 0.0,
+    objective: str = "rm",
 ) -> dict[str, float]:
     """Sum the micro-batches' stats over all ranks and turn them into metrics.
 
@@ -167,6 +196,12 @@ def reduce_stats(
     ``perplexity``. With ``center_coef`` (``training.center_rewards_coefficient``)
     the pairwise ``loss`` includes ``center_coef * mean((r_chosen + r_rejected)^2)``,
     logged alone as ``center_loss``, the Bradley-Terry part as ``bt_loss``.
+
+    ``objective="listwise"``: ``loss`` is the mean Plackett-Luce loss per record
+    (plus ``center_coef`` times the mean of :func:`listwise_center`, logged as
+    ``center_loss``, the ranking part as ``pl_loss``), with ``top1_accuracy``,
+    ``pairwise_accuracy`` (also as ``accuracy``), ``kendall_tau``, ``lists`` and
+    ``ranked_pairs`` (score-distinct pairs compared).
     """
     total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
     if contribute and outputs:
@@ -174,7 +209,24 @@ def reduce_stats(
     s = dict(zip(STAT_KEYS, all_reduce_host(total).tolist(), strict=True))
     rm_weight, lm_weight = weights
     metrics: dict[str, float] = {}
-    if s["pairs"] or not lm_weight:
+    if objective == "listwise":
+        ranked = listwise.ranking_metrics(
+            torch.tensor([s[f"list_{key}"] for key in listwise.STAT_KEYS], dtype=torch.float64)
+        )
+        metrics = {
+            "loss": ranked["loss"],
+            "accuracy": ranked["pairwise_accuracy"],
+            "top1_accuracy": ranked["top1_accuracy"],
+            "pairwise_accuracy": ranked["pairwise_accuracy"],
+            "kendall_tau": ranked["kendall_tau"],
+            "lists": ranked["lists"],
+            "ranked_pairs": ranked["pairs"],
+        }
+        if center_coef:
+            center_loss = center_coef * s["center_sq"] / max(s["list_lists"], 1.0)
+            metrics.update(pl_loss=metrics["loss"], center_loss=center_loss)
+            metrics["loss"] += center_loss
+    elif s["pairs"] or not lm_weight:
         n = max(s["pairs"], 1.0)
         chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
         metrics = {
