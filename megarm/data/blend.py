@@ -23,6 +23,9 @@ SFT_KEYS = ("input_ids", "labels")
 # Ranked records (--handler-name ranked / ultrafeedback_ranked): one document of K
 # sequences per record in the first two, its K scores (float32) in the third.
 RANKED_KEYS = ("ranked_input_ids", "ranked_labels", "scores")
+# Regression records (--handler-name regression / helpsteer2): one sequence each, and
+# one document of num_labels float32 targets (NaN: missing).
+REGRESSION_KEYS = ("input_ids", "labels", "targets")
 PACKED_RE = re.compile(r"_packed_(.*)_document(.*)$")
 
 
@@ -113,21 +116,26 @@ def prefix_problems(prefix: str) -> list[str]:
 
 
 def files_kind(files: dict[str, str]) -> str:
-    """``"ranked"``, ``"sft"`` or ``"pairs"``: what a prefix's packed keys hold."""
+    """``"ranked"``, ``"regression"``, ``"sft"`` or ``"pairs"``: what a prefix's
+    packed keys hold."""
     if "ranked_input_ids" in files or "scores" in files:
         return "ranked"
+    if "targets" in files:
+        return "regression"
     return "sft" if "input_ids" in files else "pairs"
 
 
 def required_keys(files: dict[str, str]) -> tuple[str, ...]:
     """The packed keys a prefix of this kind must have."""
-    return {"ranked": RANKED_KEYS, "sft": SFT_KEYS}.get(files_kind(files), REQUIRED_KEYS)
+    kinds = {"ranked": RANKED_KEYS, "regression": REGRESSION_KEYS, "sft": SFT_KEYS}
+    return kinds.get(files_kind(files), REQUIRED_KEYS)
 
 
 def data_kind(prefix: str) -> str | None:
     """``"sft"`` (SFT records), ``"pairs"`` (preference pairs, critique pairs
-    included), ``"ranked"`` (K scored responses per prompt) or ``None`` when the
-    prefix has no packed files."""
+    included), ``"ranked"`` (K scored responses per prompt), ``"regression"``
+    (responses with attribute labels) or ``None`` when the prefix has no packed
+    files."""
     try:
         with warnings.catch_warnings():  # packed_files already warns where it matters
             warnings.simplefilter("ignore")

@@ -30,6 +30,7 @@ import numpy as np
 
 from megarm.data.blend import (
     RANKED_KEYS,
+    REGRESSION_KEYS,
     REQUIRED_KEYS,
     SFT_KEYS,
     data_kind,
@@ -185,12 +186,36 @@ class RankedDataset:
         }
 
 
+class RegressionDataset(SFTDataset):
+    """The regression records under one prefix (``--handler-name regression`` or
+    ``helpsteer2``): ``dataset[i]`` is ``{"input_ids", "labels", "targets"}``, the
+    targets float32 ``[num_labels]`` (NaN where the record has no label);
+    ``label_names`` from stats.json."""
+
+    def __init__(
+        self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
+    ) -> None:
+        super().__init__(prefix, expected_vocab_sha256, mmap)
+        indexed = megatron_indexed_dataset()
+        self.files["targets"] = indexed.IndexedDataset(packed_files(prefix)["targets"], mmap=mmap)
+        from megarm.data.stats_file import read_stats
+
+        self.label_names = list((read_stats(prefix) or {}).get("label_names") or [])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {key: self.files[key][index] for key in REGRESSION_KEYS}
+        item["targets"] = np.array(item["targets"], dtype=np.float32)  # a copy
+        return item
+
+
 def open_dataset(prefix: str, expected_vocab_sha256: str | None = None) -> Any:
     """:class:`SFTDataset`, :class:`RankedDataset` or :class:`PairDataset`, whichever
     ``prefix`` holds."""
     kind = data_kind(prefix)
     if kind == "ranked":
         return RankedDataset(prefix, expected_vocab_sha256)
+    if kind == "regression":
+        return RegressionDataset(prefix, expected_vocab_sha256)
     if kind == "sft":
         return SFTDataset(prefix, expected_vocab_sha256)
     return PairDataset(prefix, expected_vocab_sha256)
@@ -368,6 +393,10 @@ def sample_ranks(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     valid slots is the order of :func:`sample_rows`."""
     import torch
 
+    if "targets" in samples[0]:
+        targets = torch.as_tensor(np.stack([np.asarray(s["targets"], np.float32) for s in samples]))
+        mask = torch.isfinite(targets)
+        return {"targets": targets.masked_fill(~mask, 0.0), "target_mask": mask}
     if "ranked_input_ids" not in samples[0]:
         return {}
     k = max(len(s["scores"]) for s in samples)

@@ -483,11 +483,14 @@ HANDLERS: dict[str, type[Handler]] = {
         SFTHandler,
     )
 }
-# Ranked records (K responses per prompt, objective listwise) live in their own module,
+# Ranked records (K responses per prompt, objective listwise) and regression records
+# (per-attribute labels, objective regression) live in their own modules,
 # which builds on this one: registered here, after every name it imports exists.
 from megarm.data.ranked import RANKED_HANDLERS  # noqa: E402
+from megarm.data.regression import REGRESSION_HANDLERS  # noqa: E402
 
 HANDLERS.update(RANKED_HANDLERS)
+HANDLERS.update(REGRESSION_HANDLERS)
 # MindSpeed-RL's class names, so its dataset YAMLs work unchanged.
 HANDLER_ALIASES = {"AlpacaStylePairwiseHandler": "alpaca_pairwise"}
 

@@ -22,7 +22,8 @@ from megarm.data.stats_file import RERUN, DataFileError, read_stats, stats_path
 
 MARGIN_KEY = "margin"
 SCORES_KEY = "scores"  # ranked records: K float32 scores per record
-FLOAT_KEYS = (MARGIN_KEY, SCORES_KEY)
+TARGETS_KEY = "targets"  # regression records: num_labels float32 per record
+FLOAT_KEYS = (MARGIN_KEY, SCORES_KEY, TARGETS_KEY)
 IGNORE_INDEX = -100
 SAMPLED_PAIRS = 64  # pairs whose tokens are compared across the four files
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -162,7 +163,7 @@ def check_files(prefix: str) -> IndexFile:
     if files_kind(files) == "ranked":
         return _check_ranked(prefix, files, stats)
     keys = [key for _, ids, labels in sides(files) for key in (ids, labels)]
-    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY)
+    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY, TARGETS_KEY)
                if key in files}
     for key, index in indexes.items():
         _check_index(index, key)
@@ -189,6 +190,14 @@ def check_files(prefix: str) -> IndexFile:
             )
     if MARGIN_KEY in indexes and np.any(indexes[MARGIN_KEY].lengths != 1):
         raise DataFileError(f"{indexes[MARGIN_KEY].path} must hold one value per pair; {RERUN}")
+    if TARGETS_KEY in indexes:
+        names = stats.get("label_names")
+        want = len(names) if isinstance(names, list) else int(indexes[TARGETS_KEY].lengths[:1].max(initial=0))
+        if np.any(indexes[TARGETS_KEY].lengths != want):
+            raise DataFileError(
+                f"{indexes[TARGETS_KEY].path} must hold {want} labels per record "
+                f"(label_names {names} in {stats_path(prefix)}); {RERUN}"
+            )
     if stats:  # megarm's own layout: labels mask a prefix (a prompt both sides share)
         # Critique pairs supervise the critique only: their masked prefixes differ.
         _check_sampled_pairs(indexes, sides(files), stats.get("kind", "pairs") == "pairs")
@@ -253,7 +262,7 @@ def _check_sampled_pairs(
     tokens = {
         key: np.memmap(index.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
         if index.bin_bytes() else np.zeros(0, np.int32)
-        for key, index in indexes.items() if key != MARGIN_KEY
+        for key, index in indexes.items() if key not in FLOAT_KEYS
     }
 
     def row(key: str, i: int) -> np.ndarray:

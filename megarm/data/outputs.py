@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from megarm.data.blend import PACKED_RE, RANKED_KEYS, SFT_KEYS
+from megarm.data.blend import PACKED_RE, RANKED_KEYS, REGRESSION_KEYS, SFT_KEYS
 from megarm.data.dataset import (
     IGNORE_INDEX,
     MARGIN_KEY,
@@ -76,12 +76,17 @@ def _raise_write_error(exc: OSError, prefix: str) -> NoReturn:
 class _Outputs:
     """The temporary files of one run and their promotion to final names."""
 
-    def __init__(self, prefix: str, has_margin: bool, sft: bool = False, ranked: bool = False) -> None:
+    def __init__(
+        self, prefix: str, has_margin: bool, sft: bool = False, ranked: bool = False,
+        regression: bool = False,
+    ) -> None:
         IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
         self.prefix = prefix
         self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
         if ranked:
             self.keys = RANKED_KEYS
+        elif regression:
+            self.keys = REGRESSION_KEYS
         else:
             self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
         self.paths: list[tuple[str, str]] = []  # (temporary, final)
@@ -94,7 +99,7 @@ class _Outputs:
         self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
         try:
             for key in self.keys:
-                dtype = np.float32 if key in (MARGIN_KEY, "scores") else np.int32
+                dtype = np.float32 if key in (MARGIN_KEY, "scores", "targets") else np.int32
                 tmp = packed_path(self.tmp_prefix, key) + ".bin"
                 self.builders[key] = IndexedDatasetBuilder(tmp, dtype=dtype)
             self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
@@ -113,7 +118,8 @@ class _Outputs:
         """One record: a pair (``chosen`` / ``rejected`` tails after the prompt), an
         SFT record (``chosen`` is its target, ``rejected`` ``None``) or a ranked record
         (``chosen`` the list of its K response tails, ``margin`` its K scores: one
-        document of K sequences, and one of K scores). Labels are -100 over the prompt
+        document of K sequences, and one of K scores), or a regression record (an
+        SFT record with its labels as ``margin``). Labels are -100 over the prompt
         and the first ``supervised[k]`` tokens of tail ``k``."""
         if isinstance(chosen, list):
             rows = [np.concatenate([prompt, tail]) for tail in chosen]
@@ -138,6 +144,9 @@ class _Outputs:
             self.builders[f"{side}labels"].add_document(labels, [len(labels)])
         if MARGIN_KEY in self.builders:
             self.builders[MARGIN_KEY].add_document(np.array([margin], dtype=np.float32), [1])
+        if "targets" in self.builders:  # a regression record's labels (NaN: missing)
+            targets = np.asarray(margin, dtype=np.float32)
+            self.builders["targets"].add_document(targets, [len(targets)])
 
     def reject(self, entry: dict[str, Any]) -> None:
         self.rejects.write(json.dumps(entry, ensure_ascii=False, default=repr) + "\n")

@@ -106,3 +106,39 @@ class SyntheticRanked:
             "ranked_labels": labels_list,
             "scores": np.asarray(scores, dtype=np.float32),
         }
+
+
+class SyntheticRegression:
+    """``size`` deterministic regression records of ``num_labels`` attributes, the
+    layout of :class:`megarm.data.dataset.RegressionDataset` items.
+
+    A record's response draws a random share ``q`` of its tokens from the "good"
+    set; attribute ``a`` is ``4 q`` for even ``a`` and ``4 (1 - q)`` for odd ``a``
+    (learnable from content alone), and every fifth record misses attribute
+    ``index % num_labels`` (NaN), so the masked loss is exercised."""
+
+    def __init__(
+        self, size: int, vocab_size: int, seq_length: int, num_labels: int = 1, seed: int = 0,
+        first_id: int = 1,
+    ) -> None:
+        self.pairs = SyntheticPairs(size, vocab_size, seq_length, seed, first_id)
+        self.num_labels = num_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs
+        rng = np.random.RandomState((p.seed * 1_000_003 + index + 99_991) % 2**32)
+        prompt = rng.choice(p.prompt_ids, rng.randint(2, max(2, p.seq_length // 2) + 1))
+        n = rng.randint(1, p.seq_length - len(prompt) + 1)
+        q = rng.random_sample()
+        response = np.where(rng.random_sample(n) < q, rng.choice(p.good, n), rng.choice(p.bad, n))
+        ids = np.concatenate([prompt, response]).astype(np.int32)
+        labels = ids.copy()
+        labels[: len(prompt)] = IGNORE_INDEX
+        targets = np.asarray([4 * q if a % 2 == 0 else 4 * (1 - q) for a in range(self.num_labels)],
+                             dtype=np.float32)
+        if self.num_labels > 1 and index % 5 == 0:
+            targets[index % self.num_labels] = np.nan
+        return {"input_ids": ids, "labels": labels, "targets": targets}

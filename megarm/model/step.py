@@ -78,6 +78,14 @@ class PairBatch:
     valid: Tensor | None = None
     """``[n, K]`` bool: which of a record's ``K`` slots hold a response (records with
     fewer responses than the micro-batch's most are padded)."""
+    targets: Tensor | None = None
+    """``[n, num_labels]`` attribute labels of ``n`` regression records (one row each;
+    ``training.objective: regression``), 0 where missing."""
+    target_mask: Tensor | None = None
+    """``[n, num_labels]`` bool: which labels the records have."""
+    target_scale: float = 0.0
+    """Turns this micro-batch's weighted squared-error sum into its share of the
+    global batch's weighted mean (set by the training loop, like ``lm_scale``)."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""

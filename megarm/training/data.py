@@ -2,7 +2,7 @@
 
 ``training.objective: sft`` reads SFT records (one row each), ``rm`` and ``joint``
 preference pairs (two rows each), ``listwise`` ranked records (K rows each, with
-their scores). With an LM loss (``sft``, ``joint``) each
+their scores), ``regression`` records (one row each, with their attribute labels). With an LM loss (``sft``, ``joint``) each
 micro-batch also carries the positions whose next token is supervised and those
 tokens, found here on the host (:func:`lm_positions`)."""
 
@@ -28,7 +28,7 @@ from megarm.data.dataset import (
 )
 from megarm.data.packing import collate_packed, collate_thd
 from megarm.data.stats_file import recorded_pad_id
-from megarm.data.synthetic import SyntheticPairs, SyntheticRanked
+from megarm.data.synthetic import SyntheticPairs, SyntheticRanked, SyntheticRegression
 from megarm.model.step import PairBatch
 
 
@@ -124,6 +124,14 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
             cfg.data.synthetic_num_responses,
             seed=cfg.training.seed,
         )
+    if cfg.training.objective == "regression":
+        pairs = SyntheticRegression(
+            cfg.data.synthetic_num_pairs,
+            min(cfg.model.vocab_size, 1024),
+            cfg.data.seq_length,
+            cfg.model.num_labels,
+            seed=cfg.training.seed,
+        )
     if cfg.training.objective == "sft":
         pairs = ChosenAsSFT(pairs)
     (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
@@ -183,6 +191,7 @@ def to_pair_batch(collated: dict[str, torch.Tensor], lm: bool = False) -> PairBa
 def _layout(collated: dict[str, torch.Tensor]) -> PairBatch:
     batch = _rows(collated)
     batch.scores, batch.valid = collated.get("scores"), collated.get("valid")
+    batch.targets, batch.target_mask = collated.get("targets"), collated.get("target_mask")
     return batch
 
 

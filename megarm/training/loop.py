@@ -29,6 +29,7 @@ from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
 from megarm.checkpoint.metadata import CONVENTION_KEY
 from megarm.config import MegarmConfig, to_dict, to_yaml
+from megarm.config.checks import label_names, label_weights
 from megarm.data.blend import parse_data_path
 from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
@@ -89,6 +90,7 @@ class Trainer:
 
         self.data = build_datasets(cfg)
         self.rows_per_record = rows_per_record(cfg)
+        self.label_names, self.label_weights = label_names(cfg), label_weights(cfg)
         self.iteration = 0
         self.consumed_samples = 0
         self.resumed: Resumed | None = None
@@ -134,6 +136,7 @@ class Trainer:
             start = time.perf_counter()
             batches = list(islice(self.train_stream, self.num_microbatches))
             self.scale_lm_loss(batches)
+            self.scale_regression_loss(batches)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -141,6 +144,7 @@ class Trainer:
             metrics = reduce_stats(
                 outputs, self.contributes, self.loss_weights,
                 self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
+                self.label_names, self.label_weights,
             )
             if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
                 metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
@@ -179,7 +183,7 @@ class Trainer:
         if self.cfg.checkpoint.save and not self.should_save():
             self.save()
         # Reward mean/std over the validation split, beside the last checkpoint's weights.
-        if self.has_value_head:
+        if self.has_value_head and t.objective != "regression":  # one reward per sequence
             after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
         return metrics
 
@@ -198,6 +202,21 @@ class Trainer:
         for batch in batches:
             batch.lm_scale = scale
 
+    def scale_regression_loss(self, batches: list[PairBatch]) -> None:
+        """``objective: regression``: every micro-batch's ``target_scale``, so the
+        step's loss is the global batch's weighted mean squared error whatever the
+        micro-batches' label counts (known on the host, summed over data-parallel
+        ranks in one host all-reduce, as :meth:`scale_lm_loss`)."""
+        if self.cfg.training.objective != "regression":
+            return
+        weights = torch.tensor(self.label_weights, dtype=torch.float64)
+        local = sum(float((weights * b.target_mask.sum(0)).sum()) for b in batches) \
+            if self.contributes else 0.0
+        total = float(all_reduce_host(torch.tensor([local], dtype=torch.float64))[0])
+        scale = len(batches) * self.dp_size / total if total else 0.0
+        for batch in batches:
+            batch.target_scale = scale
+
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
         rm_weight, lm_weight = self.loss_weights
@@ -210,6 +229,7 @@ class Trainer:
                 rm_weight=rm_weight,
                 lm_weight=lm_weight,
                 center_coef=self.cfg.training.center_rewards_coefficient,
+                label_weights=torch.tensor(self.label_weights, dtype=torch.float32),
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,
@@ -247,6 +267,7 @@ class Trainer:
         metrics = reduce_stats(
             outputs, self.contributes, self.loss_weights,
             self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
+                self.label_names, self.label_weights,
         )
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
         if self.has_value_head and t.objective in ("rm", "joint"):  # pairs: chosen, rejected

@@ -191,7 +191,7 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     if last:
         count += h  # final norm
         if cfg.training.objective != "sft":
-            count += h  # value head
+            count += h * m.num_labels  # value head
         # The output layer of sft/joint: its own weight, or (tied) a copy of the
         # embedding on the last stage when that is not also the first.
         if cfg.training.objective in ("sft", "joint") and (not m.tie_word_embeddings or pp_rank > 0):
@@ -200,12 +200,13 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
 
 
 def rows_per_record(cfg: MegarmConfig) -> int:
-    """Sequences one record puts through the model: 1 for ``sft``, 2 for a pair
+    """Sequences one record puts through the model: 1 for ``sft`` and
+    ``regression``, 2 for a pair
     (``rm``, ``joint``), K for a ranked record (``listwise``: the most responses of
     any record, from the data's stats.json ``responses_per_record``; without data
     ``data.synthetic_num_responses``)."""
     objective = cfg.training.objective
-    if objective == "sft":
+    if objective in ("sft", "regression"):
         return 1
     if objective != "listwise":
         return 2
