@@ -22,8 +22,8 @@ import numpy as np
 
 from megarm.data.handlers import Handler, Pair, RecordError, SFTRecord
 from megarm.data.ranked import RankedRecord
-from megarm.data.regression import RegressionRecord
 from megarm.data.readers import RawRecord
+from megarm.data.regression import RegressionRecord
 from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT, Template, critique_turn
 
 TRUNCATION_POLICIES = ("left", "right", "drop")
