@@ -324,12 +324,23 @@ class Trainer:
                     f"training.objective={objective} trains: convert the HF model with "
                     "ckpt_convert/hf2mcore.py --keep-lm-head (or start from an SFT run)"
                 )
-        if self.has_value_head and head_weight("value") not in stored:
+        value = head_weight("value")
+        # A reward model's 1-output head does not fit a regression head of
+        # model.num_labels outputs: that head starts fresh too (weights-only start).
+        other_head = value in stored and tuple(stored[value].global_shape)[0] != self.cfg.model.num_labels
+        if self.has_value_head and (value not in stored or other_head):
+            if other_head and not c.finetune:
+                raise CheckpointMismatchError(
+                    f"{path} has a value head of {tuple(stored[value].global_shape)[0]} "
+                    f"output(s), this run's has model.num_labels={self.cfg.model.num_labels}: "
+                    "pass checkpoint.finetune=true to start from its trunk with a fresh head"
+                )
             for chunk in chunks:
                 chunk.value_head_in_checkpoint = False
             if self.is_logging_rank:
+                what = "a value head of another size" if other_head else "no value head (an SFT model)"
                 print(
-                    f"megarm: {path} has no value head (an SFT model): the value head starts "
+                    f"megarm: {path} has {what}: the value head starts "
                     f"from its init (training.seed={self.cfg.training.seed})",
                     flush=True,
                 )

@@ -1,0 +1,67 @@
+"""Multi-attribute reward models (``training.objective: regression``): every
+attribute the head predicts, and the scalar reward made from them.
+
+A regression head (``model.num_labels`` > 1, e.g. HelpSteer2's helpfulness,
+correctness, coherence, complexity, verbosity) gives one value per attribute; the
+scalar reward is ``sum_a w_a * value_a`` with the weights ``--attribute-weights
+helpfulness=0.65,correctness=0.8,...`` (SteerLM's combination). An attribute left
+out of ``--attribute-weights`` weighs 0; without the option every attribute
+weighs 1. A one-label reward model has no attributes: its value is the reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megarm.errors import ScoringError
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """The head's attribute names (``None``: a one-label reward model) and the
+    weights of the scalar reward."""
+
+    names: tuple[str, ...] | None = None
+    weights: tuple[float, ...] | None = None
+
+    def reward(self, value: float | list[float]) -> float:
+        """The scalar reward of one sequence's head output."""
+        if not isinstance(value, list):
+            return float(value)
+        weights = self.weights or (1.0,) * len(value)
+        return float(sum(w * v for w, v in zip(weights, value, strict=True)))
+
+    def named(self, value: float | list[float]) -> dict[str, float] | None:
+        """``{attribute: value}`` of one sequence (``None`` for a one-label model)."""
+        if self.names is None or not isinstance(value, list):
+            return None
+        return dict(zip(self.names, (float(v) for v in value), strict=True))
+
+
+def parse_attribute_weights(text: str | None, names: tuple[str, ...] | None) -> Attributes:
+    """:class:`Attributes` of a head with attributes ``names`` from
+    ``--attribute-weights`` (``name=weight,...``); raises :class:`ScoringError`
+    naming the option for an unknown attribute, a bad number, or weights given to
+    a one-label model."""
+    if not text:
+        return Attributes(names)
+    if names is None:
+        raise ScoringError("--attribute-weights is for a multi-attribute (regression) model; "
+                           "this model has one label")
+    weights = dict.fromkeys(names, 0.0)
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ScoringError(
+                f"--attribute-weights {text!r}: {part!r} is not NAME=WEIGHT with NAME one of "
+                f"{', '.join(names)}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ScoringError(f"--attribute-weights {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(weights[name]):
+            raise ScoringError(f"--attribute-weights {text!r}: {name} is not finite")
+    return Attributes(names, tuple(weights[n] for n in names))
