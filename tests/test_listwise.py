@@ -99,6 +99,7 @@ def test_listwise_training_step_loss_equals_the_hand_plackett_luce_loss(referenc
 @pytest.mark.slow
 @pytest.mark.parametrize("world, overrides", [
     pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
     pytest.param(2, (), id="dp2"),
     pytest.param(1, ("data.packing=true", "data.packed_format=thd"), id="thd"),
     pytest.param(1, ("data.packing=true", "data.packed_format=rows"), id="rows"),

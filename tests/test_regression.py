@@ -80,6 +80,7 @@ def test_regression_step_loss_is_the_hand_weighted_masked_mse(reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("world, overrides", [
     pytest.param(2, ("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    pytest.param(2, ("parallel.pipeline_model_parallel_size=2",), id="pp2"),
     pytest.param(2, (), id="dp2"),  # 2 micro-batches per rank: accumulation
     pytest.param(2, ("parallel.use_distributed_optimizer=true",), id="dp2-distopt"),
     pytest.param(1, ("data.packing=true", "data.packed_format=thd"), id="thd"),
