@@ -60,6 +60,8 @@ class MegatronScorer:
         except FileNotFoundError as exc:
             raise ScoringError(str(exc)) from exc
         settings["model"]["params_dtype"] = dtype
+        if int(settings["model"].get("num_labels") or 1) > 1:  # a regression head
+            settings.setdefault("training", {})["objective"] = "regression"
         settings["parallel"] = {
             "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp,
