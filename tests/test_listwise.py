@@ -45,7 +45,7 @@ def _train_listwise(overrides: tuple[str, ...] = (), full: dict | None = None, c
         full = randomize_(trainer.model[0].module.state_dict())
         load_full_state(trainer, full)
         model = trainer.model[0].module
-        losses, centre, top1, concordant, pairs = [], [], 0, 0, 0
+        losses, all_pairs, centre, top1, concordant, pairs = [], [], [], 0, 0, 0
         stream = micro_batches(trainer.data.train, cfg, 0, 0, 1)
         with torch.no_grad():
             for _ in range(trainer.num_microbatches):
@@ -57,6 +57,9 @@ def _train_listwise(overrides: tuple[str, ...] = (), full: dict | None = None, c
                     r, s = flat[at : at + k], scores[:k]
                     at += k
                     losses.append(pl_hand(r, s))
+                    pair_losses = [math.log1p(math.exp(-(r[i] - r[j])))
+                                   for i in range(k) for j in range(k) if s[i] > s[j]]
+                    all_pairs.append(sum(pair_losses) / len(pair_losses))
                     centre.append((2 * sum(r) / k) ** 2)
                     top1 += s[r.index(max(r))] == max(s)
                     for i in range(k):
@@ -66,7 +69,7 @@ def _train_listwise(overrides: tuple[str, ...] = (), full: dict | None = None, c
                                 concordant += r[i] > r[j]
                 assert at == len(flat)
         n = len(losses)
-        hand = {"pl_loss": sum(losses) / n, "center_loss": coef * sum(centre) / n,
+        hand = {"pl_loss": sum(losses) / n, "all_pairs_loss": sum(all_pairs) / n, "center_loss": coef * sum(centre) / n,
                 "top1_accuracy": top1 / n, "pairwise_accuracy": concordant / pairs,
                 "lists": n, "ranked_pairs": pairs}
     else:
@@ -110,3 +113,10 @@ def test_listwise_under_tp2_dp2_and_packing_equals_one_process(world, overrides,
         for got, want in zip(history, expected, strict=True):
             for key in ("loss", "grad_norm", "kendall_tau", "tokens"):
                 assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got, want)
+
+
+def test_all_pairs_listwise_loss_from_a_training_step_equals_the_hand_average():
+    ((history, hand, _),) = run_distributed(
+        _train_listwise, 1, ("training.listwise_loss=all_pairs",), None, 0.0)
+    assert math.isclose(history[0]["loss"], hand["all_pairs_loss"], rel_tol=1e-5)
+    assert not math.isclose(hand["all_pairs_loss"], hand["pl_loss"], rel_tol=1e-2)

@@ -73,6 +73,16 @@ def _score(load: Path, records: Path, out: Path, *extra: str) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+def _evaluate(load: Path, data: Path, out: Path, *extra: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "megarm.evaluate", "--load", str(load), "--data", str(data),
+         "--output", str(out), "--seq-length", "64", *extra],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def _hf(export: Path) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
 
@@ -203,6 +213,30 @@ def test_regression_recipe_exports_five_labels_that_score_and_serve_agree_on(
             assert [line["attributes"][n] for n in ATTRIBUTES] == pytest.approx(want, abs=1e-5)
             combined = sum(w * want[ATTRIBUTES.index(n)] for n, w in weights.items())
             assert line["reward"] == pytest.approx(combined, abs=1e-5)
+    # megarm.evaluate: per-attribute RMSE/Pearson on the labelled file, and pairwise
+    # accuracy of the combined scalar (helpfulness alone here) on pairs of it.
+    labelled = tmp_path / "held.jsonl"  # the file preprocessed above
+    result = _evaluate(export, labelled, tmp_path / "labelled.json", "--format", "labelled",
+                       "--handler-name", "helpsteer2")
+    for a, name in enumerate(ATTRIBUTES):
+        assert result["metrics"][f"rmse/{name}"] == pytest.approx(float(rmse[a]), rel=1e-5)
+    order = sorted(range(len(held)), key=lambda i: -held[i]["helpfulness"])
+    pair_rows = [{"prompt": held[i]["prompt"], "chosen": held[i]["response"],
+                  "rejected": held[j]["response"]} for i, j in zip(order[:8], order[-8:])]
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+    result = _evaluate(export, pair_file, tmp_path / "pairs.json", "--format", "pairs",
+                       "--attribute-weights", "helpfulness=1")
+    # The same rows through megarm.score (checked against transformers above): the
+    # combined scalar is the predicted helpfulness, and accuracy counts chosen > rejected.
+    sides = tmp_path / "sides.jsonl"
+    sides.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r[k]}) + "\n"
+                             for r in pair_rows for k in ("chosen", "rejected")))
+    side_scores = [line["reward"] for line in _score(export, sides, tmp_path / "sides_out.jsonl",
+                                                     "--attribute-weights", "helpfulness=1")]
+    hand = sum(c > r for c, r in zip(side_scores[::2], side_scores[1::2], strict=True)) / 8
+    assert result["metrics"]["accuracy"] == pytest.approx(hand)
+    assert hand >= 0.75  # the 8 most helpful against the 8 least
     # The server: the attributes and the combined scalar.
     from fastapi.testclient import TestClient
 

@@ -325,6 +325,12 @@ class TrainingConfig:
     rm_loss_weight: float = 0.7
     """Weight of the pairwise (Bradley-Terry) loss in ``objective: joint``."""
 
+    listwise_loss: Literal["plackett_luce", "all_pairs"] = "plackett_luce"
+    """``objective: listwise``: ``plackett_luce`` (the likelihood of the records'
+    score order, Breslow ties) or ``all_pairs`` (each record's mean Bradley-Terry loss
+    over its score-distinct pairs, every response still run once). Both are
+    Bradley-Terry for K=2."""
+
     label_weights: str | None = None
     """``objective: regression``: per-attribute loss weights, comma-separated in
     ``model.label_names`` order (e.g. ``1,1,1,0.5,0.5``); ``null``: all 1. The loss

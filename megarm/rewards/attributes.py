@@ -12,7 +12,9 @@ weighs 1. A one-label reward model has no attributes: its value is the reward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from megarm.errors import ScoringError
 
@@ -65,3 +67,55 @@ def parse_attribute_weights(text: str | None, names: tuple[str, ...] | None) -> 
         if not math.isfinite(weights[name]):
             raise ScoringError(f"--attribute-weights {text!r}: {name} is not finite")
     return Attributes(names, tuple(weights[n] for n in names))
+
+
+def evaluate_labelled(
+    path: str, encoder: Any, outputs: Callable[[list[list[int]]], list[Any]],
+    names: tuple[str, ...] | None, handler_name: str = "regression",
+) -> dict[str, Any]:
+    """``megarm.evaluate --format labelled``: a multi-attribute model on a labelled
+    file (``--handler-name regression`` for ``{prompt, response, labels}``, or
+    ``helpsteer2``), each record encoded as preprocessing encodes it. Metrics per
+    attribute: ``rmse/<name>`` and ``pearson/<name>`` over the records that have the
+    label, and ``labelled/<name>`` (their count)."""
+    import torch
+
+    from megarm.data.handlers import get_handler
+    from megarm.data.readers import iter_records, resolve_inputs
+    from megarm.rewards.benchmarks import EvaluateError
+    from megarm.training.objectives.regression import regression_metrics, regression_stats
+
+    if names is None:
+        raise EvaluateError("--format labelled needs a multi-attribute (regression) model; "
+                            "this model has one label")
+    handler = get_handler(handler_name)
+    if handler.kind != "regression":
+        raise EvaluateError(f"--format labelled reads regression records: --handler-name "
+                            f"regression or helpsteer2, not {handler_name}")
+    handler.set_labels(list(names), None)  # type: ignore[attr-defined]
+    rows, targets, indexes, skipped = [], [], [], []
+    for raw, result in encoder.pairs(iter_records(resolve_inputs(path)), handler):
+        if result[0] == "ok":
+            rows.append(result[1].tolist() + result[2].tolist())
+            targets.append([float(v) for v in result[4]])
+            indexes.append(raw.index)
+        else:
+            skipped.append({"index": raw.index, "reason": result[1], "detail": result[2]})
+    if not rows:
+        raise EvaluateError(f"--data {path}: no record could be scored; first: {skipped[:1]}")
+    predicted = torch.tensor(outputs(rows), dtype=torch.float64)
+    labels = torch.tensor(targets, dtype=torch.float64)
+    mask = torch.isfinite(labels)
+    stats = regression_stats(predicted, labels.nan_to_num(0.0), mask)
+    metrics: dict[str, Any] = regression_metrics(stats, list(names))
+    metrics.update({f"labelled/{n}": float(stats[0, a]) for a, n in enumerate(names)})
+    return {
+        "format": "labelled",
+        "data": str(path),
+        "convention": encoder.convention,
+        "scored": len(rows),
+        "metrics": metrics,
+        "skipped": skipped,
+        "records": [{"index": i, "attributes": dict(zip(names, p, strict=True))}
+                    for i, p in zip(indexes, predicted.tolist(), strict=True)],
+    }

@@ -230,6 +230,7 @@ class Trainer:
                 lm_weight=lm_weight,
                 center_coef=self.cfg.training.center_rewards_coefficient,
                 label_weights=torch.tensor(self.label_weights, dtype=torch.float32),
+                listwise_loss=self.cfg.training.listwise_loss,
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,

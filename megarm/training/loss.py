@@ -96,6 +96,7 @@ def loss_func(
     lm_weight: float = 0.0,
     center_coef: float = 0.0,
     label_weights: Tensor | None = None,
+    listwise_loss: str = "plackett_luce",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -108,7 +109,8 @@ def loss_func(
     (TRL's definition), inside ``rm_weight``.
 
     A list-wise batch (``scores``) takes the mean Plackett-Luce loss over its
-    records; a regression batch (``targets``) the ``label_weights``-weighted squared
+    records (``listwise_loss="all_pairs"``: each record's mean Bradley-Terry loss
+    over its score-distinct pairs); a regression batch (``targets``) the ``label_weights``-weighted squared
     error sum over its labelled entries times ``target_scale`` (the loop sets it so
     the step's gradient is that of the global batch's weighted mean; unset, the
     micro-batch's own mean), its per-attribute sums in ``out["regression"]``.
@@ -124,13 +126,13 @@ def loss_func(
     if rewards is not None and batch.scores is not None:  # list-wise: no pairs
         valid = batch.valid.bool()
         ranked = per_record(rewards.float(), valid)
-        rm_loss = listwise.plackett_luce_loss(ranked, batch.scores, valid).mean()
+        rm_loss = listwise.LOSSES[listwise_loss](ranked, batch.scores, valid).mean()
         centre = listwise_center(ranked, valid)
         center_sq = centre.detach().double().sum()
         if center_coef:
             rm_loss = rm_loss + center_coef * centre.mean()
         terms.append(rm_weight * rm_loss)
-        list_stats = list(listwise.ranking_stats(ranked, batch.scores, valid).unbind())
+        list_stats = list(listwise.ranking_stats(ranked, batch.scores, valid, listwise_loss).unbind())
     out: dict[str, Tensor] = {}
     if rewards is not None and batch.targets is not None:
         mask = batch.target_mask.bool()
