@@ -83,7 +83,6 @@ def evaluate_labelled(
     from megarm.data.handlers import get_handler
     from megarm.data.readers import iter_records, resolve_inputs
     from megarm.rewards.benchmarks import EvaluateError
-    from megarm.training.objectives.regression import regression_metrics, regression_stats
 
     if names is None:
         raise EvaluateError("--format labelled needs a multi-attribute (regression) model; "
@@ -105,10 +104,16 @@ def evaluate_labelled(
         raise EvaluateError(f"--data {path}: no record could be scored; first: {skipped[:1]}")
     predicted = torch.tensor(outputs(rows), dtype=torch.float64)
     labels = torch.tensor(targets, dtype=torch.float64)
-    mask = torch.isfinite(labels)
-    stats = regression_stats(predicted, labels.nan_to_num(0.0), mask)
-    metrics: dict[str, Any] = regression_metrics(stats, list(names))
-    metrics.update({f"labelled/{n}": float(stats[0, a]) for a, n in enumerate(names)})
+    metrics: dict[str, Any] = {}
+    for a, name in enumerate(names):
+        known = torch.isfinite(labels[:, a])
+        p, y = predicted[known, a], labels[known, a]
+        n = int(known.sum())
+        metrics[f"rmse/{name}"] = float(((p - y) ** 2).mean().sqrt()) if n else math.nan
+        dp, dy = p - p.mean(), y - y.mean()
+        spread = float((dp * dp).sum() * (dy * dy).sum())
+        metrics[f"pearson/{name}"] = float((dp * dy).sum()) / math.sqrt(spread) if spread > 0 else math.nan
+        metrics[f"labelled/{name}"] = float(n)
     return {
         "format": "labelled",
         "data": str(path),
