@@ -174,10 +174,14 @@ def hf_config(
     if causal_lm:
         kwargs.update(architectures=[family.causal_lm])
     else:
+        # A regression head (training.objective regression) names its attributes.
+        names = ([n.strip() for n in model.label_names.split(",")] if model.label_names
+                 else [f"LABEL_{i}" for i in range(model.num_labels)])
         kwargs.update(
             architectures=[family.sequence_classification],
-            id2label={0: "LABEL_0"},
-            label2id={"LABEL_0": 0},
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
         )
     config = AutoConfig.for_model(model_type, **kwargs)
     # transformers 5 calls it ``dtype``, 4.x ``torch_dtype``.
@@ -345,7 +349,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     plan = exports(checkpoint, cfg.model)
     has_lm, has_value = plan[0][2], any(not lm for _, _, lm in plan)
     # The meta model (checkpoint keys) with exactly the heads the checkpoint holds.
-    cfg.training.objective = "joint" if has_lm and has_value else "sft" if has_lm else "rm"
+    cfg.training.objective = ("joint" if has_lm and has_value else "sft" if has_lm
+                              else "regression" if cfg.model.num_labels > 1 else "rm")
     # One process of its own, whatever launched it.
     # (a world of one opens no TCP store: megarm.distributed uses an in-memory one)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")

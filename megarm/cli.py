@@ -110,6 +110,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="split every sequence over this many ranks (inputs too long for one device)",
     )
     p.add_argument(
+        "--attribute-weights",
+        help="a multi-attribute (regression) model's scalar reward: NAME=WEIGHT,... e.g. "
+        "helpfulness=0.65,correctness=0.8 (attributes left out weigh 0; default: all 1)",
+    )
+    p.add_argument(
         "--max-batch-tokens",
         type=int,
         default=16384,

@@ -5,7 +5,10 @@
 
 Formats (jsonl, json or parquet: ``rewardbench``, ``rewardbench2``, ``rmbench``,
 ``pairs``), each scored as the benchmark's own code scores it; the rules are in
-:mod:`megarm.rewards.benchmarks`.
+:mod:`megarm.rewards.benchmarks`. ``--format labelled`` evaluates a multi-attribute
+(regression) model on a labelled file: RMSE and Pearson per attribute
+(:func:`megarm.rewards.attributes.evaluate_labelled`); on pair files such a model
+is scored by its ``--attribute-weights`` scalar.
 
 With ``--critique-model`` (a critique model's HF causal-LM export) every response
 first gets a critique written by it, and the reward is read at the end of prompt +
@@ -30,6 +33,7 @@ from typing import Any
 
 from megarm import cli
 from megarm.errors import ScoringError
+from megarm.rewards.attributes import evaluate_labelled
 from megarm.rewards.backends import open_scorer
 from megarm.rewards.benchmarks import (  # noqa: F401  (flatten, evaluate: the library's, re-exported)
     FORMATS,
@@ -50,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_arguments(p)
     cli.add_critique_arguments(p)
     p.add_argument("--data", required=True, help="benchmark file (jsonl, json or parquet)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="record format")
-    p.add_argument("--handler-name", default="pairwise_messages", help="handler for --format pairs")
+    p.add_argument(
+        "--format", default="auto", choices=(*FORMATS, "labelled"),
+        help="record format; labelled: per-attribute RMSE/Pearson of a regression model",
+    )
+    p.add_argument(
+        "--handler-name", default=None,
+        help="handler for --format pairs (default pairwise_messages) or labelled "
+        "(default regression; helpsteer2)",
+    )
     p.add_argument("--output", required=True, help="results JSON (markdown beside it: .md)")
     return p
 
@@ -90,10 +101,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if not scorer.is_driver:
             scorer.follow()
             return None
-        critic = cli.open_critic(args, info, encoder)
-        result = evaluate(
-            args.data, args.format, encoder, scorer.rewards, args.handler_name, critic
-        )
+        if args.format == "labelled":
+            result = evaluate_labelled(args.data, encoder, scorer.outputs, scorer.label_names,
+                                       args.handler_name or "regression")
+        else:
+            critic = cli.open_critic(args, info, encoder)
+            result = evaluate(args.data, args.format, encoder, scorer.rewards,
+                              args.handler_name or "pairwise_messages", critic)
     result["model"] = str(args.load)
     text = markdown(result["format"], result["metrics"], result["scored"], len(result["skipped"]))
     # A metric with nothing to average is NaN; JSON has no NaN: it is written as null.

@@ -55,7 +55,7 @@ def filesystem_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             issues.append(ConfigIssue(key, str(exc)))
     if d.data_path:
         issues.extend(_validate_data_path(d, cfg.model))
-        issues.extend(_objective_data_problems(d, t))
+        issues.extend(_objective_data_problems(d, t, cfg.model))
     return issues
 
 
@@ -101,26 +101,60 @@ def _validate_data_path(d: DataConfig, m: ModelConfig) -> list[ConfigIssue]:
     return issues
 
 
-def _objective_data_problems(d: DataConfig, t: TrainingConfig) -> list[ConfigIssue]:
-    """SFT records train ``objective: sft`` only; preference pairs ``rm`` or ``joint``."""
+def _objective_data_problems(d: DataConfig, t: TrainingConfig, m: ModelConfig) -> list[ConfigIssue]:
+    """SFT records train ``objective: sft`` only, ranked records ``listwise`` only,
+    preference pairs ``rm`` or ``joint``."""
     from megarm.data.blend import data_kind, parse_data_path
 
     try:
         kinds = {prefix: data_kind(prefix) for _, prefix in parse_data_path(d.data_path)}  # type: ignore[arg-type]
     except ValueError:
         return []  # named by _validate_data_path
-    wanted = "sft" if t.objective == "sft" else "pairs"
+    wanted = {"sft": "sft", "listwise": "ranked", "regression": "regression"}.get(t.objective, "pairs")
+    what = {"sft": "SFT records", "ranked": "ranked records", "pairs": "preference pairs",
+            "regression": "regression records"}
+    objective_for = {"sft": "sft", "ranked": "listwise", "pairs": "rm or joint",
+                     "regression": "regression"}
+    fixes = {
+        "regression": "preprocess responses with attribute labels with --handler-name "
+        "regression (or helpsteer2)",
+        "sft": "preprocess SFT records with --handler-name sft",
+        "ranked": "preprocess K scored responses per prompt with --handler-name ranked "
+        "(or ultrafeedback_ranked)",
+        "pairs": "preprocess preference pairs (e.g. --handler-name critique_pairs)",
+    }
     for prefix, kind in kinds.items():
         if kind is not None and kind != wanted:
-            fix = (
-                "preprocess SFT records with --handler-name sft"
-                if wanted == "sft"
-                else "preprocess preference pairs (e.g. --handler-name critique_pairs)"
-            )
             return [ConfigIssue(
                 "training.objective",
-                f"{t.objective} trains on {'SFT records' if wanted == 'sft' else 'preference pairs'}"
-                f" but {prefix} holds {'SFT records' if kind == 'sft' else 'preference pairs'}; "
-                f"set training.objective={'sft' if kind == 'sft' else 'rm or joint'} or {fix}",
+                f"{t.objective} trains on {what[wanted]} but {prefix} holds {what[kind]}; "
+                f"set training.objective={objective_for[kind]} or {fixes[wanted]}",
+            )]
+    if wanted == "regression":
+        return _label_data_problems(kinds, m)
+    return []
+
+
+def _label_data_problems(kinds: dict[str, str | None], m: ModelConfig) -> list[ConfigIssue]:
+    """Regression data's ``label_names`` (stats.json) against ``model.num_labels`` and
+    ``model.label_names``."""
+    from megarm.data.stats_file import read_stats
+
+    for prefix in kinds:
+        names = (read_stats(prefix) or {}).get("label_names")
+        if not isinstance(names, list):
+            continue
+        if len(names) != m.num_labels:
+            return [ConfigIssue(
+                "model.num_labels",
+                f"{prefix} has {len(names)} labels ({','.join(names)}) but the head has "
+                f"{m.num_labels}; set model.num_labels={len(names)} "
+                f"model.label_names={','.join(names)}",
+            )]
+        if m.label_names and [n.strip() for n in m.label_names.split(",")] != names:
+            return [ConfigIssue(
+                "model.label_names",
+                f"{m.label_names!r} differ from {prefix}'s labels {','.join(names)} (names "
+                f"and order); set model.label_names={','.join(names)}",
             )]
     return []

@@ -13,6 +13,10 @@ Input records (jsonl/json/parquet/csv/arrow, read by :mod:`megarm.data.readers`)
 - single responses ``{"prompt": str | messages, "response": str}`` (optional
   ``system``), or ``{"messages": [..., {"role": "assistant", ...}]}``; output ``reward``.
 
+A multi-attribute (regression) model adds each sequence's attributes
+(``attributes`` / ``chosen_attributes`` / ``rejected_attributes``); its ``reward`` is
+their ``--attribute-weights`` combination (:mod:`megarm.rewards.attributes`).
+
 Every sequence ends as the model's reward convention says (``<|im_end|>\\n`` for
 ChatML, the end of ``apply_chat_template``'s output), see :mod:`megarm.rewards.encoding`.
 
@@ -186,8 +190,16 @@ def open_output(output: str, inputs: list[Path]) -> tuple[Path, IO[str]]:
         raise ScoreError(f"cannot write --output {output}: {exc.strerror or exc}") from exc
 
 
-def write_output(handle: IO[str], items: list[Item], rewards: list[float]) -> dict[str, Any]:
-    """Write one line per record, in input order; return counts and pair accuracy."""
+def write_output(
+    handle: IO[str],
+    items: list[Item],
+    rewards: list[float],
+    attributes: list[dict[str, float] | None] | None = None,
+) -> dict[str, Any]:
+    """Write one line per record, in input order; return counts and pair accuracy.
+    A regression head's lines add every attribute (``attributes``, or
+    ``chosen_attributes`` / ``rejected_attributes``) beside the combined reward."""
+    attributes = attributes or [None] * len(rewards)
     row = 0
     pairs = correct = singles = errors = 0
     for item in items:
@@ -195,12 +207,17 @@ def write_output(handle: IO[str], items: list[Item], rewards: list[float]) -> di
         if item.kind == "pair":
             chosen, rejected = rewards[row], rewards[row + 1]
             line.update(chosen_reward=chosen, rejected_reward=rejected)
+            if attributes[row] is not None:
+                line.update(chosen_attributes=attributes[row],
+                            rejected_attributes=attributes[row + 1])
             if item.critiques is not None:
                 line.update(chosen_critique=item.critiques[0], rejected_critique=item.critiques[1])
             pairs += 1
             correct += int(chosen > rejected)
         elif item.kind == "single":
             line["reward"] = rewards[row]
+            if attributes[row] is not None:
+                line["attributes"] = attributes[row]
             if item.critiques is not None:
                 line["critique"] = item.critiques[0]
             singles += 1
@@ -246,9 +263,11 @@ def score(args: argparse.Namespace) -> dict[str, Any] | None:
                 items = critique_records(raws, encoder, args.handler_name, map_keys, critic)
             if not items:
                 raise ScoreError(f"--input {args.input} holds no records")
-            rewards = scorer.rewards([row for item in items for row in item.rows])
+            values = scorer.outputs([row for item in items for row in item.rows])
+            rewards = [scorer.attributes.reward(v) for v in values]
+            attributes = [scorer.attributes.named(v) for v in values]
         assert handle is not None and output is not None
-        summary = write_output(handle, items, rewards)
+        summary = write_output(handle, items, rewards, attributes)
         handle.close()
         os.replace(handle.name, output)
     finally:

@@ -56,6 +56,7 @@ from megarm import cli
 from megarm.checkpoint.metadata import RewardInfo
 from megarm.data.handlers import RecordError
 from megarm.errors import ScoringError
+from megarm.rewards.attributes import Attributes
 from megarm.rewards.backends import Scorer, open_scorer
 from megarm.rewards.encoding import Encoder
 
@@ -103,8 +104,9 @@ class ModelLoop:
         self.scorer = scorer
         self.jobs: queue.Queue[tuple[list[list[int]], Future] | None] = queue.Queue()
 
-    async def rewards(self, rows: list[list[int]]) -> list[float]:
-        """(Event loop) the rewards of ``rows``, computed on the model thread."""
+    async def rewards(self, rows: list[list[int]]) -> list[float | list[float]]:
+        """(Event loop) the head's outputs for ``rows`` (rewards, or a regression
+        head's attribute values), computed on the model thread."""
         future: Future = Future()
         self.jobs.put((rows, future))
         return await asyncio.wrap_future(future)
@@ -135,7 +137,8 @@ class ModelLoop:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self.scorer.rewards(rows))
+                # The head's outputs: a reward each, or a regression head's attributes.
+                future.set_result(self.scorer.outputs(rows))
             except Exception as exc:  # noqa: BLE001 - the waiting requests hear of it
                 future.set_exception(exc)
 
@@ -349,11 +352,19 @@ def create_app(
 
     _add_guards(app, api_key)
 
-    async def rewards_for(request: Request, rows: list[list[int]]) -> list[float] | None:
-        raw = await _wait(request, batcher.submit(rows)) if rows else []
-        if raw is None:
+    attributes = getattr(model.scorer, "attributes", None) or Attributes()
+
+    async def rewards_for(request: Request, rows: list[list[int]]) -> dict[str, Any] | None:
+        """``{"rewards": [...]}`` (the combined scalar of a regression head, which also
+        gives ``"attributes": [{name: value}, ...]``), or ``None`` (client gone)."""
+        outputs = await _wait(request, batcher.submit(rows)) if rows else []
+        if outputs is None:
             return None
-        return info.normalize(raw) if normalize else raw
+        raw = [attributes.reward(v) for v in outputs]
+        out: dict[str, Any] = {"rewards": info.normalize(raw) if normalize else raw}
+        if attributes.names is not None:
+            out["attributes"] = [attributes.named(v) for v in outputs]
+        return out
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> Any:
@@ -370,10 +381,10 @@ def create_app(
         rows = await asyncio.to_thread(
             _encode_all, encoder.text, list(zip(queries, prompts, strict=True)), "query"
         )
-        rewards = await rewards_for(request, rows)
-        if rewards is None:
+        found = await rewards_for(request, rows)
+        if found is None:
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+        return {**found, "scores": found["rewards"], "extra_logs": {}}
 
     @app.post("/score")
     async def score(request: Request) -> Any:
@@ -384,10 +395,10 @@ def create_app(
         rows = await asyncio.to_thread(
             _encode_all, encoder.conversation, [(c,) for c in conversations], "messages"
         )
-        rewards = await rewards_for(request, rows)
-        if rewards is None:
+        found = await rewards_for(request, rows)
+        if found is None:
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return {"rewards": rewards}
+        return found
 
     _add_health(app, model, encoder, info, model_name, normalize, limits)
     return app

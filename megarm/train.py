@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"megarm: world {launch.world_size} = TP {p.tensor_model_parallel_size} x "
                 f"PP {p.pipeline_model_parallel_size} x DP {trainer.dp_size}; "
                 f"{trainer.num_microbatches} micro-batch(es) of {cfg.training.micro_batch_size} "
-                f"{'record' if cfg.training.objective == 'sft' else 'pair'}(s) per step; "
+                f"{'pair' if cfg.training.objective in ('rm', 'joint') else 'record'}(s) per step; "
                 f"{trainer.num_parameters:,} parameters on rank 0",
                 flush=True,
             )

@@ -150,3 +150,44 @@ def load_full_state(trainer, full: dict[str, torch.Tensor]) -> None:  # noqa: AN
 
     load_full_state_dict(trainer.model, full, trainer.cfg)
     trainer.optimizer.reload_model_params()
+
+
+# Text records a tiny model learns from content alone (issue #28's recipes).
+GOOD_WORDS = ("great", "clear", "correct", "helpful", "precise", "kind")
+BAD_WORDS = ("wrong", "rude", "vague", "broken", "messy", "late")
+
+
+def _quality_text(rng: Any, quality: float, words: int) -> str:
+    return " ".join(rng.choice(GOOD_WORDS) if rng.random() < quality else rng.choice(BAD_WORDS)
+                    for _ in range(words))
+
+
+def ranked_text_record(rng: Any, k: int = 4) -> dict[str, Any]:
+    """``{prompt, responses, scores}``: response ``j`` is good-word share ``1 - j/(k-1)``,
+    scored ``k - 1 - j`` (order shuffled)."""
+    order = list(range(k))
+    rng.shuffle(order)
+    responses, scores = [], []
+    for j in order:
+        text = _quality_text(rng, 1.0 - j / (k - 1), 6)
+        while text in responses:
+            text = _quality_text(rng, 1.0 - j / (k - 1), 6)
+        responses.append(text)
+        scores.append(float(k - 1 - j))
+    return {"prompt": f"Review number {rng.randint(0, 999)}.", "responses": responses,
+            "scores": scores}
+
+
+def helpsteer_text_record(rng: Any, missing: bool = False) -> dict[str, Any]:
+    """A HelpSteer2-style row: the good-word share ``q`` sets helpfulness,
+    correctness and complexity ``4q``, coherence ``4(1-q)``, verbosity from the
+    length; ``missing`` drops correctness (null)."""
+    words = rng.randint(2, 8)
+    text = _quality_text(rng, rng.random(), words)
+    q = sum(w in GOOD_WORDS for w in text.split()) / words
+    return {
+        "prompt": f"Review number {rng.randint(0, 999)}.",
+        "response": text,
+        "helpfulness": 4 * q, "correctness": None if missing else 4 * q,
+        "coherence": 4 * (1 - q), "complexity": 4 * q, "verbosity": 4 * (words - 2) / 6,
+    }

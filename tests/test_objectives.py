@@ -249,3 +249,26 @@ def test_centring_term_under_tp2_and_dp2_equals_one_process(overrides):
         for got, want in zip(history, expected, strict=True):
             for key in ("loss", "center_loss", "grad_norm"):
                 assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got, want)
+
+
+def test_all_pairs_listwise_loss_is_the_hand_mean_bradley_terry_over_pairs():
+    from megarm.training.objectives.listwise import all_pairs_loss
+
+    r = [0.3, -1.2, 2.0, 0.5]
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0],
+                           [1.0, 2.0, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 4] * 3 + [[True, True, False, False]])
+
+    def bt(a: float, b: float) -> float:
+        return math.log1p(math.exp(-(a - b)))
+
+    def hand(s: list[float], k: int) -> float:
+        pairs = [(i, j) for i in range(k) for j in range(k) if s[i] > s[j]]
+        return sum(bt(r[i], r[j]) for i, j in pairs) / len(pairs) if pairs else 0.0
+
+    want = [hand(scores[0].tolist(), 4), hand(scores[1].tolist(), 4), 0.0, bt(r[1], r[0])]
+    got = all_pairs_loss(torch.tensor([r] * 4, dtype=torch.float64), scores, valid)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # K=2 is Bradley-Terry; the pairs of record 1: (1,3), (1,0), (2,3), (2,0), (3,0) = 5.
+    assert math.isclose(want[3], -math.log(1 / (1 + math.exp(-(r[1] - r[0])))), rel_tol=1e-12)
+

@@ -162,3 +162,17 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     start, losses = _losses(1, *big[:-3], "training.train_iters=" + str(latest + 1),
                             f"checkpoint.load={ckpt}")
     assert start == latest and len(losses) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", [
+    pytest.param(("training.objective=listwise",), id="listwise"),
+    pytest.param(("training.objective=regression", "model.num_labels=3"), id="regression"),
+])
+def test_new_objectives_stop_and_resume_bit_for_bit(tmp_path, objective):
+    _, straight = _losses(1, *objective)
+    save = f"checkpoint.save={tmp_path / 'ckpt'}"
+    _, first = _losses(1, *objective, save, "training.exit_interval=3")
+    start, second = _losses(1, *objective, save, f"checkpoint.load={tmp_path / 'ckpt'}")
+    assert start == 3 and len(first) == 3
+    assert first + second == straight

@@ -82,3 +82,31 @@ def test_long_input_config_validates_and_fits_80gb(path):
     peak = estimate(cfg, world).training_peak / GIB
     assert peak < 80
     assert f"{peak:.2f} GiB at the training peak" in path.read_text()
+
+
+@pytest.mark.parametrize("name, objective", [
+    ("listwise_qwen25_7b_ultrafeedback", "listwise"),
+    ("regression_qwen25_7b_helpsteer2", "regression"),
+])
+def test_objective_recipes_validate_at_their_world_size(name, objective):
+    path = ROOT / f"configs/{name}.yaml"
+    world = intended_world_size(path)
+    with pytest.raises(ConfigError) as exc:
+        resolve(path, [], world)
+    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
+    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    assert cfg.training.objective == objective
+    if objective == "regression":
+        assert cfg.model.num_labels == 5 and cfg.model.label_names.split(",")[0] == "helpfulness"
+
+
+@pytest.mark.parametrize("name, handler", [
+    ("ultrafeedback_ranked", "ultrafeedback_ranked"), ("helpsteer2_regression", "helpsteer2"),
+])
+def test_objective_dataset_configs_parse(name, handler):
+    from megarm.data.preprocess import parse_args
+
+    args = parse_args(["--config", str(ROOT / f"configs/datasets/{name}.yaml")])
+    assert args.handler_name == handler
+    if handler == "helpsteer2":
+        assert args.label_names[0] == "helpfulness" and list(args.label_range) == [0, 4]

@@ -239,6 +239,12 @@ def _context_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "megatron-core's unfused attention has no context parallelism; set "
             "model.attention_backend=auto (transformer-engine, else megarm's SDPA)",
         ))
+    if cfg.training.objective in ("listwise", "regression"):
+        issues.append(ConfigIssue(
+            "parallel.context_parallel_size",
+            f"context parallelism with training.objective={cfg.training.objective} is not "
+            "verified against CP=1 yet; set it to 1 (rm, sft and joint support it)",
+        ))
     if m.num_moe_experts:
         issues.append(ConfigIssue(
             "parallel.context_parallel_size",
@@ -344,7 +350,8 @@ def _model_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
 
 
 def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
-    """The joint objective's loss weights."""
+    """The centring coefficient, list-wise synthetic data, the joint objective's loss
+    weights."""
     t = cfg.training
     issues = []
     if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
@@ -352,6 +359,13 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "training.center_rewards_coefficient",
             f"must be >= 0, got {t.center_rewards_coefficient}; use 0 to turn it off or e.g. 0.01",
         ))
+    if t.objective == "listwise" and cfg.data.synthetic_num_responses < 2:
+        issues.append(ConfigIssue(
+            "data.synthetic_num_responses",
+            f"must be >= 2 (a ranking needs two responses), got "
+            f"{cfg.data.synthetic_num_responses}",
+        ))
+    issues += _label_issues(cfg)
     if t.objective != "joint":
         return issues
     issues += [
@@ -365,6 +379,59 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "joint needs a positive lm_loss_weight or rm_loss_weight (both are 0); use "
             "objective rm or sft for one loss alone",
         ))
+    return issues
+
+
+def label_names(cfg: MegarmConfig) -> list[str]:
+    """``model.label_names`` as a list (``label_0, ...`` when unset)."""
+    names = cfg.model.label_names
+    if names:
+        return [name.strip() for name in names.split(",")]
+    return [f"label_{i}" for i in range(cfg.model.num_labels)]
+
+
+def label_weights(cfg: MegarmConfig) -> list[float]:
+    """``training.label_weights`` as a list of floats (all 1 when unset)."""
+    weights = cfg.training.label_weights
+    if not weights:
+        return [1.0] * cfg.model.num_labels
+    return [float(w) for w in weights.split(",")]
+
+
+def _label_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """``model.num_labels`` / ``label_names`` and ``training.label_weights``."""
+    m, t = cfg.model, cfg.training
+    issues = []
+    if m.num_labels < 1:
+        return [ConfigIssue("model.num_labels", f"must be >= 1, got {m.num_labels}")]
+    if m.num_labels > 1 and t.objective != "regression":
+        issues.append(ConfigIssue(
+            "model.num_labels",
+            f"{m.num_labels} outputs need training.objective=regression (objective "
+            f"{t.objective} trains one reward); set model.num_labels=1",
+        ))
+    names = label_names(cfg)
+    if len(names) != m.num_labels or len(set(names)) != len(names) or not all(names):
+        issues.append(ConfigIssue(
+            "model.label_names",
+            f"{m.label_names!r} must name model.num_labels={m.num_labels} distinct "
+            "attributes, comma-separated (e.g. helpfulness,correctness)",
+        ))
+    if t.label_weights is not None:
+        try:
+            weights = label_weights(cfg)
+            if len(weights) != m.num_labels or not all(math.isfinite(w) and w >= 0 for w in weights) \
+                    or sum(weights) <= 0:
+                raise ValueError
+        except ValueError:
+            issues.append(ConfigIssue(
+                "training.label_weights",
+                f"{t.label_weights!r} must be model.num_labels={m.num_labels} non-negative "
+                "numbers with a positive sum, comma-separated (e.g. 1,1,0.5)",
+            ))
+        if t.objective != "regression":
+            issues.append(ConfigIssue(
+                "training.label_weights", "is for training.objective=regression; remove it"))
     return issues
 
 

@@ -137,6 +137,18 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init for a randomly initialised trunk."""
 
+    num_labels: int = 1
+    """Outputs of the value head: 1 for a reward model; ``training.objective:
+    regression`` regresses one per attribute (HelpSteer2: 5). Exported as
+    ``*ForSequenceClassification`` with this ``num_labels``."""
+
+    label_names: str | None = None
+    """The attributes of a ``num_labels``-output head, comma-separated in output
+    order (e.g. ``helpfulness,correctness,coherence,complexity,verbosity``): the
+    metrics' names, the export's ``id2label`` and the keys ``megarm.score`` returns.
+    ``null``: ``label_0, label_1, ...`` (regression data must then agree with its
+    stats.json ``label_names`` in count only)."""
+
     params_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Parameter dtype. ``auto``: bf16 with fp32 main weights on CUDA, fp32 on CPU.
     ``bf16`` trains through megatron-core's mixed-precision optimizer (fp32 main
@@ -233,7 +245,12 @@ class DataConfig:
     dataset's stats.json) and that it fits ``model.vocab_size``."""
 
     synthetic_num_pairs: int = 512
-    """Number of generated pairs when ``data_path`` is null."""
+    """Number of generated pairs when ``data_path`` is null (ranked records with
+    ``training.objective: listwise``)."""
+
+    synthetic_num_responses: int = 4
+    """Responses per generated ranked record (``training.objective: listwise`` with
+    ``data_path`` null); at least 2."""
 
     packing: bool = False
     """Pack the chosen and rejected sequences of a micro-batch's pairs together
@@ -256,10 +273,12 @@ class TrainingConfig:
 
     micro_batch_size: int = 2
     """Preference pairs per micro-batch per data-parallel rank (2x rows: chosen and
-    rejected go through one forward)."""
+    rejected go through one forward); records for ``sft`` and ``listwise`` (a ranked
+    record's K responses are K rows of one micro-batch)."""
 
     global_batch_size: int = 8
-    """Pairs per optimizer step over all data-parallel ranks and accumulation steps."""
+    """Pairs (records) per optimizer step over all data-parallel ranks and
+    accumulation steps."""
 
     train_iters: int = 10
     """Number of optimizer steps."""
@@ -297,7 +316,7 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     """Stop (after saving) after this many minutes of wall time."""
 
-    objective: Literal["rm", "sft", "joint"] = "rm"
+    objective: Literal["rm", "sft", "joint", "listwise", "regression"] = "rm"
     """What the model learns. ``rm``: a reward model, the Bradley-Terry loss on
     preference pairs (the value head only; no vocabulary-sized output layer is
     built). ``sft``: supervised fine-tuning, the next-token cross-entropy on the
@@ -306,13 +325,31 @@ class TrainingConfig:
     ``rm_loss_weight * BT + lm_loss_weight * LM`` with the LM loss over each side's
     supervised tokens (a critique, or a generated reason), as CLoud's stage 3 and
     WorldPM-style training. The LM loss is the mean over the supervised tokens of
-    the whole global batch."""
+    the whole global batch. ``listwise``: a reward model on ranked records (K scored
+    responses per prompt, ``--handler-name ranked`` or ``ultrafeedback_ranked``), the
+    Plackett-Luce loss over each record's score order (ties by Breslow's rule; K=2 is
+    Bradley-Terry); the batch sizes count records, each response runs once.
+    ``regression``: a ``model.num_labels``-output value head regressed on per-response
+    attribute labels (``--handler-name regression`` or ``helpsteer2``), the masked
+    mean squared error over the global batch's labelled entries (missing labels
+    add nothing), weighted per attribute by ``label_weights``."""
 
     lm_loss_weight: float = 0.3
     """Weight of the LM (cross-entropy) loss in ``objective: joint``."""
 
     rm_loss_weight: float = 0.7
     """Weight of the pairwise (Bradley-Terry) loss in ``objective: joint``."""
+
+    listwise_loss: Literal["plackett_luce", "all_pairs"] = "plackett_luce"
+    """``objective: listwise``: ``plackett_luce`` (the likelihood of the records'
+    score order, Breslow ties) or ``all_pairs`` (each record's mean Bradley-Terry loss
+    over its score-distinct pairs, every response still run once). Both are
+    Bradley-Terry for K=2."""
+
+    label_weights: str | None = None
+    """``objective: regression``: per-attribute loss weights, comma-separated in
+    ``model.label_names`` order (e.g. ``1,1,1,0.5,0.5``); ``null``: all 1. The loss
+    is ``sum_a w_a SSE_a / sum_a w_a N_a``."""
 
     center_rewards_coefficient: float = 0.0
     """Adds ``coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss (TRL's

@@ -20,6 +20,12 @@ from megarm.data.stats_file import stats_path
 REQUIRED_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 # SFT records (tools/preprocess_data.py --handler-name sft): one sequence each.
 SFT_KEYS = ("input_ids", "labels")
+# Ranked records (--handler-name ranked / ultrafeedback_ranked): one document of K
+# sequences per record in the first two, its K scores (float32) in the third.
+RANKED_KEYS = ("ranked_input_ids", "ranked_labels", "scores")
+# Regression records (--handler-name regression / helpsteer2): one sequence each, and
+# one document of num_labels float32 targets (NaN: missing).
+REGRESSION_KEYS = ("input_ids", "labels", "targets")
 PACKED_RE = re.compile(r"_packed_(.*)_document(.*)$")
 
 
@@ -100,7 +106,7 @@ def prefix_problems(prefix: str) -> list[str]:
             "create them with tools/preprocess_data.py --output-prefix"
         ]
     problems = []
-    for key in SFT_KEYS if "input_ids" in files else REQUIRED_KEYS:
+    for key in required_keys(files):
         if key not in files:
             problems.append(f"{prefix}: missing {prefix}_packed_{key}_document.idx")
     for stem in files.values():  # stats.json may list files that are gone
@@ -109,9 +115,27 @@ def prefix_problems(prefix: str) -> list[str]:
     return problems
 
 
+def files_kind(files: dict[str, str]) -> str:
+    """``"ranked"``, ``"regression"``, ``"sft"`` or ``"pairs"``: what a prefix's
+    packed keys hold."""
+    if "ranked_input_ids" in files or "scores" in files:
+        return "ranked"
+    if "targets" in files:
+        return "regression"
+    return "sft" if "input_ids" in files else "pairs"
+
+
+def required_keys(files: dict[str, str]) -> tuple[str, ...]:
+    """The packed keys a prefix of this kind must have."""
+    kinds = {"ranked": RANKED_KEYS, "regression": REGRESSION_KEYS, "sft": SFT_KEYS}
+    return kinds.get(files_kind(files), REQUIRED_KEYS)
+
+
 def data_kind(prefix: str) -> str | None:
     """``"sft"`` (SFT records), ``"pairs"`` (preference pairs, critique pairs
-    included) or ``None`` when the prefix has no packed files."""
+    included), ``"ranked"`` (K scored responses per prompt), ``"regression"``
+    (responses with attribute labels) or ``None`` when the prefix has no packed
+    files."""
     try:
         with warnings.catch_warnings():  # packed_files already warns where it matters
             warnings.simplefilter("ignore")
@@ -120,4 +144,4 @@ def data_kind(prefix: str) -> str | None:
         return None
     if not files:
         return None
-    return "sft" if "input_ids" in files else "pairs"
+    return files_kind(files)

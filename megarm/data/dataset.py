@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from megarm.data.blend import (
+    RANKED_KEYS,
+    REGRESSION_KEYS,
     REQUIRED_KEYS,
     SFT_KEYS,
     data_kind,
@@ -144,9 +146,77 @@ class SFTDataset:
         return {key: self.files[key][index] for key in SFT_KEYS}
 
 
+class RankedDataset:
+    """The ranked records under one prefix (``tools/preprocess_data.py --handler-name
+    ranked`` or ``ultrafeedback_ranked``): ``ranked_dataset[i]`` is ``{"ranked_input_ids":
+    [K int32 arrays], "ranked_labels": [K int32 arrays], "scores": float32 [K]}``. A
+    record is one document of K sequences in the input-ids and labels files, and one
+    document of K scores."""
+
+    def __init__(
+        self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
+    ) -> None:
+        problems = prefix_problems(prefix)
+        if problems:
+            raise FileNotFoundError("; ".join(problems))
+        from megarm.data.integrity import check_files
+
+        check_files(prefix)
+        indexed = megatron_indexed_dataset()
+        self.prefix = prefix
+        found = packed_files(prefix)
+        self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in RANKED_KEYS}
+        self.documents = np.asarray(self.files["ranked_input_ids"].document_indices)
+        self.size = len(self.documents) - 1
+        if expected_vocab_sha256 is not None:
+            check_vocab(prefix, expected_vocab_sha256)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        start, stop = int(self.documents[index]), int(self.documents[index + 1])
+        ids, labels = self.files["ranked_input_ids"], self.files["ranked_labels"]
+        return {
+            "ranked_input_ids": [ids[j] for j in range(start, stop)],
+            "ranked_labels": [labels[j] for j in range(start, stop)],
+            "scores": np.array(self.files["scores"][index], dtype=np.float32),  # a copy
+        }
+
+
+class RegressionDataset(SFTDataset):
+    """The regression records under one prefix (``--handler-name regression`` or
+    ``helpsteer2``): ``dataset[i]`` is ``{"input_ids", "labels", "targets"}``, the
+    targets float32 ``[num_labels]`` (NaN where the record has no label);
+    ``label_names`` from stats.json."""
+
+    def __init__(
+        self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
+    ) -> None:
+        super().__init__(prefix, expected_vocab_sha256, mmap)
+        indexed = megatron_indexed_dataset()
+        self.files["targets"] = indexed.IndexedDataset(packed_files(prefix)["targets"], mmap=mmap)
+        from megarm.data.stats_file import read_stats
+
+        self.label_names = list((read_stats(prefix) or {}).get("label_names") or [])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {key: self.files[key][index] for key in REGRESSION_KEYS}
+        item["targets"] = np.array(item["targets"], dtype=np.float32)  # a copy
+        return item
+
+
 def open_dataset(prefix: str, expected_vocab_sha256: str | None = None) -> Any:
-    """:class:`SFTDataset` or :class:`PairDataset`, whichever ``prefix`` holds."""
-    if data_kind(prefix) == "sft":
+    """:class:`SFTDataset`, :class:`RankedDataset` or :class:`PairDataset`, whichever
+    ``prefix`` holds."""
+    kind = data_kind(prefix)
+    if kind == "ranked":
+        return RankedDataset(prefix, expected_vocab_sha256)
+    if kind == "regression":
+        return RegressionDataset(prefix, expected_vocab_sha256)
+    if kind == "sft":
         return SFTDataset(prefix, expected_vocab_sha256)
     return PairDataset(prefix, expected_vocab_sha256)
 
@@ -267,8 +337,9 @@ def build_pair_datasets(
     kinds = {data_kind(prefix) for _, prefix in blend}
     if len(kinds) > 1:
         raise ValueError(
-            f"data_path {data_path!r} blends SFT records with preference pairs; train them "
-            "in separate runs (training.objective sft, then rm or joint)"
+            f"data_path {data_path!r} blends {' and '.join(sorted(map(str, kinds)))} data; "
+            "train each kind in its own run (training.objective sft for SFT records, "
+            "listwise for ranked records, rm or joint for preference pairs)"
         )
     opened = [(weight, open_dataset(prefix, expected_vocab_sha256)) for weight, prefix in blend]
     result: list[Any | None] = []
@@ -293,7 +364,12 @@ def build_pair_datasets(
 
 def sample_rows(samples: Sequence[dict[str, Any]]) -> tuple[list, list]:
     """Token ids and labels of a micro-batch's sequences, in the order rewards and
-    losses use them: one per SFT record, or chosen of pairs ``0..b-1`` then rejected."""
+    losses use them: one per SFT record, a ranked record's K responses record after
+    record (so one record's responses always share the micro-batch), or chosen of
+    pairs ``0..b-1`` then rejected."""
+    if "ranked_input_ids" in samples[0]:
+        rows = [row for s in samples for row in s["ranked_input_ids"]]
+        return rows, [row for s in samples for row in s["ranked_labels"]]
     if "input_ids" in samples[0]:
         return [s["input_ids"] for s in samples], [s["labels"] for s in samples]
     rows = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
@@ -305,9 +381,32 @@ def sample_margins(samples: Sequence[dict[str, Any]]) -> Any:
     """``[b]`` float32 margins of ``b`` pairs (0 where none); empty for SFT records."""
     import torch
 
-    if "input_ids" in samples[0]:
+    if "input_ids" in samples[0] or "ranked_input_ids" in samples[0]:
         return torch.zeros(0, dtype=torch.float32)
     return torch.tensor([float(s.get(MARGIN_KEY, 0.0)) for s in samples], dtype=torch.float32)
+
+
+def sample_ranks(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``scores`` ``[n, K]`` float32 and ``valid`` ``[n, K]`` bool of ``n`` ranked
+    records (``K`` the most responses of any; a shorter record's slots past its own
+    responses are invalid, score 0); empty for other records. Row-major order of the
+    valid slots is the order of :func:`sample_rows`."""
+    import torch
+
+    if "targets" in samples[0]:
+        targets = torch.as_tensor(np.stack([np.asarray(s["targets"], np.float32) for s in samples]))
+        mask = torch.isfinite(targets)
+        return {"targets": targets.masked_fill(~mask, 0.0), "target_mask": mask}
+    if "ranked_input_ids" not in samples[0]:
+        return {}
+    k = max(len(s["scores"]) for s in samples)
+    scores = torch.zeros(len(samples), k, dtype=torch.float32)
+    valid = torch.zeros(len(samples), k, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s["scores"])
+        scores[i, :n] = torch.as_tensor(np.asarray(s["scores"], dtype=np.float32))
+        valid[i, :n] = True
+    return {"scores": scores, "valid": valid}
 
 
 def collate_pairs(
@@ -347,6 +446,7 @@ def collate_pairs(
         "labels": labels,
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "margin": sample_margins(samples),
+        **sample_ranks(samples),
     }
 
 

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from megarm.data.handlers import Handler, Pair, RecordError, SFTRecord
+from megarm.data.ranked import RankedRecord
 from megarm.data.readers import RawRecord
+from megarm.data.regression import RegressionRecord
 from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT, Template, critique_turn
 
 TRUNCATION_POLICIES = ("left", "right", "drop")
@@ -39,10 +41,15 @@ class _Job:
     header_len: int
     critique_prompt: str = DEFAULT_CRITIQUE_PROMPT
 
-    def texts(self, item: Pair | SFTRecord) -> list[str]:
+    def texts(self, item: Pair | SFTRecord | RankedRecord | RegressionRecord) -> list[str]:
         """The texts a record is tokenized as: prompt, then each sequence's tail (a
-        critique pair's tail is two texts: response + critique turn, then critique)."""
+        critique pair's tail is two texts: response + critique turn, then critique;
+        a ranked record has K tails, one per response)."""
         t = self.template
+        if isinstance(item, RankedRecord):
+            return [t.prompt(item.prompt), *(t.response(r) for r in item.responses)]
+        if isinstance(item, RegressionRecord):
+            return [t.prompt(item.prompt), t.response(item.response)]
         if isinstance(item, SFTRecord):
             return [t.prompt(item.prompt), t.response(item.target)]
         if item.chosen_critique is None:
@@ -134,7 +141,10 @@ def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
         ids = _encode(job.tokenizer, texts)
         for i, item, at in todo:
             prompt, tails, supervised = ids[at], [], []
-            if isinstance(item, SFTRecord):
+            if isinstance(item, RankedRecord):
+                k = len(item.responses)
+                tails, supervised = ids[at + 1 : at + 1 + k], [0] * k
+            elif isinstance(item, (SFTRecord, RegressionRecord)):
                 tails, supervised = [ids[at + 1]], [0]
             elif item.chosen_critique is None:
                 tails, supervised = [ids[at + 1], ids[at + 2]], [0, 0]
@@ -149,6 +159,16 @@ def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
                 results[i] = ("reject", exc.reason, exc.detail)
                 continue
             arrays = [np.asarray(tail, dtype=np.int32) for tail in tails]
+            if isinstance(item, RankedRecord):
+                scores = np.asarray(item.scores, dtype=np.float32)
+                results[i] = ("ok", np.asarray(prompt, dtype=np.int32), arrays, None, scores,
+                              truncated, tuple(supervised))
+                continue
+            if isinstance(item, RegressionRecord):  # missing labels: NaN
+                labels = np.asarray([np.nan if v is None else v for v in item.labels], np.float32)
+                results[i] = ("ok", np.asarray(prompt, dtype=np.int32), arrays[0], None, labels,
+                              truncated, tuple(supervised))
+                continue
             results[i] = (
                 "ok",
                 np.asarray(prompt, dtype=np.int32),

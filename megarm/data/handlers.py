@@ -29,6 +29,9 @@ REJECT_REASONS = (
     "identical",
     "tie",
     "too_long",
+    "too_few_responses",
+    "score_count",
+    "label_range",
 )
 
 _ROLE_ALIASES = {
@@ -480,6 +483,14 @@ HANDLERS: dict[str, type[Handler]] = {
         SFTHandler,
     )
 }
+# Ranked records (K responses per prompt, objective listwise) and regression records
+# (per-attribute labels, objective regression) live in their own modules,
+# which builds on this one: registered here, after every name it imports exists.
+from megarm.data.ranked import RANKED_HANDLERS  # noqa: E402
+from megarm.data.regression import REGRESSION_HANDLERS  # noqa: E402
+
+HANDLERS.update(RANKED_HANDLERS)
+HANDLERS.update(REGRESSION_HANDLERS)
 # MindSpeed-RL's class names, so its dataset YAMLs work unchanged.
 HANDLER_ALIASES = {"AlpacaStylePairwiseHandler": "alpaca_pairwise"}
 

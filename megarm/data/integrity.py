@@ -17,10 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from megarm.data.blend import packed_files
+from megarm.data.blend import files_kind, packed_files
 from megarm.data.stats_file import RERUN, DataFileError, read_stats, stats_path
 
 MARGIN_KEY = "margin"
+SCORES_KEY = "scores"  # ranked records: K float32 scores per record
+TARGETS_KEY = "targets"  # regression records: num_labels float32 per record
+FLOAT_KEYS = (MARGIN_KEY, SCORES_KEY, TARGETS_KEY)
 IGNORE_INDEX = -100
 SAMPLED_PAIRS = 64  # pairs whose tokens are compared across the four files
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -83,10 +86,11 @@ def read_index(path: str) -> IndexFile:
     return IndexFile(path, np.dtype(DTYPE_CODES[code]), lengths, pointers, starts)
 
 
-def _check_index(index: IndexFile, key: str) -> None:
-    """The index agrees with its own .bin and with one document per pair."""
+def _check_index(index: IndexFile, key: str, one_per_document: bool = True) -> None:
+    """The index agrees with its own .bin and with one document per pair (a ranked
+    record's document holds its K sequences: ``one_per_document`` False)."""
     bin_path = index.path[: -len(".idx")] + ".bin"
-    want = np.float32 if key == MARGIN_KEY else np.int32
+    want = np.float32 if key in FLOAT_KEYS else np.int32
     if index.dtype != want:
         raise DataFileError(
             f"{index.path} holds {index.dtype} but {key} must be {np.dtype(want)}; {RERUN}"
@@ -102,7 +106,14 @@ def _check_index(index: IndexFile, key: str) -> None:
         steps = index.lengths[:-1].astype(np.int64) * index.dtype.itemsize
         if index.pointers[0] != 0 or not np.array_equal(np.diff(index.pointers), steps):
             raise DataFileError(f"{index.path}: byte offsets do not follow the lengths; {RERUN}")
-    if not np.array_equal(index.documents, np.arange(index.count + 1)):
+    if not one_per_document:
+        docs = index.documents
+        if len(docs) < 1 or docs[0] != 0 or docs[-1] != index.count or np.any(np.diff(docs) < 1):
+            raise DataFileError(
+                f"{index.path}: its document boundaries do not split its {index.count} "
+                f"sequences into records; {RERUN}"
+            )
+    elif not np.array_equal(index.documents, np.arange(index.count + 1)):
         raise DataFileError(
             f"{index.path} does not hold one sequence per pair ({len(index.documents) - 1} "
             f"documents for {index.count} sequences); {RERUN}"
@@ -136,6 +147,8 @@ def _odd_one(
 def sides(files: dict[str, str]) -> list[tuple[str, str, str]]:
     """``(name in stats.json, input ids key, labels key)`` of each sequence a record
     holds: chosen and rejected for pairs, one sequence for SFT records."""
+    if "ranked_input_ids" in files:
+        return [("responses", "ranked_input_ids", "ranked_labels")]
     if "input_ids" in files:
         return [("sequences", "input_ids", "labels")]
     return [(side, f"{side}_input_ids", f"{side}_labels") for side in ("chosen", "rejected")]
@@ -147,8 +160,10 @@ def check_files(prefix: str) -> IndexFile:
     that is wrong."""
     stats = read_stats(prefix) or {}
     files = packed_files(prefix)
+    if files_kind(files) == "ranked":
+        return _check_ranked(prefix, files, stats)
     keys = [key for _, ids, labels in sides(files) for key in (ids, labels)]
-    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY)
+    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY, TARGETS_KEY)
                if key in files}
     for key, index in indexes.items():
         _check_index(index, key)
@@ -175,10 +190,64 @@ def check_files(prefix: str) -> IndexFile:
             )
     if MARGIN_KEY in indexes and np.any(indexes[MARGIN_KEY].lengths != 1):
         raise DataFileError(f"{indexes[MARGIN_KEY].path} must hold one value per pair; {RERUN}")
+    if TARGETS_KEY in indexes:
+        names = stats.get("label_names")
+        want = len(names) if isinstance(names, list) else int(indexes[TARGETS_KEY].lengths[:1].max(initial=0))
+        if np.any(indexes[TARGETS_KEY].lengths != want):
+            raise DataFileError(
+                f"{indexes[TARGETS_KEY].path} must hold {want} labels per record "
+                f"(label_names {names} in {stats_path(prefix)}); {RERUN}"
+            )
     if stats:  # megarm's own layout: labels mask a prefix (a prompt both sides share)
         # Critique pairs supervise the critique only: their masked prefixes differ.
         _check_sampled_pairs(indexes, sides(files), stats.get("kind", "pairs") == "pairs")
     return indexes[sides(files)[0][1]]
+
+
+def _check_ranked(prefix: str, files: dict[str, str], stats: dict[str, Any]) -> IndexFile:
+    """:func:`check_files` for ranked records: the K sequences of each record are one
+    document in the input-ids and labels files (the same boundaries in both), the
+    scores file holds one document of K scores per record, and the counts agree
+    with stats.json."""
+    ids = read_index(files["ranked_input_ids"] + ".idx")
+    labels = read_index(files["ranked_labels"] + ".idx")
+    scores = read_index(files[SCORES_KEY] + ".idx")
+    _check_index(ids, "ranked_input_ids", one_per_document=False)
+    _check_index(labels, "ranked_labels", one_per_document=False)
+    _check_index(scores, SCORES_KEY)
+    if not np.array_equal(ids.documents, labels.documents) or not np.array_equal(
+        ids.lengths, labels.lengths
+    ):
+        raise DataFileError(
+            f"{ids.path} and {labels.path} disagree on the records' responses or their "
+            f"lengths: one of them belongs to another run; {RERUN}"
+        )
+    per_record = np.diff(ids.documents)
+    kept = (stats.get("counts") or {}).get("kept")
+    for index, count in ((ids, len(per_record)), (scores, scores.count)):
+        if kept is not None and count != kept:
+            raise DataFileError(
+                f"{index.path} has {count} records, not {kept} in {stats_path(prefix)}: it "
+                f"belongs to another run; {RERUN}"
+            )
+    if scores.count != len(per_record) or not np.array_equal(scores.lengths, per_record):
+        raise DataFileError(
+            f"{scores.path} does not hold one score per response of {ids.path} "
+            f"({scores.count} score lists for {len(per_record)} records); {RERUN}"
+        )
+    if len(per_record) and per_record.min() < 2:
+        raise DataFileError(f"{ids.path} has a record with fewer than 2 responses; {RERUN}")
+    recorded = (stats.get("tokens") or {}).get("responses")
+    total = int(ids.lengths.sum(dtype=np.int64))
+    if recorded is not None and total != recorded:
+        raise DataFileError(
+            f"{ids.path} has {total} tokens, not {recorded} in {stats_path(prefix)}: it "
+            f"belongs to another run; {RERUN}"
+        )
+    if stats:
+        _check_sampled_pairs({"ranked_input_ids": ids, "ranked_labels": labels},
+                             sides(files), shared_prompt=False)
+    return ids
 
 
 def _check_sampled_pairs(
@@ -193,7 +262,7 @@ def _check_sampled_pairs(
     tokens = {
         key: np.memmap(index.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
         if index.bin_bytes() else np.zeros(0, np.int32)
-        for key, index in indexes.items() if key != MARGIN_KEY
+        for key, index in indexes.items() if key not in FLOAT_KEYS
     }
 
     def row(key: str, i: int) -> np.ndarray:
@@ -235,7 +304,7 @@ def length_problem(prefix: str, seq_length: int, max_positions: int | None = Non
         return None
     limit = f" (up to model.max_position_embeddings {max_positions})" if max_positions else ""
     return (
-        f"{over} of {len(longest)} {'records' if 'input_ids' in files else 'pairs'} in "
+        f"{over} of {len(longest)} {'sequences' if 'ranked_input_ids' in files else 'records' if 'input_ids' in files else 'pairs'} in "
         f"{prefix} have a sequence longer than "
         f"data.seq_length {seq_length} (longest {int(longest.max())} tokens); re-run "
         f"tools/preprocess_data.py --overwrite --seq-length {seq_length} (prompts are cut, "

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from megarm.data.blend import PACKED_RE, SFT_KEYS
+from megarm.data.blend import PACKED_RE, RANKED_KEYS, REGRESSION_KEYS, SFT_KEYS
 from megarm.data.dataset import (
     IGNORE_INDEX,
     MARGIN_KEY,
@@ -76,11 +76,19 @@ def _raise_write_error(exc: OSError, prefix: str) -> NoReturn:
 class _Outputs:
     """The temporary files of one run and their promotion to final names."""
 
-    def __init__(self, prefix: str, has_margin: bool, sft: bool = False) -> None:
+    def __init__(
+        self, prefix: str, has_margin: bool, sft: bool = False, ranked: bool = False,
+        regression: bool = False,
+    ) -> None:
         IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
         self.prefix = prefix
         self.tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
-        self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
+        if ranked:
+            self.keys = RANKED_KEYS
+        elif regression:
+            self.keys = REGRESSION_KEYS
+        else:
+            self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
         self.paths: list[tuple[str, str]] = []  # (temporary, final)
         self.builders = {}
         self.rejects = None
@@ -91,7 +99,7 @@ class _Outputs:
         self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
         try:
             for key in self.keys:
-                dtype = np.float32 if key == MARGIN_KEY else np.int32
+                dtype = np.float32 if key in (MARGIN_KEY, "scores", "targets") else np.int32
                 tmp = packed_path(self.tmp_prefix, key) + ".bin"
                 self.builders[key] = IndexedDatasetBuilder(tmp, dtype=dtype)
             self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
@@ -102,14 +110,28 @@ class _Outputs:
     def add(
         self,
         prompt: np.ndarray,
-        chosen: np.ndarray,
+        chosen: np.ndarray | list[np.ndarray],
         rejected: np.ndarray | None,
-        margin: float | None,
+        margin: float | np.ndarray | None,
         supervised: tuple[int, ...] = (0, 0),
     ) -> None:
-        """One record: a pair (``chosen`` / ``rejected`` tails after the prompt), or an
-        SFT record (``chosen`` is its target, ``rejected`` ``None``). Labels are -100
-        over the prompt and the first ``supervised[k]`` tokens of tail ``k``."""
+        """One record: a pair (``chosen`` / ``rejected`` tails after the prompt), an
+        SFT record (``chosen`` is its target, ``rejected`` ``None``) or a ranked record
+        (``chosen`` the list of its K response tails, ``margin`` its K scores: one
+        document of K sequences, and one of K scores), or a regression record (an
+        SFT record with its labels as ``margin``). Labels are -100 over the prompt
+        and the first ``supervised[k]`` tokens of tail ``k``."""
+        if isinstance(chosen, list):
+            rows = [np.concatenate([prompt, tail]) for tail in chosen]
+            labels = [row.copy() for row in rows]
+            for row in labels:
+                row[: len(prompt)] = IGNORE_INDEX
+            lengths = [len(row) for row in rows]
+            self.builders["ranked_input_ids"].add_document(np.concatenate(rows), lengths)
+            self.builders["ranked_labels"].add_document(np.concatenate(labels), lengths)
+            scores = np.asarray(margin, dtype=np.float32)
+            self.builders["scores"].add_document(scores, [len(scores)])
+            return
         if rejected is None:
             sequences = [("", chosen, supervised[0])]
         else:
@@ -122,6 +144,9 @@ class _Outputs:
             self.builders[f"{side}labels"].add_document(labels, [len(labels)])
         if MARGIN_KEY in self.builders:
             self.builders[MARGIN_KEY].add_document(np.array([margin], dtype=np.float32), [1])
+        if "targets" in self.builders:  # a regression record's labels (NaN: missing)
+            targets = np.asarray(margin, dtype=np.float32)
+            self.builders["targets"].add_document(targets, [len(targets)])
 
     def reject(self, entry: dict[str, Any]) -> None:
         self.rejects.write(json.dumps(entry, ensure_ascii=False, default=repr) + "\n")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from megarm.data.dataset import sample_margins, sample_rows
+from megarm.data.dataset import sample_margins, sample_ranks, sample_rows
 
 IGNORE_INDEX = -100
 
@@ -169,6 +169,7 @@ def collate_packed(
         "reward_row": reward_row,
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "margin": _margins(samples),
+        **sample_ranks(samples),
     }
 
 
@@ -226,4 +227,5 @@ def collate_thd(
         "reward_row": torch.zeros(len(seqs), dtype=torch.long),
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "margin": _margins(samples),
+        **sample_ranks(samples),
     }

@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="margin column, or two score columns CHOSEN REJECTED (margin = their difference)",
     )
     p.add_argument(
+        "--label-names",
+        type=lambda text: [name.strip() for name in text.split(",")],
+        help="regression / helpsteer2: the attributes, comma-separated, in the order of the "
+        "model's outputs (helpsteer2: helpfulness,correctness,coherence,complexity,verbosity)",
+    )
+    p.add_argument(
+        "--label-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="regression: reject records with a label outside [LOW, HIGH] (helpsteer2: 0 4)",
+    )
+    p.add_argument(
         "--max-reject-fraction",
         type=float,
         default=0.5,
@@ -292,6 +305,11 @@ def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
         tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.tokenizer_type)
         template = get_template(args.prompt_type, tokenizer)
         handler = get_handler(args.handler_name, args.map_keys, args.margin)
+        if handler.kind == "regression":
+            handler.set_labels(args.label_names, args.label_range)  # type: ignore[attr-defined]
+        elif args.label_names or args.label_range:
+            raise ValueError(f"--label-names and --label-range are for regression handlers, "
+                             f"not {args.handler_name}")
     except (InputError, TokenizerError, TemplateError, ValueError) as exc:
         raise PreprocessError(str(exc)) from exc
     if args.seq_length is None:
@@ -343,20 +361,32 @@ class _Tally:
         self.supervised_tokens = 0
         self.examples: list[str] = []  # the first rejects, quoted if the run fails
         self.max_token_id = -1  # checked against the model's vocabulary before training
+        self.responses = array("i")  # ranked records: responses per record
 
     def kept(self, result: tuple) -> None:
         _, prompt, chosen, rejected, _, truncated, supervised = result
+        if isinstance(chosen, list):  # a ranked record: K responses, one length each
+            self.responses.append(len(chosen))
+            self._count(prompt, chosen, truncated)
+            for tail in chosen:
+                self.lengths["responses"].append(len(prompt) + len(tail))
+                self.tokens["responses"] += len(prompt) + len(tail)
+                self.supervised_tokens += len(tail)
+            return
         tails = [chosen] if rejected is None else [chosen, rejected]
+        self._count(prompt, tails, truncated)
+        for side, tail, start in zip(self.sides, tails, supervised, strict=True):
+            self.lengths[side].append(len(prompt) + len(tail))
+            self.tokens[side] += len(prompt) + len(tail)
+            self.supervised_tokens += len(tail) - start
+
+    def _count(self, prompt: np.ndarray, tails: list[np.ndarray], truncated: bool) -> None:
         for ids in (prompt, *tails):
             if len(ids):
                 self.max_token_id = max(self.max_token_id, int(ids.max()))
         self.counts["records"] += 1
         self.counts["kept"] += 1
         self.counts["truncated"] += int(truncated)
-        for side, tail, start in zip(self.sides, tails, supervised, strict=True):
-            self.lengths[side].append(len(prompt) + len(tail))
-            self.tokens[side] += len(prompt) + len(tail)
-            self.supervised_tokens += len(tail) - start
 
     def rejected(self, raw: RawRecord, reason: str, detail: str) -> dict[str, Any]:
         """Count a rejected record; its line for the rejects file."""
@@ -407,7 +437,8 @@ def _stats(
         "megarm_version": megarm_version(),
         "handler": handler.name,
         # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
-        "kind": "sft" if handler.kind == "sft" else "critique_pairs" if critiques else "pairs",
+        "kind": handler.kind if handler.kind in ("sft", "ranked", "regression")
+        else "critique_pairs" if critiques else "pairs",
         "tokenizer": {
             "name_or_path": args.tokenizer_name_or_path,
             "vocab_sha256": vocab_sha256(tokenizer),
@@ -431,6 +462,12 @@ def _stats(
         "tokens": tally.tokens,
         "supervised_tokens": tally.supervised_tokens,
         "has_margin": handler.has_margin,
+        **({"label_names": list(handler.label_names),  # type: ignore[attr-defined]
+            "label_range": handler.label_range} if handler.kind == "regression" else {}),  # type: ignore[attr-defined]
+        **({"responses_per_record": {
+            "min": int(min(tally.responses)), "max": int(max(tally.responses)),
+            "mean": round(float(np.mean(tally.responses)), 4),
+        }} if len(tally.responses) else {}),
         "max_token_id": tally.max_token_id,
         "seq_length": args.seq_length,
         "files": names,
@@ -447,11 +484,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     Every record is either written or listed in the rejects file with its reason;
     the outputs are renamed into place only when the run is accepted."""
     job, files = _prepare(args)
-    sft = job.handler.kind == "sft"
-    tally = _Tally(("sequences",) if sft else ("chosen", "rejected"), files,
-                   [record_unit(path) for path in files])
+    kind = job.handler.kind
+    sft, ranked, regression = kind == "sft", kind == "ranked", kind == "regression"
+    sides = ("sequences",) if sft or regression else ("responses",) if ranked else ("chosen", "rejected")
+    tally = _Tally(sides, files, [record_unit(path) for path in files])
     try:
-        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft)
+        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft, ranked, regression)
     except OSError as exc:
         _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
@@ -506,7 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; no output written", file=sys.stderr)
         return 130
     counts = stats["counts"]
-    what = "SFT records" if stats["kind"] == "sft" else stats["kind"].replace("_", " ")
+    what = {"sft": "SFT records", "ranked": "ranked records",
+            "regression": "regression records"}.get(
+        stats["kind"], stats["kind"].replace("_", " "))
     print(
         f"wrote {counts['kept']} {what} ({counts['rejected']} rejected, {counts['truncated']} "
         f"truncated) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "

@@ -11,8 +11,10 @@ fewer than two responses, a score count unlike the response count, a score that
 is not a number or is NaN, an empty response, identical responses, or all scores
 equal (nothing to rank).
 
-Not yet wired: these handlers are not in ``megarm.data.handlers.HANDLERS``, so
-preprocessing does not write ``ranked`` indexed datasets yet.
+Both are registered in ``megarm.data.handlers.HANDLERS``: preprocessing writes a
+record as one document of K sequences in ``<prefix>_packed_ranked_{input_ids,labels}``
+and its K scores as one document in ``<prefix>_packed_scores`` (stats.json ``kind:
+ranked``).
 """
 
 from __future__ import annotations

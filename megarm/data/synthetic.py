@@ -56,3 +56,89 @@ class SyntheticPairs:
             sample[f"{key}_labels"] = labels
         sample["margin"] = 0.0
         return sample
+
+
+class SyntheticRanked:
+    """``size`` deterministic ranked records of ``num_responses`` responses each, the
+    layout of :class:`megarm.data.dataset.RankedDataset` items.
+
+    Response ``j`` of a record draws a share ``1 - j / (K - 1)`` of its tokens from the
+    "good" set and the rest from the "bad" one, and scores ``K - 1 - j`` (distinct, the
+    response order shuffled per record), so a reward model can learn the ranking from
+    content alone."""
+
+    def __init__(
+        self,
+        size: int,
+        vocab_size: int,
+        seq_length: int,
+        num_responses: int = 4,
+        seed: int = 0,
+        first_id: int = 1,
+    ) -> None:
+        if num_responses < 2:
+            raise ValueError("ranked records need at least 2 responses")
+        self.pairs = SyntheticPairs(size, vocab_size, seq_length, seed, first_id)
+        self.num_responses = num_responses
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs
+        rng = np.random.RandomState((p.seed * 1_000_003 + index + 7_777) % 2**32)
+        k = self.num_responses
+        prompt = rng.choice(p.prompt_ids, rng.randint(2, max(2, p.seq_length // 2) + 1))
+        budget = p.seq_length - len(prompt)
+        ids_list, labels_list, scores = [], [], []
+        for j in rng.permutation(k):
+            n = rng.randint(1, budget + 1)
+            good = rng.random_sample(n) < 1.0 - j / (k - 1)
+            response = np.where(good, rng.choice(p.good, n), rng.choice(p.bad, n))
+            ids = np.concatenate([prompt, response]).astype(np.int32)
+            labels = ids.copy()
+            labels[: len(prompt)] = IGNORE_INDEX
+            ids_list.append(ids)
+            labels_list.append(labels)
+            scores.append(float(k - 1 - j))
+        return {
+            "ranked_input_ids": ids_list,
+            "ranked_labels": labels_list,
+            "scores": np.asarray(scores, dtype=np.float32),
+        }
+
+
+class SyntheticRegression:
+    """``size`` deterministic regression records of ``num_labels`` attributes, the
+    layout of :class:`megarm.data.dataset.RegressionDataset` items.
+
+    A record's response draws a random share ``q`` of its tokens from the "good"
+    set; attribute ``a`` is ``4 q`` for even ``a`` and ``4 (1 - q)`` for odd ``a``
+    (learnable from content alone), and every fifth record misses attribute
+    ``index % num_labels`` (NaN), so the masked loss is exercised."""
+
+    def __init__(
+        self, size: int, vocab_size: int, seq_length: int, num_labels: int = 1, seed: int = 0,
+        first_id: int = 1,
+    ) -> None:
+        self.pairs = SyntheticPairs(size, vocab_size, seq_length, seed, first_id)
+        self.num_labels = num_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs
+        rng = np.random.RandomState((p.seed * 1_000_003 + index + 99_991) % 2**32)
+        prompt = rng.choice(p.prompt_ids, rng.randint(2, max(2, p.seq_length // 2) + 1))
+        n = rng.randint(1, p.seq_length - len(prompt) + 1)
+        q = rng.random_sample()
+        response = np.where(rng.random_sample(n) < q, rng.choice(p.good, n), rng.choice(p.bad, n))
+        ids = np.concatenate([prompt, response]).astype(np.int32)
+        labels = ids.copy()
+        labels[: len(prompt)] = IGNORE_INDEX
+        targets = np.asarray([4 * q if a % 2 == 0 else 4 * (1 - q) for a in range(self.num_labels)],
+                             dtype=np.float32)
+        if self.num_labels > 1 and index % 5 == 0:
+            targets[index % self.num_labels] = np.nan
+        return {"input_ids": ids, "labels": labels, "targets": targets}

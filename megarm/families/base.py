@@ -195,6 +195,8 @@ class Shape:
     """One routed expert's FFN size."""
     shared_ffn_hidden_size: int = 0
     """The shared expert's FFN size (0: none)."""
+    num_labels: int = 1
+    """Outputs of the value head (``score.weight`` rows; regression heads: > 1)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -216,6 +218,7 @@ class Shape:
             routed_experts=model.num_moe_experts or 0,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or 0,
             shared_ffn_hidden_size=model.moe_shared_expert_intermediate_size or 0,
+            num_labels=getattr(model, "num_labels", 1),
         )
 
     def size(self, symbol: str) -> int:
@@ -231,6 +234,7 @@ class Shape:
             "M": self.moe_ffn_hidden_size,
             "S": self.shared_ffn_hidden_size,
             "1": 1,
+            "N": self.num_labels,
         }[symbol]
 
 

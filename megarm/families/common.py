@@ -237,9 +237,10 @@ SHARED_GATE = WeightRule(
     (L + "mlp.shared_expert_gate.weight",), (("1", "H"),),
     M + "mlp.shared_experts.gate_weight", "copy", "layer", tp=None,
 )
-# *ForSequenceClassification's score head (num_labels=1) is megarm's value head.
+# *ForSequenceClassification's score head (num_labels rows: 1 for a reward model,
+# one per attribute for a regression head) is megarm's value head.
 VALUE_HEAD = WeightRule(
-    ("score.weight",), (("1", "H"),),
+    ("score.weight",), (("N", "H"),),
     "value_head.weight", "copy", "final", tp=None, head="value",
 )
 # *ForCausalLM's LM head is megarm's vocab-parallel output layer (critique models,

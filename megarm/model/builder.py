@@ -184,7 +184,7 @@ def block_spec(
 def heads(cfg: MegarmConfig) -> tuple[bool, bool]:
     """``(value head, output layer)`` the objective needs."""
     objective = cfg.training.objective
-    return objective in ("rm", "joint"), objective in ("sft", "joint")
+    return objective in ("rm", "joint", "listwise", "regression"), objective in ("sft", "joint")
 
 
 def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardModel]:
@@ -220,6 +220,7 @@ def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardMode
                 head_init_seed=cfg.training.seed,
                 vp_stage=stage,
                 value_head=value_head,
+                num_labels=cfg.model.num_labels,
                 output_layer=output_layer,
                 tie_output=cfg.model.tie_word_embeddings,
                 real_vocab_size=cfg.model.vocab_size,

@@ -60,6 +60,8 @@ class RewardModel(MegatronModule):
         rotary_scaling: Llama 3.1's RoPE frequency scaling (factor, low and high
             frequency factors, original context length); ``None``: plain RoPE.
         value_head: build the value head (last stage).
+        num_labels: its outputs (1: one reward; more: ``training.objective:
+            regression``, rewards ``[n, num_labels]``).
         output_layer: build the LM output layer (last stage).
         tie_output: the output layer is the input embedding (``output_layer`` only).
         real_vocab_size: the tokenizer-facing vocabulary (``model.vocab_size``); the
@@ -90,6 +92,7 @@ class RewardModel(MegatronModule):
         vp_stage: int | None = None,
         rotary_scaling: tuple[float, float, float, int] | None = None,
         value_head: bool = True,
+        num_labels: int = 1,
         output_layer: bool = False,
         tie_output: bool = False,
         real_vocab_size: int | None = None,
@@ -135,7 +138,7 @@ class RewardModel(MegatronModule):
         self.value_head: torch.nn.Linear | None = None
         if post_process and value_head:
             self.value_head = torch.nn.Linear(
-                config.hidden_size, 1, bias=False, dtype=config.params_dtype
+                config.hidden_size, num_labels, bias=False, dtype=config.params_dtype
             )
             init_value_head(self.value_head.weight, config.hidden_size, head_init_seed)
         self.output_layer: tensor_parallel.ColumnParallelLinear | None = None
@@ -290,7 +293,8 @@ class RewardModel(MegatronModule):
     def rewards(
         self, hidden: Tensor, reward_index: Tensor, reward_row: Tensor | None = None
     ) -> Tensor:
-        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]``."""
+        """Value head at each sequence's reward token: ``[s, b, h]`` -> ``[n]`` (``[n,
+        num_labels]`` for a multi-output head)."""
         return self.value(self.full_sequence(hidden), reward_index, reward_row)
 
     def full_sequence(self, hidden: Tensor) -> Tensor:
@@ -325,6 +329,7 @@ class RewardModel(MegatronModule):
         rewards = torch.nn.functional.linear(picked.float(), weight.float()).squeeze(-1)
         if self.config.context_parallel_size == 1:
             return rewards
+        held = held.view(-1, *([1] * (rewards.dim() - 1)))  # [n] or [n, labels]
         rewards = torch.where(held, rewards, torch.zeros_like(rewards))
         return sum_context(rewards, parallel_state.get_context_parallel_group())
 

@@ -82,6 +82,21 @@ class PairBatch:
     context_size: int = 1
     """CP ranks the batch was cut over (1: not cut). ``reward_index`` is then -1
     for sequences whose reward token another CP rank holds."""
+    scores: Tensor | None = None
+    """``[n, K]`` scores of ``n`` ranked records (``training.objective: listwise``;
+    higher is better). The rows are the records' responses one record after another,
+    the row-major order of the ``valid`` slots; ``margin`` is then empty."""
+    valid: Tensor | None = None
+    """``[n, K]`` bool: which of a record's ``K`` slots hold a response (records with
+    fewer responses than the micro-batch's most are padded)."""
+    targets: Tensor | None = None
+    """``[n, num_labels]`` attribute labels of ``n`` regression records (one row each;
+    ``training.objective: regression``), 0 where missing."""
+    target_mask: Tensor | None = None
+    """``[n, num_labels]`` bool: which labels the records have."""
+    target_scale: float = 0.0
+    """Turns this micro-batch's weighted squared-error sum into its share of the
+    global batch's weighted mean (set by the training loop, like ``lm_scale``)."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
@@ -105,6 +120,11 @@ class PairBatch:
     def num_pairs(self) -> int:
         """Pairs in this micro-batch (0 for SFT records)."""
         return self.margin.shape[0]
+
+    @property
+    def num_records(self) -> int:
+        """Ranked records in this micro-batch (0 unless list-wise)."""
+        return 0 if self.scores is None else self.scores.shape[0]
 
     @property
     def num_sequences(self) -> int:

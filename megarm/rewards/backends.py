@@ -25,8 +25,10 @@ from megarm.checkpoint.metadata import (
     tokenizer_dir,
 )
 from megarm.config import ConfigError, MegarmConfig, load_config, validate
+from megarm.config.checks import label_names
 from megarm.errors import ScoringError
 from megarm.model.builder import build_model, params_dtype
+from megarm.rewards.attributes import Attributes, parse_attribute_weights
 from megarm.rewards.batches import make_batches, plan_batches, run_model
 from megarm.rewards.encoding import Encoder, build_encoder
 
@@ -59,6 +61,8 @@ class MegatronScorer:
         except FileNotFoundError as exc:
             raise ScoringError(str(exc)) from exc
         settings["model"]["params_dtype"] = dtype
+        if int(settings["model"].get("num_labels") or 1) > 1:  # a regression head
+            settings.setdefault("training", {})["objective"] = "regression"
         settings["parallel"] = {
             "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp,
@@ -85,6 +89,9 @@ class MegatronScorer:
         self.world = self.launch.world_size
         self.pad_id = 0
         self._open = True
+        # A regression head's attributes (one-label reward models: none).
+        self.label_names = tuple(label_names(self.cfg)) if self.cfg.model.num_labels > 1 else None
+        self.attributes = Attributes(self.label_names)
 
     def _local(self, rows: list[list[int]]) -> dict[int, float]:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -95,8 +102,9 @@ class MegatronScorer:
             merged.update(part)  # type: ignore[arg-type]
         return merged
 
-    def rewards(self, rows: list[list[int]]) -> list[float]:
-        """(Driver) rewards of ``rows``, in order."""
+    def outputs(self, rows: list[list[int]]) -> list[float | list[float]]:
+        """(Driver) the head's outputs for ``rows``, in order: a reward each, or a
+        list of attribute values for a regression head."""
         if not rows:
             return []
         distributed.broadcast_object(("score", rows))
@@ -104,6 +112,11 @@ class MegatronScorer:
         if len(found) != len(rows):
             raise RuntimeError(f"got rewards for {len(found)} of {len(rows)} sequences")
         return [found[i] for i in range(len(rows))]
+
+    def rewards(self, rows: list[list[int]]) -> list[float]:
+        """(Driver) rewards of ``rows``, in order (a regression head's: the
+        ``attributes``-weighted sum)."""
+        return [self.attributes.reward(v) for v in self.outputs(rows)]
 
     def ping(self) -> None:
         """(Driver) keep idle followers' collectives from timing out."""
@@ -137,7 +150,8 @@ class MegatronScorer:
 
 
 class HFScorer:
-    """An HF export (``*ForSequenceClassification``, one label) in transformers, on
+    """An HF export (``*ForSequenceClassification``: one label, or a regression head
+    of several) in transformers, on
     this process's device; right padding with an attention mask."""
 
     is_driver = True
@@ -152,8 +166,15 @@ class HFScorer:
                 f"{load} is an HF export: score it in one process (python, not torchrun)"
             )
         config = AutoConfig.from_pretrained(load)
-        if getattr(config, "num_labels", 1) != 1:
-            raise ScoringError(f"{load} has num_labels={config.num_labels}; a reward model has 1")
+        labels = int(getattr(config, "num_labels", 1))
+        if labels != 1 and getattr(config, "problem_type", None) != "regression":
+            raise ScoringError(
+                f"{load} has num_labels={labels} and is not a regression head "
+                "(problem_type); a reward model has 1 label"
+            )
+        self.label_names = (tuple(config.id2label[i] for i in range(labels)) if labels > 1
+                            else None)
+        self.attributes = Attributes(self.label_names)
         cfg = load_config(None, settings={"model": {"params_dtype": dtype}})
         self.device = platform.device()
         self.model = (
@@ -171,8 +192,14 @@ class HFScorer:
         self.world = 1
 
     def rewards(self, rows: list[list[int]]) -> list[float]:
-        """Rewards of ``rows``, in order."""
-        out = [0.0] * len(rows)
+        """Rewards of ``rows``, in order (a regression head's: the
+        ``attributes``-weighted sum)."""
+        return [self.attributes.reward(v) for v in self.outputs(rows)]
+
+    def outputs(self, rows: list[list[int]]) -> list[float | list[float]]:
+        """The head's outputs for ``rows``, in order: a reward each, or a list of
+        attribute values for a regression head."""
+        out: list[float | list[float]] = [0.0] * len(rows)
         for ids in plan_batches([len(r) for r in rows], self.max_tokens, self.max_rows):
             width = len(rows[ids[0]])
             tokens = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
@@ -184,7 +211,8 @@ class HFScorer:
                 logits = self.model(
                     input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)
                 ).logits
-            for r, value in zip(ids, logits[:, 0].float().cpu().tolist(), strict=True):
+            values = logits.float().cpu() if self.label_names else logits[:, 0].float().cpu()
+            for r, value in zip(ids, values.tolist(), strict=True):
                 out[r] = value
         return out
 
@@ -238,6 +266,9 @@ class ScorerSpec:
     """Max rows per micro-batch (``None``: no limit)."""
     params_dtype: str = "auto"
     """Compute dtype (``auto``: bf16 on CUDA, fp32 on CPU)."""
+    attribute_weights: str | None = None
+    """A regression head's scalar reward: ``name=weight,...`` (``None``: every
+    attribute weighs 1); :mod:`megarm.rewards.attributes`."""
 
 
 def open_scorer(args: ScorerSpec) -> tuple[Scorer, Encoder, RewardInfo]:
@@ -287,6 +318,7 @@ def open_scorer(args: ScorerSpec) -> tuple[Scorer, Encoder, RewardInfo]:
             )
         if isinstance(scorer, MegatronScorer):  # an HF model pads with its config's id
             scorer.pad_id = encoder.pad_id
+        scorer.attributes = parse_attribute_weights(args.attribute_weights, scorer.label_names)
     except BaseException:
         scorer.close()
         raise

@@ -40,11 +40,13 @@ def summarize(rewards: Sequence[float], source: str) -> dict[str, Any]:
 
 
 def dataset_rows(dataset: Any) -> list[list[int]]:
-    """Every pair's chosen and rejected token row of a preprocessed split."""
+    """Every pair's chosen and rejected token row of a preprocessed split (every
+    response of a ranked record)."""
+    from megarm.data.dataset import sample_rows
+
     rows = []
     for i in range(len(dataset)):
-        sample = dataset[i]
-        rows += [sample["chosen_input_ids"].tolist(), sample["rejected_input_ids"].tolist()]
+        rows += [row.tolist() for row in sample_rows([dataset[i]])[0]]
     return rows
 
 

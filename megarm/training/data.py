@@ -1,7 +1,8 @@
 """Training and validation micro-batches for this rank, from the config.
 
 ``training.objective: sft`` reads SFT records (one row each), ``rm`` and ``joint``
-preference pairs (two rows each). With an LM loss (``sft``, ``joint``) each
+preference pairs (two rows each), ``listwise`` ranked records (K rows each, with
+their scores), ``regression`` records (one row each, with their attribute labels). With an LM loss (``sft``, ``joint``) each
 micro-batch also carries the positions whose next token is supervised and those
 tokens, found here on the host (:func:`lm_positions`)."""
 
@@ -27,7 +28,7 @@ from megarm.data.dataset import (
 )
 from megarm.data.packing import collate_packed, collate_thd
 from megarm.data.stats_file import recorded_pad_id
-from megarm.data.synthetic import SyntheticPairs
+from megarm.data.synthetic import SyntheticPairs, SyntheticRanked, SyntheticRegression
 from megarm.model.step import PairBatch
 
 
@@ -115,6 +116,22 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
         cfg.data.seq_length,
         seed=cfg.training.seed,
     )
+    if cfg.training.objective == "listwise":
+        pairs = SyntheticRanked(
+            cfg.data.synthetic_num_pairs,
+            min(cfg.model.vocab_size, 1024),
+            cfg.data.seq_length,
+            cfg.data.synthetic_num_responses,
+            seed=cfg.training.seed,
+        )
+    if cfg.training.objective == "regression":
+        pairs = SyntheticRegression(
+            cfg.data.synthetic_num_pairs,
+            min(cfg.model.vocab_size, 1024),
+            cfg.data.seq_length,
+            cfg.model.num_labels,
+            seed=cfg.training.seed,
+        )
     if cfg.training.objective == "sft":
         pairs = ChosenAsSFT(pairs)
     (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
@@ -172,6 +189,13 @@ def to_pair_batch(collated: dict[str, torch.Tensor], lm: bool = False) -> PairBa
 
 
 def _layout(collated: dict[str, torch.Tensor]) -> PairBatch:
+    batch = _rows(collated)
+    batch.scores, batch.valid = collated.get("scores"), collated.get("valid")
+    batch.targets, batch.target_mask = collated.get("targets"), collated.get("target_mask")
+    return batch
+
+
+def _rows(collated: dict[str, torch.Tensor]) -> PairBatch:
     tokens = collated["tokens"]
     if "reward_row" in collated:
         cu = collated.get("cu_seqlens")
@@ -238,6 +262,6 @@ def micro_batches(
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=platform.pin_memory()
     )
-    lm = cfg.training.objective != "rm"
+    lm = cfg.training.objective in ("sft", "joint")
     for collated in loader:
         yield to_pair_batch(collated, lm=lm)

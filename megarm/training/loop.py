@@ -29,6 +29,7 @@ from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
 from megarm.checkpoint.metadata import CONVENTION_KEY
 from megarm.config import MegarmConfig, to_dict, to_yaml
+from megarm.config.checks import label_names, label_weights
 from megarm.data.blend import parse_data_path
 from megarm.data.stats_file import reward_convention
 from megarm.distributed import all_gather_objects, all_reduce_host, any_rank, broadcast_object
@@ -39,6 +40,7 @@ from megarm.rewards.benchmarks import BenchmarkEvaluator
 from megarm.rewards.stats import after_training
 from megarm.training.data import build_datasets, micro_batches
 from megarm.training.loss import loss_func, loss_weights, reduce_stats
+from megarm.training.memory import rows_per_record
 from megarm.training.metrics import MetricsWriter
 from megarm.training.optimizer import build_optimizer
 
@@ -84,6 +86,8 @@ class Trainer:
             config.no_sync_func = config.no_sync_func[0]
 
         self.data = build_datasets(cfg)
+        self.rows_per_record = rows_per_record(cfg)
+        self.label_names, self.label_weights = label_names(cfg), label_weights(cfg)
         self.iteration = 0
         self.consumed_samples = 0
         self.resumed: Resumed | None = None
@@ -129,12 +133,15 @@ class Trainer:
             start = time.perf_counter()
             batches = list(islice(self.train_stream, self.num_microbatches))
             self.scale_lm_loss(batches)
+            self.scale_regression_loss(batches)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = self.run_schedule(batches, forward_only=False)
             metrics = reduce_stats(
-                outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+                outputs, self.contributes, self.loss_weights,
+                self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
+                self.label_names, self.label_weights,
             )
             if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
                 metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
@@ -173,7 +180,7 @@ class Trainer:
         if self.cfg.checkpoint.save and not self.should_save():
             self.save()
         # Reward mean/std over the validation split, beside the last checkpoint's weights.
-        if self.has_value_head:
+        if self.has_value_head and t.objective != "regression":  # one reward per sequence
             after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
         return metrics
 
@@ -194,10 +201,25 @@ class Trainer:
         for batch in batches:
             batch.lm_scale = scale
 
+    def scale_regression_loss(self, batches: list[PairBatch]) -> None:
+        """``objective: regression``: every micro-batch's ``target_scale``, so the
+        step's loss is the global batch's weighted mean squared error whatever the
+        micro-batches' label counts (known on the host, summed over data-parallel
+        ranks in one host all-reduce, as :meth:`scale_lm_loss`)."""
+        if self.cfg.training.objective != "regression":
+            return
+        weights = torch.tensor(self.label_weights, dtype=torch.float64)
+        local = sum(float((weights * b.target_mask.sum(0)).sum()) for b in batches) \
+            if self.contributes else 0.0
+        total = float(all_reduce_host(torch.tensor([local], dtype=torch.float64))[0])
+        scale = len(batches) * self.dp_size / total if total else 0.0
+        for batch in batches:
+            batch.target_scale = scale
+
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
         rm_weight, lm_weight = self.loss_weights
-        rows = self.cfg.training.micro_batch_size * (1 if self.cfg.training.objective == "sft" else 2)
+        rows = self.cfg.training.micro_batch_size * self.rows_per_record
         return run_schedule(
             self.model,
             batches,
@@ -206,6 +228,8 @@ class Trainer:
                 rm_weight=rm_weight,
                 lm_weight=lm_weight,
                 center_coef=self.cfg.training.center_rewards_coefficient,
+                label_weights=torch.tensor(self.label_weights, dtype=torch.float32),
+                listwise_loss=self.cfg.training.listwise_loss,
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,
@@ -241,10 +265,12 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         metrics = reduce_stats(
-            outputs, self.contributes, self.loss_weights, self.cfg.training.center_rewards_coefficient
+            outputs, self.contributes, self.loss_weights,
+            self.cfg.training.center_rewards_coefficient, self.cfg.training.objective,
+                self.label_names, self.label_weights,
         )
         self.writer.log("valid", self.iteration, metrics, t.train_iters)
-        if self.has_value_head:
+        if self.has_value_head and t.objective in ("rm", "joint"):  # pairs: chosen, rejected
             self.write_eval_rewards(outputs)
         return metrics
 
@@ -298,12 +324,23 @@ class Trainer:
                     f"training.objective={objective} trains: convert the HF model with "
                     "ckpt_convert/hf2mcore.py --keep-lm-head (or start from an SFT run)"
                 )
-        if self.has_value_head and head_weight("value") not in stored:
+        value = head_weight("value")
+        # A reward model's 1-output head does not fit a regression head of
+        # model.num_labels outputs: that head starts fresh too (weights-only start).
+        other_head = value in stored and tuple(stored[value].global_shape)[0] != self.cfg.model.num_labels
+        if self.has_value_head and (value not in stored or other_head):
+            if other_head and not c.finetune:
+                raise CheckpointMismatchError(
+                    f"{path} has a value head of {tuple(stored[value].global_shape)[0]} "
+                    f"output(s), this run's has model.num_labels={self.cfg.model.num_labels}: "
+                    "pass checkpoint.finetune=true to start from its trunk with a fresh head"
+                )
             for chunk in chunks:
                 chunk.value_head_in_checkpoint = False
             if self.is_logging_rank:
+                what = "a value head of another size" if other_head else "no value head (an SFT model)"
                 print(
-                    f"megarm: {path} has no value head (an SFT model): the value head starts "
+                    f"megarm: {path} has {what}: the value head starts "
                     f"from its init (training.seed={self.cfg.training.seed})",
                     flush=True,
                 )

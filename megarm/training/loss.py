@@ -30,6 +30,7 @@ from torch import Tensor
 
 from megarm.distributed import all_reduce_host
 from megarm.model.step import PairBatch
+from megarm.training.objectives import listwise, regression
 
 # Per-micro-batch sums reduced over data-parallel ranks for metrics.
 STAT_KEYS = (
@@ -47,6 +48,8 @@ STAT_KEYS = (
     "lm_tokens",
     "sequences",
     "center_sq",
+    # training.objective listwise: megarm.training.objectives.listwise.STAT_KEYS.
+    *(f"list_{key}" for key in listwise.STAT_KEYS),
 )
 
 
@@ -55,6 +58,19 @@ def pairwise_loss(rewards: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
     chosen, rejected = rewards.float().chunk(2)
     gap = chosen - rejected
     return -F.logsigmoid(gap - margin.float()), gap
+
+
+def per_record(rewards: Tensor, valid: Tensor) -> Tensor:
+    """``[n, K]`` rewards of ``n`` ranked records from the ``[rows]`` rewards (records
+    one after another, :func:`megarm.data.dataset.sample_rows`); 0 at padded slots.
+    Differentiable in ``rewards``."""
+    return rewards.new_zeros(valid.shape).masked_scatter(valid, rewards)
+
+
+def listwise_center(rewards: Tensor, valid: Tensor) -> Tensor:
+    """``[n]`` centring terms of ranked records: ``(2 * mean_i r_i)^2`` over each
+    record's responses, which for ``K = 2`` is TRL's ``(r_chosen + r_rejected)^2``."""
+    return (2 * (rewards * valid).sum(-1) / valid.sum(-1)) ** 2
 
 
 def sequence_lengths(batch: PairBatch) -> Tensor:
@@ -82,6 +98,8 @@ def loss_func(
     rm_weight: float = 1.0,
     lm_weight: float = 0.0,
     center_coef: float = 0.0,
+    label_weights: Tensor | None = None,
+    listwise_loss: str = "plackett_luce",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -92,6 +110,13 @@ def loss_func(
     term is a scaled sum. ``center_coef`` (``training.center_rewards_coefficient``)
     adds ``center_coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss
     (TRL's definition), inside ``rm_weight``.
+
+    A list-wise batch (``scores``) takes the mean Plackett-Luce loss over its
+    records (``listwise_loss="all_pairs"``: each record's mean Bradley-Terry loss
+    over its score-distinct pairs); a regression batch (``targets``) the ``label_weights``-weighted squared
+    error sum over its labelled entries times ``target_scale`` (the loop sets it so
+    the step's gradient is that of the global batch's weighted mean; unset, the
+    micro-batch's own mean), its per-attribute sums in ``out["regression"]``.
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
@@ -100,6 +125,27 @@ def loss_func(
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
     center_sq = zero
+    list_stats = [zero] * len(listwise.STAT_KEYS)
+    if rewards is not None and batch.scores is not None:  # list-wise: no pairs
+        valid = batch.valid.bool()
+        ranked = per_record(rewards.float(), valid)
+        rm_loss = listwise.LOSSES[listwise_loss](ranked, batch.scores, valid).mean()
+        centre = listwise_center(ranked, valid)
+        center_sq = centre.detach().double().sum()
+        if center_coef:
+            rm_loss = rm_loss + center_coef * centre.mean()
+        terms.append(rm_weight * rm_loss)
+        list_stats = list(listwise.ranking_stats(ranked, batch.scores, valid, listwise_loss).unbind())
+    out: dict[str, Tensor] = {}
+    if rewards is not None and batch.targets is not None:
+        mask = batch.target_mask.bool()
+        predictions = rewards.float().reshape(batch.targets.shape)
+        weights = (torch.ones(mask.shape[-1], device=device) if label_weights is None
+                   else label_weights.to(device=device, dtype=torch.float32))
+        sse = (((predictions - batch.targets.float()) ** 2) * mask).sum(0)
+        scale = batch.target_scale or 1.0 / max(float((weights * mask.sum(0)).sum()), 1.0)
+        terms.append(rm_weight * scale * (weights * sse).sum())
+        out["regression"] = regression.regression_stats(predictions, batch.targets, mask)
     if rewards is not None and batch.num_pairs:
         losses, gap = pairwise_loss(rewards, batch.margin)
         chosen, rejected = rewards.detach().double().chunk(2)
@@ -134,6 +180,7 @@ def loss_func(
             *lm_stats,
             _fill(float(batch.num_sequences), device),
             center_sq,
+            *list_stats,
         ]
     )
     if batch.context_rank:
@@ -142,7 +189,7 @@ def loss_func(
         keep = torch.zeros(len(STAT_KEYS), dtype=stats.dtype, device=device)
         keep[[STAT_KEYS.index("lm_loss_sum"), STAT_KEYS.index("lm_tokens")]] = 1.0
         stats = stats * keep
-    out = {"stats": stats}
+    out["stats"] = stats
     if rewards is not None:
         out["rewards"] = rewards.detach()
     return sum(terms[1:], terms[0]), out
@@ -151,7 +198,7 @@ def loss_func(
 def loss_weights(cfg) -> tuple[float, float]:  # noqa: ANN001 - a megarm.config.MegarmConfig
     """``(rm_weight, lm_weight)`` of ``training.objective``."""
     t = cfg.training
-    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0)}.get(
+    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0), "listwise": (1.0, 0.0), "regression": (1.0, 0.0)}.get(
         t.objective, (t.rm_loss_weight, t.lm_loss_weight)
     )
 
@@ -161,6 +208,9 @@ def reduce_stats(
     contribute: bool = True,
     weights: tuple[float, float] = (1.0, 0.0),
     center_coef: float = 0.0,
+    objective: str = "rm",
+    label_names: list[str] | None = None,
+    label_weights: list[float] | None = None,
 ) -> dict[str, float]:
     """Sum the micro-batches' stats over all ranks and turn them into metrics.
 
@@ -177,6 +227,18 @@ def reduce_stats(
     ``perplexity``. With ``center_coef`` (``training.center_rewards_coefficient``)
     the pairwise ``loss`` includes ``center_coef * mean((r_chosen + r_rejected)^2)``,
     logged alone as ``center_loss``, the Bradley-Terry part as ``bt_loss``.
+
+    ``objective="listwise"``: ``loss`` is the mean Plackett-Luce loss per record
+    (plus ``center_coef`` times the mean of :func:`listwise_center`, logged as
+    ``center_loss``, the ranking part as ``pl_loss``), with ``top1_accuracy``,
+    ``pairwise_accuracy`` (also as ``accuracy``), ``kendall_tau``, ``lists`` and
+    ``ranked_pairs`` (score-distinct pairs compared).
+
+    ``objective="regression"`` (``label_names`` given): ``loss`` is
+    ``sum_a w_a SSE_a / sum_a w_a N_a`` over the global batch (``label_weights``
+    ``w``, 1 when ``None``), with ``mse``, ``rmse/<name>``, ``pearson/<name>`` and
+    ``labelled/<name>`` (labels counted) per attribute; its sums take a second host
+    all-reduce.
     """
     total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
     if contribute and outputs:
@@ -184,7 +246,38 @@ def reduce_stats(
     s = dict(zip(STAT_KEYS, all_reduce_host(total).tolist(), strict=True))
     rm_weight, lm_weight = weights
     metrics: dict[str, float] = {}
-    if s["pairs"] or not lm_weight:
+    if objective == "regression":
+        names = label_names or ["label_0"]
+        summed = torch.zeros(len(regression.STAT_KEYS), len(names), dtype=torch.float64)
+        if contribute and outputs:
+            summed += torch.stack([out["regression"].detach() for out in outputs]).sum(0).cpu()
+        summed = all_reduce_host(summed.flatten()).reshape(summed.shape)
+        count, sse = summed[0], summed[1]
+        w = torch.tensor(label_weights or [1.0] * len(names), dtype=torch.float64)
+        metrics = {
+            "loss": float((w * sse).sum() / max(float((w * count).sum()), 1.0)),
+            "mse": float(sse.sum() / max(float(count.sum()), 1.0)),
+            **regression.regression_metrics(summed, names),
+            **{f"labelled/{name}": float(count[a]) for a, name in enumerate(names)},
+        }
+    elif objective == "listwise":
+        ranked = listwise.ranking_metrics(
+            torch.tensor([s[f"list_{key}"] for key in listwise.STAT_KEYS], dtype=torch.float64)
+        )
+        metrics = {
+            "loss": ranked["loss"],
+            "accuracy": ranked["pairwise_accuracy"],
+            "top1_accuracy": ranked["top1_accuracy"],
+            "pairwise_accuracy": ranked["pairwise_accuracy"],
+            "kendall_tau": ranked["kendall_tau"],
+            "lists": ranked["lists"],
+            "ranked_pairs": ranked["pairs"],
+        }
+        if center_coef:
+            center_loss = center_coef * s["center_sq"] / max(s["list_lists"], 1.0)
+            metrics.update(pl_loss=metrics["loss"], center_loss=center_loss)
+            metrics["loss"] += center_loss
+    elif s["pairs"] or not lm_weight:
         n = max(s["pairs"], 1.0)
         chosen_mean, rejected_mean = s["chosen_sum"] / n, s["rejected_sum"] / n
         metrics = {

@@ -191,12 +191,35 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     if last:
         count += h  # final norm
         if cfg.training.objective != "sft":
-            count += h  # value head
+            count += h * m.num_labels  # value head
         # The output layer of sft/joint: its own weight, or (tied) a copy of the
         # embedding on the last stage when that is not also the first.
-        if cfg.training.objective != "rm" and (not m.tie_word_embeddings or pp_rank > 0):
+        if cfg.training.objective in ("sft", "joint") and (not m.tie_word_embeddings or pp_rank > 0):
             count += padded_vocab_size(m) * h // t
     return count
+
+
+def rows_per_record(cfg: MegarmConfig) -> int:
+    """Sequences one record puts through the model: 1 for ``sft`` and
+    ``regression``, 2 for a pair
+    (``rm``, ``joint``), K for a ranked record (``listwise``: the most responses of
+    any record, from the data's stats.json ``responses_per_record``; without data
+    ``data.synthetic_num_responses``)."""
+    objective = cfg.training.objective
+    if objective in ("sft", "regression"):
+        return 1
+    if objective != "listwise":
+        return 2
+    if not cfg.data.data_path:
+        return cfg.data.synthetic_num_responses
+    from megarm.data.blend import parse_data_path
+    from megarm.data.integrity import read_stats
+
+    most = 0
+    for _, prefix in parse_data_path(cfg.data.data_path):
+        counts = (read_stats(prefix) or {}).get("responses_per_record") or {}
+        most = max(most, int(counts.get("max", 0)))
+    return most or cfg.data.synthetic_num_responses
 
 
 # sft/joint: the share of a micro-batch's tokens that are supervised (the LM head runs
@@ -207,9 +230,9 @@ SUPERVISED_FRACTION = 0.5
 def lm_logits_bytes(cfg: MegarmConfig, micro_batch_size: int | None = None) -> int:
     """The LM head's fp32 logits, their softmax and gradient at the supervised
     positions of one micro-batch (0 for a pure reward model)."""
-    if cfg.training.objective == "rm":
+    if cfg.training.objective not in ("sft", "joint"):
         return 0
-    rows = (1 if cfg.training.objective == "sft" else 2) * (micro_batch_size or cfg.training.micro_batch_size)
+    rows = rows_per_record(cfg) * (micro_batch_size or cfg.training.micro_batch_size)
     # Under context parallelism each rank holds 1/CP of the supervised positions.
     tokens = SUPERVISED_FRACTION * rows * cfg.data.seq_length / cfg.parallel.context_parallel_size
     return int(3 * 4 * tokens * padded_vocab_size(cfg.model) / cfg.parallel.tensor_model_parallel_size)
@@ -255,12 +278,14 @@ def stream_tokens(
     sum over sides of each side's 90th-percentile length (each capped at
     ``seq_length``), rounded up to the TP size under sequence parallelism."""
     b = micro_batch_size or cfg.training.micro_batch_size
-    rows = 1 if cfg.training.objective == "sft" else 2
+    rows = rows_per_record(cfg)
     cap = rows * b * cfg.data.seq_length
     if packed_format(cfg) != "thd" or not side_lengths:
         return cap
+    # A ranked record's one side ("responses") holds K sequences.
     per_record = sum(min(float(cfg.data.seq_length), float(q[PACKED_LENGTH_QUANTILE]))
-                     for q in side_lengths.values() if PACKED_LENGTH_QUANTILE in q)
+                     * (rows if side == "responses" else 1)
+                     for side, q in side_lengths.items() if PACKED_LENGTH_QUANTILE in q)
     if per_record <= 0:
         return cap
     p = cfg.parallel

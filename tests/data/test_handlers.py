@@ -29,11 +29,15 @@ def test_registry():
     assert sorted(HANDLERS) == [
         "alpaca_pairwise",
         "critique_pairs",
+        "helpsteer2",
         "helpsteer2_preference",
         "hh_rlhf",
         "pairwise_messages",
+        "ranked",
+        "regression",
         "sft",
         "stack_exchange_paired",
+        "ultrafeedback_ranked",
     ]
     assert get_handler("AlpacaStylePairwiseHandler").name == "alpaca_pairwise"
     with pytest.raises(ValueError, match="unknown --handler-name 'nope'"):

@@ -231,6 +231,10 @@ def test_every_reject_reason_is_counted_and_listed(preprocess, read_indexed):
         "identical": 1,
         "tie": 1,
         "too_long": 1,
+        # The ranked and regression records' reasons, counted at 0 for pairs.
+        "too_few_responses": 0,
+        "score_count": 0,
+        "label_range": 0,
     }
     listed = [(r["line"], r["reason"]) for r in run.rejects()]
     assert listed == [

@@ -51,12 +51,31 @@ def plackett_luce_loss(rewards: Tensor, scores: Tensor, valid: Tensor | None = N
     return terms.sum(-1)
 
 
-def ranking_stats(rewards: Tensor, scores: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Float64 sums in :data:`STAT_KEYS` order for one micro-batch (no gradient)."""
+def all_pairs_loss(rewards: Tensor, scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``[n]`` per-record mean Bradley-Terry loss over every score-distinct pair (the
+    better response as chosen); 0 for a record without such a pair. K=2 is
+    Bradley-Terry. ``training.listwise_loss: all_pairs``."""
+    r = rewards if rewards.dtype == torch.float64 else rewards.float()
+    s = scores.to(r.dtype)
+    valid = torch.ones_like(s, dtype=torch.bool) if valid is None else valid.bool()
+    ordered = valid[:, :, None] & valid[:, None, :] & (s[:, :, None] > s[:, None, :])
+    gap = r[:, :, None] - r[:, None, :]
+    losses = torch.where(ordered, -torch.nn.functional.logsigmoid(gap), torch.zeros_like(gap))
+    return losses.sum((1, 2)) / ordered.sum((1, 2)).clamp_min(1)
+
+
+LOSSES = {"plackett_luce": plackett_luce_loss, "all_pairs": all_pairs_loss}
+
+
+def ranking_stats(
+    rewards: Tensor, scores: Tensor, valid: Tensor | None = None, loss: str = "plackett_luce"
+) -> Tensor:
+    """Float64 sums in :data:`STAT_KEYS` order for one micro-batch (no gradient);
+    ``loss_sum`` of the ``loss`` in :data:`LOSSES`."""
     r = rewards.detach().double()
     s = scores.detach().double()
     valid = torch.ones_like(s, dtype=torch.bool) if valid is None else valid.bool()
-    loss = plackett_luce_loss(r, s, valid).double()
+    loss_values = LOSSES[loss](r, s, valid).double()
     neg = float("-inf")
     top = r.masked_fill(~valid, neg).argmax(-1)
     best = s.masked_fill(~valid, neg).amax(-1)
@@ -65,7 +84,7 @@ def ranking_stats(rewards: Tensor, scores: Tensor, valid: Tensor | None = None) 
     ordered = both & (s[:, :, None] > s[:, None, :])  # i strictly better than j
     dr = r[:, :, None] - r[:, None, :]
     return torch.stack([
-        loss.sum(),
+        loss_values.sum(),
         torch.tensor(float(r.shape[0]), dtype=torch.float64, device=r.device),
         top1.sum(),
         ordered.double().sum(),
