@@ -40,6 +40,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
+from megarm.model.attention import PackedSegments, SDPAttention, rope_in_sdpa, with_packed_rope
+
 
 class RewardModel(MegatronModule):
     """GPT trunk + value head. One instance is one pipeline stage (or model chunk).
@@ -128,6 +130,9 @@ class RewardModel(MegatronModule):
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
+        )
+        self.rope_in_sdpa = rope_in_sdpa(config) and any(
+            isinstance(m, SDPAttention) for m in self.decoder.modules()
         )
         self.value_head: torch.nn.Linear | None = None
         if post_process and value_head:
@@ -229,6 +234,11 @@ class RewardModel(MegatronModule):
         if packed_seq_params is not None:
             # megatron-core applies RoPE per cu_seqlens segment from position 0.
             rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q)
+            if (self.rope_in_sdpa and position_ids is not None
+                    and isinstance(packed_seq_params, PackedSegments)):
+                # SDPAttention rotates with cos/sin computed once for all layers.
+                packed_seq_params = with_packed_rope(packed_seq_params, rotary_pos_emb, position_ids)
+                rotary_pos_emb = None
         else:
             rotary_pos_emb = self.rotary(
                 position_ids, input_ids.shape[1], plain_positions, max_position
