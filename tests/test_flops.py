@@ -75,3 +75,25 @@ def test_benchmark_tool_reports_json():
     # the real tokens of a micro-batch, at most the rows x seq_length it was sized for
     assert 0 < result["stream_tokens"] <= result["estimate_stream_tokens"]
     assert result["peak_memory_gib"] == result["peak_reserved_gib"] == 0  # CPU: unknown
+    # steady-state figures tools/compare_trl.py reads
+    assert 0 < result["iteration_time_median_s"] < 60
+    assert result["model_flops_per_iteration"] == pytest.approx(
+        result["tflops_per_device"] * 1e12 * result["iteration_time_s"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_profile_tool_reports_phases():
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+         "--master_port", str(free_port()), "tools/profile_step.py",
+         "--config", "configs/orm_trainer_tiny.yaml", "parallel.tensor_model_parallel_size=1",
+         "training.train_iters=6", "--warmup", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("{")))
+    phases = ("zero", "forward_backward", "grad_norm", "clip", "adam")
+    assert result["iterations_timed"] == 4
+    assert all(result[f"{p}_ms"] > 0 for p in phases)
+    # the phases are parts of the step (medians: allow a little slack)
+    assert sum(result[f"{p}_ms"] for p in phases) < 1.2 * result["step_ms"]

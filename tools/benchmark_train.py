@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": tokens / seconds,
             "pairs_per_s": sum(h["pairs"] for h in timed) / seconds,
             "iteration_time_s": statistics.mean(h["iteration_time"] for h in timed),
+            # steady state on a shared machine: the median step, and the model FLOPs of
+            # a mean step (megarm/training/flops.py) for an MFU against a measured rate
+            "iteration_time_median_s": statistics.median(h["iteration_time"] for h in timed),
+            "model_flops_per_iteration": flops / len(timed),
             # real tokens of a micro-batch (its THD stream when packed), measured; and the
             # stream the memory estimate was sized for (from the data's length statistics)
             "stream_tokens": tokens / streams,

@@ -1,7 +1,8 @@
 """Training speed of megarm against TRL's RewardTrainer on the same model and data.
 
     python tools/compare_trl.py --trl-python /path/to/venv-with-trl/bin/python \
-        [--pairs 512] [--steps 30] [--warmup 5] [--work-dir work/compare_trl]
+        [--pairs 512] [--steps 25] [--warmup 5] [--repeats 3] [--layouts thd] \
+        [--baseline-root /path/to/an/older/megarm/checkout] [--work-dir work/compare_trl]
 
 TRL is not a megarm dependency: install it in a separate virtualenv and pass its
 python. Both sides train the same tiny Qwen2-shaped reward model (same initial
@@ -9,8 +10,18 @@ weights: a random ``Qwen2ForSequenceClassification`` converted with
 ckpt_convert/hf2mcore.py) in fp32 on CPU, on the same HH-RLHF pairs tokenized
 once by tools/preprocess_data.py with the offline Qwen2.5 tokenizer (TRL gets
 the very same token ids as ``chosen_ids``/``rejected_ids``), 8 pairs per step,
-one process each. Reported: real (non-pad) tokens/s and pairs/s over the timed
-steps, as one JSON line per run.
+one process each.
+
+Each side is timed from inside its own run, per step, after ``--warmup`` steps
+(TRL: a callback around each optimizer step; megarm: the loop's own iteration
+time): start-up, data loading and the model build never count, and the median
+step is robust to a neighbour's burst on a shared machine. The runs alternate
+(TRL, megarm [, the baseline checkout], ``--repeats`` times) so load drifts hit
+both sides alike; one JSON line per run, then a summary line with the medians over
+the repeats, megarm's ratio to TRL in real tokens/s (of the medians, and the median
+of each round's ratio), and a CPU MFU: model FLOPs per step
+(megarm/training/flops.py) over the median step time, against this machine's fp32
+GEMM rate at the step's GEMM shapes, measured right after each megarm run.
 """
 
 from __future__ import annotations
@@ -19,8 +30,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,19 +74,48 @@ trainer.train()
 # exposed, so use the dataset mean per pair (both sides see the same pairs).
 pair_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows) / len(rows)
 timed = timer.times[warmup:]
-seconds = sum(timed)
+median = sorted(timed)[len(timed) // 2]
 print(json.dumps({"framework": "trl", "steps_timed": len(timed),
-                  "tokens_per_s": pair_tokens * batch * len(timed) / seconds,
-                  "pairs_per_s": batch * len(timed) / seconds,
-                  "step_time_s": seconds / len(timed)}))
+                  "tokens_per_s": pair_tokens * batch / median,
+                  "pairs_per_s": batch / median,
+                  "step_time_s": median}))
 '''
 
 
-def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
-    """Run a command from the repository root, failing loudly."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True, text=True,
+def sh(cmd: list, root: Path = ROOT, **kw) -> subprocess.CompletedProcess:
+    """Run a command from ``root`` (a megarm checkout), failing loudly."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               PYTHONPATH=str(root))
+    done = subprocess.run([str(c) for c in cmd], cwd=root, env=env, text=True,
                           capture_output=True, **kw)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        done.check_returncode()
+    return done
+
+
+def gemm_rate(tokens: int, hidden: int, ffn: int, qkv: int, repeats: int = 20) -> float:
+    """This machine's fp32 GEMM rate (FLOP/s) at a step's GEMM shapes, forward and
+    the two backward products of each linear layer, median of ``repeats``."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    shapes = [(tokens, hidden, qkv), (tokens, hidden, hidden), (tokens, hidden, 2 * ffn),
+              (tokens, ffn, hidden)]
+    flops = seconds = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        g = torch.randn(m, n)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            g @ b.t()
+            a.t() @ g
+            samples.append(time.perf_counter() - start)
+        flops += 3 * 2 * m * k * n
+        seconds += statistics.median(samples)
+    return flops / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-python", required=True, help="python of a venv with trl installed")
     parser.add_argument("--input", type=Path, default=HH, help="HH-RLHF jsonl(.gz) pairs")
     parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side")
+    parser.add_argument("--layouts", nargs="+", default=["thd"],
+                        choices=["padded", "rows", "thd"], help="megarm data layouts to run")
+    parser.add_argument("--baseline-root", type=Path,
+                        help="another megarm checkout (e.g. before a change) run alongside")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "compare_trl")
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
@@ -136,23 +183,56 @@ def main(argv: list[str] | None = None) -> int:
                       "layers": args.layers, "ffn": ffn}}), flush=True)
 
     (work / "trl_runner.py").write_text(TRL_RUNNER)
-    done = sh([args.trl_python, work / "trl_runner.py", work / "hf", work / "trl.jsonl",
-               args.steps, args.warmup, args.batch, work / "trl_out"])
-    print(done.stdout.strip().splitlines()[-1], flush=True)
-
-    for packing, layout in (("false", "auto"), ("true", "rows"), ("true", "thd")):
-        label = f"megarm packing={packing}" + (f" ({layout})" if packing == "true" else "")
-        done = sh([py, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                   "tools/benchmark_train.py", "--warmup", str(args.warmup),
-                   "--label", label, f"data.packed_format={layout}",
-                   f"model.hf_config={work / 'mcore'}", f"checkpoint.load={work / 'mcore'}",
-                   "checkpoint.finetune=true", f"data.data_path={work / 'hh'}",
-                   "data.split=100,0,0", "data.seq_length=1024", f"data.packing={packing}",
-                   "model.params_dtype=fp32", f"training.micro_batch_size={args.batch}",
-                   f"training.global_batch_size={args.batch}", f"training.train_iters={args.steps}",
-                   "optimizer.lr=1e-4"])
-        line = next(x for x in done.stdout.splitlines() if x.startswith("{"))
-        print(line, flush=True)
+    sides = [(f"megarm packing={p}" + (f" ({f})" if p == "true" else ""), p, f, ROOT)
+             for p, f in (("false", "auto"), ("true", "rows"), ("true", "thd"))
+             if (f if p == "true" else "padded") in args.layouts]
+    if args.baseline_root:
+        sides += [(label.replace("megarm", "megarm baseline"), p, f, args.baseline_root.resolve())
+                  for label, p, f, _ in list(sides)]
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # alternate: load drifts hit every side alike
+        done = sh([args.trl_python, work / "trl_runner.py", work / "hf", work / "trl.jsonl",
+                   args.steps, args.warmup, args.batch, work / "trl_out"])
+        line = json.loads(done.stdout.strip().splitlines()[-1])
+        runs.setdefault("trl", []).append(line)
+        print(json.dumps(line), flush=True)
+        for label, packing, layout, root in sides:
+            done = sh([py, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                       "tools/benchmark_train.py", "--warmup", str(args.warmup),
+                       "--label", label, f"data.packed_format={layout}",
+                       f"model.hf_config={work / 'mcore'}", f"checkpoint.load={work / 'mcore'}",
+                       "checkpoint.finetune=true", f"data.data_path={work / 'hh'}",
+                       "data.split=100,0,0", "data.seq_length=1024", f"data.packing={packing}",
+                       "model.params_dtype=fp32", f"training.micro_batch_size={args.batch}",
+                       f"training.global_batch_size={args.batch}",
+                       f"training.train_iters={args.steps}", "optimizer.lr=1e-4"], root=root)
+            line = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("{")))
+            # the GEMM rate right after the run: the machine's speed drifts with its load
+            line["gemm_flops_per_s"] = gemm_rate(
+                tokens=int(line["stream_tokens"]), hidden=args.hidden, ffn=ffn,
+                qkv=args.hidden + 2 * 2 * (args.hidden // 4))
+            line["mfu_cpu"] = (line["model_flops_per_iteration"] / line["iteration_time_median_s"]
+                               / line["gemm_flops_per_s"])
+            line["vs_trl_this_round"] = line["tokens_per_s"] * line["iteration_time_s"] / (
+                line["iteration_time_median_s"] * runs["trl"][-1]["tokens_per_s"])
+            runs.setdefault(label, []).append(line)
+            print(json.dumps(line), flush=True)
+    trl_tps = statistics.median(r["tokens_per_s"] for r in runs["trl"])
+    summary: dict[str, object] = {
+        "trl_tokens_per_s": trl_tps,
+        "trl_step_s": statistics.median(r["step_time_s"] for r in runs["trl"])}
+    for label, *_ in sides:
+        mine = runs[label]
+        # real tokens of a median step: the run's token rate at its mean step time
+        tps = statistics.median(r["tokens_per_s"] * r["iteration_time_s"]
+                                / r["iteration_time_median_s"] for r in mine)
+        summary[label] = {
+            "step_s": statistics.median(r["iteration_time_median_s"] for r in mine),
+            "tokens_per_s": tps, "vs_trl": tps / trl_tps,
+            "vs_trl_paired_median": statistics.median(r["vs_trl_this_round"] for r in mine),
+            "gemm_gflops": statistics.median(r["gemm_flops_per_s"] for r in mine) / 1e9,
+            "mfu_cpu": statistics.median(r["mfu_cpu"] for r in mine)}
+    print(json.dumps({"summary": summary}), flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ The kernels SDPA may use are chosen in :mod:`megarm.platform.attention_kernels`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,42 @@ class PackedSegments(PackedSeqParams):
     instead of reading ``cu_seqlens`` back from the GPU in every layer."""
 
     seq_lengths: tuple[int, ...] | None = None
+    rope_cos: Tensor | None = None
+    """``[t, 1, d]`` RoPE cosines of every token of the stream, computed once per
+    micro-batch (:func:`with_packed_rope`); :class:`SDPAttention` then rotates query
+    and key itself and megatron-core is given no ``rotary_pos_emb``."""
+    rope_sin: Tensor | None = None
+    """``[t, 1, d]`` the matching sines."""
+
+
+def rope_in_sdpa(config: TransformerConfig) -> bool:
+    """:class:`SDPAttention` may apply RoPE on the THD path from per-micro-batch
+    cos/sin: plain (non-interleaved, unscaled-magnitude) RoPE over the whole head,
+    no context parallelism, no fused RoPE kernel: exactly megatron-core's unfused
+    ``_apply_rotary_pos_emb_bshd`` with ``mscale`` 1."""
+    return (
+        config.context_parallel_size == 1
+        and not config.rotary_interleaved
+        and not config.apply_rope_fusion
+        and not getattr(config, "multi_latent_attention", False)
+    )
+
+
+def with_packed_rope(packed: PackedSegments, freqs: Tensor, position_ids: Tensor) -> PackedSegments:
+    """``packed`` plus each token's RoPE cos/sin: ``freqs`` ``[n, 1, 1, d]`` (from
+    megatron-core's RotaryEmbedding) at ``position_ids`` ``[1, t]`` (positions
+    restart at every packed sequence, as megatron-core's per-segment RoPE counts).
+    Once per micro-batch instead of, in every layer for query and key, a device sync
+    on ``cu_seqlens``, a split + cat of the frequencies and their cos and sin."""
+    per_token = freqs[:, 0][position_ids[0].to(freqs.device)]  # [t, 1, d]
+    return dataclasses.replace(packed, rope_cos=torch.cos(per_token), rope_sin=torch.sin(per_token))
+
+
+def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """megatron-core's unfused RoPE on ``[t, n, d]`` (the same fp32 operations, so
+    bitwise equal): ``t * cos + rotate_half(t) * sin``."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(t.dtype)
 
 
 class SDPAttention(MegatronModule):
@@ -145,6 +182,9 @@ class SDPAttention(MegatronModule):
                 f"the packed segments hold {sum(lengths)} tokens, the stream has "
                 f"{query.shape[0]}"
             )
+        cos = getattr(packed, "rope_cos", None)
+        if cos is not None:  # RoPE from the micro-batch's cos/sin (with_packed_rope)
+            query, key = _rotate(query, cos, packed.rope_sin), _rotate(key, cos, packed.rope_sin)
         parts = [
             self._attend(q[:, None], k[:, None], v[:, None], None, AttnMaskType.causal)[:, 0]
             for q, k, v in zip(

@@ -41,6 +41,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import Tensor
 
 from megarm.distributed import sum_context
+from megarm.model.attention import PackedSegments, SDPAttention, rope_in_sdpa, with_packed_rope
 from megarm.model.context_split import held_positions
 
 
@@ -134,6 +135,9 @@ class RewardModel(MegatronModule):
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
+        )
+        self.rope_in_sdpa = rope_in_sdpa(config) and any(
+            isinstance(m, SDPAttention) for m in self.decoder.modules()
         )
         self.value_head: torch.nn.Linear | None = None
         if post_process and value_head:
@@ -237,6 +241,11 @@ class RewardModel(MegatronModule):
             # CP to this rank's chunks: it divides the padded cu_seqlens by CP).
             # packed_seq: never megatron-core's own CP slicing of the frequencies.
             rotary_pos_emb = self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
+            if (self.rope_in_sdpa and position_ids is not None
+                    and isinstance(packed_seq_params, PackedSegments)):
+                # SDPAttention rotates with cos/sin computed once for all layers.
+                packed_seq_params = with_packed_rope(packed_seq_params, rotary_pos_emb, position_ids)
+                rotary_pos_emb = None
         else:
             rotary_pos_emb = self.rotary(
                 position_ids, input_ids.shape[1], plain_positions, max_position

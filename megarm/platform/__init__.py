@@ -20,12 +20,13 @@ from functools import lru_cache
 
 import torch
 
-from megarm.platform import cpu_compat, mcore_fixes
+from megarm.platform import cpu_compat, mcore_fixes, optim_kernels
 
 __all__ = [
     "DeterministicSettings",
     "DeviceError",
     "activate",
+    "apply_adam_kernel",
     "deterministic_settings",
     "device",
     "dist_backend",
@@ -40,6 +41,7 @@ __all__ = [
     "set_deterministic",
     "set_local_device",
     "synchronize",
+    "torch_fused_adam",
 ]
 
 
@@ -195,9 +197,29 @@ def max_memory_reserved() -> int:
 
 
 def has_fused_adam() -> bool:
-    """megatron-core's optimizer is a fused Adam (transformer-engine's or apex's);
-    otherwise it is torch's AdamW (foreach on CUDA), whose step makes temporaries."""
-    return has_transformer_engine() or has_apex()
+    """The optimizer's Adam step makes no parameter-sized temporaries: a fused Adam,
+    transformer-engine's or apex's (megatron-core's own choice) or torch's
+    (:func:`torch_fused_adam`)."""
+    return has_transformer_engine() or has_apex() or torch_fused_adam()
+
+
+def torch_fused_adam() -> bool:
+    """megatron-core builds torch's AdamW here (no transformer-engine / apex), and
+    megarm switches it to torch's fused kernel (which exists for this device).
+    ``MEGARM_FUSED_ADAM=0`` keeps torch's default (single-tensor on CPU, foreach on
+    CUDA), for comparisons."""
+    if has_transformer_engine() or has_apex():
+        return False
+    if os.environ.get("MEGARM_FUSED_ADAM", "1") == "0":
+        return False
+    return optim_kernels.torch_fused_adam_supported(device().type)
+
+
+def apply_adam_kernel(optimizer: object) -> None:
+    """Run megatron-core's torch AdamW (if that is what it built) as
+    :func:`torch_fused_adam` says; after building and after loading a checkpoint
+    (see :func:`megarm.platform.optim_kernels.apply_adam_kernel`)."""
+    optim_kernels.apply_adam_kernel(optimizer, torch_fused_adam())
 
 
 # megatron-core warns at import about optional kernels; on a machine without them
@@ -285,7 +307,8 @@ def activate() -> None:
     On CUDA this sets :func:`cuda_environment`; on CPU it installs the
     compatibility layer; everywhere it quiets the warnings about optional kernels
     and, when apex / TE are absent, fixes the distributed optimizer's checkpoint
-    loading (:mod:`megarm.platform.mcore_fixes`).
+    loading (:mod:`megarm.platform.mcore_fixes`) and gives grad norm and clipping
+    multi-tensor, in-place kernels (:mod:`megarm.platform.optim_kernels`).
     """
     quiet_expected_warnings()
     if is_cuda():
@@ -293,3 +316,4 @@ def activate() -> None:
     else:
         cpu_compat.install()
     mcore_fixes.install()
+    optim_kernels.install_multi_tensor_grads()

@@ -2,7 +2,8 @@
 
 ``Trainer.train()`` reads top to bottom: fetch a global batch (and, with an LM
 loss, count its supervised tokens), run the pipeline schedule, reduce metrics over
-data-parallel ranks, stop on a non-finite loss, step the optimizer, log, evaluate.
+data-parallel ranks, stop on a non-finite loss, step the optimizer (stopping on a
+non-finite grad norm), log, evaluate.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ from megarm.training.data import build_datasets, micro_batches
 from megarm.training.loss import loss_func, loss_weights, reduce_stats
 from megarm.training.memory import rows_per_record
 from megarm.training.metrics import MetricsWriter
-from megarm.training.optimizer import build_optimizer
+from megarm.training.optimizer import NonFiniteGradError, build_optimizer, step_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stopped before the optimizer step."""
+
+
+__all__ = ["NonFiniteGradError", "NonFiniteLossError", "Trainer"]
 
 
 class Trainer:
@@ -71,7 +75,9 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=p.use_distributed_optimizer,
-            check_for_nan_in_grad=True,
+            # A NaN/inf gradient is refused by step_optimizer's grad-norm check (the
+            # norm clipping computes anyway) instead of a norm over every buffer.
+            check_for_nan_in_grad=False,
         )
         self.model = [
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
@@ -96,6 +102,8 @@ class Trainer:
             # A previous run (exact resume) or converted weights (weights only), at any
             # TP/PP/DP; files verified and shapes checked before any shard is read.
             self.resumed = load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
+            # The loaded param groups carry the saving run's Adam kernel choice.
+            platform.apply_adam_kernel(self.optimizer)
             for chunk in chunks:  # saved checkpoints hold the value head again
                 chunk.value_head_in_checkpoint = True
             self.iteration = self.resumed.iteration
@@ -151,7 +159,7 @@ class Trainer:
                     "before the optimizer step (the last saved checkpoint is kept)"
                 )
             lr = self.optimizer.param_groups[0]["lr"]
-            _, grad_norm, _ = self.optimizer.step()
+            grad_norm = step_optimizer(self.optimizer, self.iteration + 1)
             self.scheduler.step(increment=1)
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
