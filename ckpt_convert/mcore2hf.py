@@ -186,6 +186,23 @@ def hf_config(
     return config
 
 
+# Reward fields of a source config.json that this export decides afresh (reward_fields):
+# a stale mean/std of the model trained from would mis-normalise the new one.
+REWARD_KEYS = ("problem_type", CONVENTION_KEY, "mean", "std")
+
+
+def write_legacy_keys(out: Path, model: ModelConfig, base: dict[str, Any], dtype: torch.dtype) -> None:
+    """Rewrite ``out/config.json`` (as transformers 5 saved it) so transformers 4.x
+    reads the same model: every key of the source config ``base``, transformers 5's,
+    and the family's keys in 4.x's spelling (:meth:`megarm.families.Family.export_config`)."""
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    source = {k: v for k, v in base.items() if k not in REWARD_KEYS}
+    merged = families.family(model.family).export_config(
+        saved, model, source, str(dtype).removeprefix("torch."))
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def reward_fields(checkpoint: Path, tokenizer_dir: Path | None) -> dict[str, Any]:
     """config.json fields a serving stack needs to read the reward as megarm trained it:
     ``problem_type: regression`` (vLLM otherwise returns ``sigmoid(reward)`` for one
@@ -375,6 +392,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 if not causal_lm or key == CONVENTION_KEY:
                     setattr(config, key, value)
             config.save_pretrained(str(tmp / subdir))
+            write_legacy_keys(tmp / subdir, cfg.model, base, out_dtype)
             copied = cli.copy_tokenizer(tokenizer_dir, tmp / subdir) if tokenizer_dir else []
     weights = written[plan[0][0]]
     family = families.family(cfg.model.family)
