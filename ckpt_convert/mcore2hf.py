@@ -69,7 +69,7 @@ from megarm.checkpoint.load import saved_model_settings
 from megarm.checkpoint.metadata import CONVENTION_KEY, read_reward_stats
 from megarm.checkpoint.stream import load_tensors
 from megarm.config import ConfigError, MegarmConfig, ModelConfig, load_config
-from megarm.data.templates import TemplateError, get_template, reward_convention
+from megarm.data.templates import TemplateError, get_template, reward_convention, reward_pad
 from megarm.data.tokenizer import load_tokenizer
 from megarm.errors import ScoringError
 from megarm.families import Family, Shape
@@ -129,14 +129,61 @@ def stored_dtype(checkpoint: Path, family: Family) -> torch.dtype:
     return torch.float32
 
 
-def pad_token_id(tokenizer_dir: Path | None, base: dict[str, Any]) -> int | None:
-    """The tokenizer's pad id, else the source config's ``pad_token_id``."""
+def pad_token_id(
+    tokenizer_dir: Path | None,
+    base: dict[str, Any],
+    convention: dict[str, Any] | None = None,
+    requested: str | None = None,
+) -> tuple[int | None, str | None]:
+    """``(pad id, pad text to write into the tokenizer files or None)``: the
+    tokenizer's pad when it ends no rewarded sequence, else a reserved token
+    (:func:`megarm.data.templates.reward_pad`; transformers reads the score at the
+    last non-pad token, so a pad equal to the end-of-turn token scores the wrong
+    position); without a tokenizer, the source config's ``pad_token_id``."""
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        if tokenizer.pad_token_id is not None:
-            return int(tokenizer.pad_token_id)
+        if convention is None:
+            if requested is not None:
+                raise ExportError("--pad-token needs a reward convention (none recorded or found)")
+            own = tokenizer.pad_token_id
+            if own is not None:
+                return int(own), None
+        else:
+            try:
+                pad, text, why = reward_pad(tokenizer, convention, requested)
+            except TemplateError as exc:
+                raise ExportError(str(exc)) from exc
+            if why is None:
+                return pad, None
+            log.info("pad token: %s; the export pads with %r (id %d), which ends no rewarded "
+                     "sequence", why, text, pad)
+            return pad, text
+    elif requested is not None:
+        raise ExportError("--pad-token needs a tokenizer (--tokenizer-model)")
     value = base.get("pad_token_id")
-    return int(value) if value is not None else None
+    pad = int(value) if value is not None else None
+    if pad is not None and convention is not None and pad == convention.get("reward_token_id"):
+        log.warning("the source config's pad_token_id %d is the reward token: transformers will "
+                    "read the reward one token early; pass --tokenizer-model", pad)
+    return pad, None
+
+
+def set_tokenizer_pad(out: Path, text: str) -> None:
+    """Make the copied tokenizer files pad with ``text``, so what tools pad with is
+    the ``pad_token_id`` the model skips."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = out / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["pad_token"] = text
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    path = out / "tokenizer.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if isinstance(data.get("padding"), dict):
+            data["padding"]["pad_token"] = text
+            data["padding"]["pad_id"] = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids(text)
+            path.write_text(json.dumps(data, ensure_ascii=False))
 
 
 def tokenizer_source(args: argparse.Namespace, load: Path) -> Path | None:
@@ -310,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the exported weights (auto: as stored in the checkpoint)",
     )
+    p.add_argument(
+        "--pad-token",
+        help="token the export pads with (default: the tokenizer's, unless it ends rewarded "
+        "sequences, e.g. Llama 3's <|eot_id|>; then <|finetune_right_pad_id|> or a reserved token)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     return p
 
@@ -352,7 +404,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     ):
         raise ExportError(problem)
     base = source_hf_config(load, checkpoint)
-    pad_id = pad_token_id(tokenizer_dir, base)
+    fields = reward_fields(checkpoint, tokenizer_dir)
+    pad_id, pad_text = pad_token_id(tokenizer_dir, base, fields.get(CONVENTION_KEY), args.pad_token)
     if pad_id is None:
         log.warning(
             "no pad_token_id (no tokenizer and none in a source config.json): transformers "
@@ -387,13 +440,15 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             distributed.teardown()
         for subdir, _, causal_lm in plan:
             config = hf_config(cfg.model, base, pad_id, out_dtype, causal_lm)
-            for key, value in reward_fields(checkpoint, tokenizer_dir).items():
+            for key, value in fields.items():
                 # The causal LM carries where its critique model reads the reward too.
                 if not causal_lm or key == CONVENTION_KEY:
                     setattr(config, key, value)
             config.save_pretrained(str(tmp / subdir))
             write_legacy_keys(tmp / subdir, cfg.model, base, out_dtype)
             copied = cli.copy_tokenizer(tokenizer_dir, tmp / subdir) if tokenizer_dir else []
+            if pad_text is not None:
+                set_tokenizer_pad(tmp / subdir, pad_text)
     weights = written[plan[0][0]]
     family = families.family(cfg.model.family)
     names = ", ".join(
