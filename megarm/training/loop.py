@@ -15,6 +15,10 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
+# Before megatron-core is first imported: it warns at import about absent optional kernels.
+from megarm import platform
+
+# isort: split
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
@@ -23,7 +27,6 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 
-from megarm import platform
 from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
 from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError

@@ -5,6 +5,10 @@ Megatron-LM's ``OptimizerParamScheduler`` (linear warm-up, then the decay style)
 
 from __future__ import annotations
 
+# Before megatron-core is first imported: it warns at import about absent optional kernels.
+from megarm import platform  # noqa: F401
+
+# isort: split
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
