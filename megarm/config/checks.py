@@ -309,6 +309,12 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
     """The joint objective's loss weights."""
     t = cfg.training
     issues = []
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in t.reward_offsets):
+        issues.append(ConfigIssue(
+            "training.reward_offsets",
+            f"must be whole numbers >= 1 (tokens before the trained reward token), got "
+            f"{t.reward_offsets}; e.g. [1] for ChatML's <|im_end|>, or [] to turn it off",
+        ))
     if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
         issues.append(ConfigIssue(
             "training.center_rewards_coefficient",

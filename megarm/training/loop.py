@@ -105,7 +105,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.train_stream = micro_batches(
             self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size,
-            consumed_samples=self.consumed_samples,
+            consumed_samples=self.consumed_samples, reward_offsets=cfg.training.reward_offsets,
         )
         self.start_time = time.time()
         self.sigterm = False

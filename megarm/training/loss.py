@@ -92,8 +92,13 @@ def loss_func(
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
+    # training.reward_offsets: the [2b] trained rewards, then [2b] per offset position.
+    sequences = 2 * batch.num_pairs or batch.num_sequences
+    others = rewards[sequences:] if rewards is not None else None
+    if rewards is not None:
+        rewards = rewards[:sequences]
     # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
-    lengths = sequence_lengths(batch).double()
+    lengths = sequence_lengths(batch)[:sequences].double()
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
     center_sq = zero
@@ -112,6 +117,10 @@ def loss_func(
             gap.detach().double().sum(),
         ]
         rm_loss = losses.mean()
+        if others is not None and others.numel():
+            # A Bradley-Terry loss at each position a tool may read; their mean.
+            extra = [pairwise_loss(r, batch.margin)[0].mean() for r in others.split(sequences)]
+            rm_loss = (rm_loss + sum(extra)) / (1 + len(extra))
         if center_coef:
             rows = rewards.float().chunk(2)
             rm_loss = rm_loss + center_coef * ((rows[0] + rows[1]) ** 2).mean()
@@ -129,7 +138,7 @@ def loss_func(
             lengths.sum(),
             (lengths**2).sum(),
             *lm_stats,
-            _fill(float(batch.num_sequences), device),
+            _fill(float(sequences), device),
             center_sq,
         ]
     )
