@@ -216,6 +216,18 @@ class Trainer:
             micro_batch_size=rows,
         )
 
+    def recorded_convention(self) -> dict | None:
+        """Where the reward is read (the data's stats.json), and, with
+        ``training.reward_offsets``, the other positions it was trained at
+        (``also_trained_at``: tokens before the reward token)."""
+        if not self.cfg.data.data_path:
+            return None
+        convention = reward_convention(parse_data_path(self.cfg.data.data_path)[0][1])
+        if convention is not None and self.cfg.training.reward_offsets:
+            convention = {**convention, "also_trained_at": [
+                f"{k} token{'s' if k > 1 else ''} before" for k in self.cfg.training.reward_offsets]}
+        return convention
+
     def evaluate(self) -> dict[str, float] | None:
         """Validation metrics (and ``training.eval_benchmark``'s scores, every rank
         scoring in step); returns the validation metrics."""
@@ -350,11 +362,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "megarm_config": to_dict(self.cfg),
                 # Where the reward is read (from the data's stats.json), for scoring/export.
-                CONVENTION_KEY: (
-                    reward_convention(parse_data_path(self.cfg.data.data_path)[0][1])
-                    if self.cfg.data.data_path
-                    else None
-                ),
+                CONVENTION_KEY: self.recorded_convention(),
                 "has_optimizer": True,
             },
             optimizer=self.optimizer,
