@@ -45,6 +45,9 @@ def test_the_loss_is_the_mean_of_each_positions_bradley_terry_loss():
         return -F.logsigmoid(chosen - rejected - batch.margin).mean()
 
     assert torch.allclose(loss, (bt(rewards[:8]) + bt(rewards[8:])) / 2, atol=1e-6)
+    # The consistency term: coef * mean((r_k - r)^2) over the extra positions.
+    pulled, _ = loss_func(batch, rewards, consistency_coef=0.5)
+    assert torch.allclose(pulled - loss, 0.5 * ((rewards[8:] - rewards[:8]) ** 2).mean(), atol=1e-6)
     # The metrics are the trained position's: as without the offsets.
     plain = pair_batch(4, 10, 250, seed=2)
     _, reference = loss_func(plain, rewards[:8])

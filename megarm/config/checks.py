@@ -315,6 +315,11 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             f"must be whole numbers >= 1 (tokens before the trained reward token), got "
             f"{t.reward_offsets}; e.g. [1] for ChatML's <|im_end|>, or [] to turn it off",
         ))
+    if t.reward_consistency_coefficient < 0:
+        issues.append(ConfigIssue(
+            "training.reward_consistency_coefficient",
+            f"must be >= 0, got {t.reward_consistency_coefficient}; use 0 to turn it off",
+        ))
     if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
         issues.append(ConfigIssue(
             "training.center_rewards_coefficient",

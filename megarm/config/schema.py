@@ -307,6 +307,12 @@ class TrainingConfig:
     the generated ``<|im_end|>``, one token before. ``[]``: off (Llama 3 needs none:
     its sequences end at ``<|eot_id|>``). Each must be >= 1."""
 
+    reward_consistency_coefficient: float = 0.0
+    """With ``reward_offsets``: adds ``coef * mean((r_k - r)^2)`` over the extra
+    positions ``k``, pulling the reward read there onto the trained one (the
+    Bradley-Terry loss at each position orders them alike but leaves their values
+    apart). 0: off. Must be >= 0."""
+
     center_rewards_coefficient: float = 0.0
     """Adds ``coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss (TRL's
     ``center_rewards_coefficient``, e.g. 0.01): pulls each pair's rewards towards a

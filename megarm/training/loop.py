@@ -210,6 +210,7 @@ class Trainer:
                 rm_weight=rm_weight,
                 lm_weight=lm_weight,
                 center_coef=self.cfg.training.center_rewards_coefficient,
+                consistency_coef=self.cfg.training.reward_consistency_coefficient,
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,

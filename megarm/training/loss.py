@@ -79,6 +79,7 @@ def loss_func(
     rm_weight: float = 1.0,
     lm_weight: float = 0.0,
     center_coef: float = 0.0,
+    consistency_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -88,7 +89,10 @@ def loss_func(
     (each term only where its head ran); see the module docstring for why the LM
     term is a scaled sum. ``center_coef`` (``training.center_rewards_coefficient``)
     adds ``center_coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss
-    (TRL's definition), inside ``rm_weight``.
+    (TRL's definition), inside ``rm_weight``. With ``training.reward_offsets`` the
+    rewards hold ``[2b]`` more per extra position: the pairwise loss is the mean of
+    each position's, plus ``consistency_coef * mean((r_k - r)^2)``
+    (``training.reward_consistency_coefficient``); the stats are the trained position's.
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
@@ -121,6 +125,9 @@ def loss_func(
             # A Bradley-Terry loss at each position a tool may read; their mean.
             extra = [pairwise_loss(r, batch.margin)[0].mean() for r in others.split(sequences)]
             rm_loss = (rm_loss + sum(extra)) / (1 + len(extra))
+            if consistency_coef:
+                trained = rewards.float().repeat(len(extra))
+                rm_loss = rm_loss + consistency_coef * ((others.float() - trained) ** 2).mean()
         if center_coef:
             rows = rewards.float().chunk(2)
             rm_loss = rm_loss + center_coef * ((rows[0] + rows[1]) ** 2).mean()
