@@ -138,3 +138,19 @@ def test_score_and_evaluate_outputs_carry_the_record_id(rm_export, tmp_path):
     found = json.loads(result.read_text())
     assert [r.get("id") for r in found["records"]] == ["a-1", None]
     assert [s.get("id") for s in found["skipped"]] == ["c"]
+
+
+def test_long_texts_do_not_warn_about_the_tokenizers_maximum(rm_tokenizer):
+    """megarm truncates to its own limit; transformers' "400030 > 131072 tokens"
+    warning for a long record only drowned the output."""
+    code = ("import sys\nfrom megarm.data.tokenizer import load_tokenizer\n"
+            "from transformers import AutoTokenizer\n"
+            "text = 'word ' * 140000\n"
+            "assert len(load_tokenizer(sys.argv[1]).encode(text)) > 131072\n"
+            "print('--- plain', file=sys.stderr)\n"
+            "AutoTokenizer.from_pretrained(sys.argv[1]).encode(text)\n")
+    done = python(code, str(rm_tokenizer))
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, plain = done.stderr.split("--- plain")
+    assert "longer than the specified maximum" not in ours
+    assert "longer than the specified maximum" in plain  # the warning exists: the test has teeth
