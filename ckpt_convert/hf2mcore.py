@@ -76,6 +76,7 @@ from ckpt_convert.hf_reader import ConversionError, HFCheckpoint
 from ckpt_convert.mapping import MappingError, hf_to_mcore, value_head_name
 from megarm import distributed, families, platform
 from megarm.checkpoint import iteration_dir, write_tracker
+from megarm.checkpoint.metadata import CONVENTION_KEY, write_checkpoint_stats
 from megarm.checkpoint.stream import save_streaming
 from megarm.config import (
     ConfigError,
@@ -242,14 +243,31 @@ def write_torch_dist(
             "hf_config": hf,
             "checkpoint_layout": [1, 1, 1],  # (PP, TP, DP) it was written at
         }
+        convention, stats = reward_record(hf) if with_score else (None, None)
+        if convention is not None:
+            common[CONVENTION_KEY] = convention
         final = iteration_dir(out, ITERATION)
         final.mkdir(parents=True)
         written = save_streaming(final, sharded, produce, order, common)
+        if stats is not None:
+            write_checkpoint_stats(final, stats)
         ckpt.close()
         write_tracker(out, ITERATION)
         log.info("streamed %.2f GB of %s weights", written / 1e9, str(dtype).removeprefix("torch."))
     finally:
         distributed.teardown()
+
+
+def reward_record(hf: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(reward convention, {mean, std})`` a reward model's config.json records (a
+    megarm export writes both; OpenRLHF's reward models have mean/std): kept with its
+    score head, so the converted checkpoint, training from it and its export read and
+    normalise the reward as the source did."""
+    convention = hf.get(CONVENTION_KEY)
+    convention = convention if isinstance(convention, dict) else None
+    mean, std = hf.get("mean"), hf.get("std")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mean, std))
+    return convention, ({"mean": float(mean), "std": float(std)} if ok else None)
 
 
 def fresh_value_head(hidden_size: int, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from megarm import platform  # noqa: F401  (first: quiets megatron-core's import-time warnings)
 from megarm.data.encoding import TRUNCATION_POLICIES
 from megarm.errors import ScoringError
 

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy, count = score_with_transformers(work / "hf_rm", heldout)
         via_text = score_chat_text(work / "hf_rm", heldout)
         config = json.loads((work / "hf_rm" / "config.json").read_text())
+        # The reward at <|im_end|> (generated sequences' end) against the trained one.
+        run([py, "tools/measure_positions.py", "--model", work / "hf_rm", "--pairs", heldout])
 
     _summary(work, started, count, accuracy, via_score, via_text, config)
     if accuracy < args.min_accuracy:

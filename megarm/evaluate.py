@@ -33,6 +33,7 @@ from typing import Any
 
 from megarm import cli
 from megarm.errors import ScoringError
+from megarm.rewards import benchmarks
 from megarm.rewards.attributes import evaluate_labelled
 from megarm.rewards.backends import open_scorer
 from megarm.rewards.benchmarks import (  # noqa: F401  (flatten, evaluate: the library's, re-exported)
@@ -46,10 +47,21 @@ from megarm.rewards.benchmarks import (  # noqa: F401  (flatten, evaluate: the l
 # --------------------------------------------------------------------------- command line
 
 
+def format_help() -> str:
+    """The benchmark-file formats, as :mod:`megarm.rewards.benchmarks` documents them
+    (one text for the docs and ``--help``)."""
+    doc = benchmarks.__doc__ or ""
+    start = doc.index("Formats")
+    end = doc.index("With ``--critique-model``")
+    text = doc[start:end].strip().replace("``", "")
+    return text + "\n\nEach result line keeps the record's index and, when it has one, its id."
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
-        prog="python -m megarm.evaluate", description=__doc__.split("\n")[0]
+        prog="python -m megarm.evaluate", description=__doc__.split("\n")[0],
+        epilog=format_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_model_arguments(p)
     cli.add_critique_arguments(p)

@@ -158,3 +158,31 @@ def _label_data_problems(kinds: dict[str, str | None], m: ModelConfig) -> list[C
                 f"and order); set model.label_names={','.join(names)}",
             )]
     return []
+
+
+def summary(cfg: MegarmConfig, world_size: int | None = None) -> str:
+    """One line for ``python -m megarm.config`` after the YAML: that the config is
+    valid, its layout, batch sizes, tokens per step and the memory estimate (per GPU,
+    bf16, :mod:`megarm.training.memory`; no torch is imported)."""
+    from megarm.training.memory import GIB, estimate
+
+    p, t = cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    cp = int(getattr(p, "context_parallel_size", 1) or 1)
+    world = world_size or tp * pp * cp
+    dp = max(1, world // (tp * pp * cp))
+    steps = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    # Each pair is two sequences (chosen, rejected) of at most seq_length tokens.
+    tokens = 2 * t.global_batch_size * cfg.data.seq_length
+    try:
+        est = estimate(cfg, world, cuda=True)
+        memory = f"memory ~{est.training_peak / GIB:.2f} GiB per GPU (bf16)"
+    except Exception as exc:  # noqa: BLE001 - the estimate is a hint; the config stays valid
+        memory = f"no memory estimate ({exc})"
+    where = "" if world_size else " (no --world-size: DP 1)"
+    return (
+        f"valid: TP {tp} x PP {pp} x CP {cp} x DP {dp} = {world} rank{'s' if world != 1 else ''}{where} | micro-batch "
+        f"{t.micro_batch_size} pairs, global batch {t.global_batch_size} pairs ({steps} "
+        f"micro-batch{'es' if steps != 1 else ''} per rank per step) | up to {tokens:,} tokens "
+        f"per step | {memory}"
+    )

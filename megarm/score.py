@@ -66,6 +66,8 @@ class Item:
     rows: list[list[int]] = field(default_factory=list)
     error: str | None = None
     critiques: list[str] | None = None
+    record_id: Any = None
+    """The record's own ``id`` when it has one (written beside ``index``)."""
 
 
 def _record(payload: bytes | dict[str, Any]) -> dict[str, Any]:
@@ -130,9 +132,11 @@ def format_records(
     single responses through the same template and tokenizer."""
     items: dict[int, Item] = {}
     pairs: list[RawRecord] = []
+    ids: dict[int, Any] = {}
     for i, raw in enumerate(raws):
         try:
             record = _record(raw.payload)
+            ids[i] = record.get("id")
             is_pair = handler_name or "chosen" in record or "rejected" in record
             if is_pair:
                 pairs.append(RawRecord(raw.source, i, record))
@@ -157,6 +161,8 @@ def format_records(
                 items[raw.index] = Item(raw.index, "pair", rows)
             else:
                 items[raw.index] = Item(raw.index, "error", error=f"{result[1]}: {result[2]}")
+    for i, record_id in ids.items():
+        items[i].record_id = record_id
     return [items[i] for i in range(len(raws))]
 
 
@@ -204,6 +210,8 @@ def write_output(
     pairs = correct = singles = errors = 0
     for item in items:
         line: dict[str, Any] = {"index": item.index}
+        if item.record_id is not None:
+            line["id"] = item.record_id
         if item.kind == "pair":
             chosen, rejected = rewards[row], rewards[row + 1]
             line.update(chosen_reward=chosen, rejected_reward=rejected)

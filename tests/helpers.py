@@ -191,3 +191,57 @@ def helpsteer_text_record(rng: Any, missing: bool = False) -> dict[str, Any]:
         "helpfulness": 4 * q, "correctness": None if missing else 4 * q,
         "coherence": 4 * (1 - q), "complexity": 4 * q, "verbosity": 4 * (words - 2) / 6,
     }
+# Llama 3.0 Instruct's chat template, as published.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+LLAMA3_VOCAB = 128256
+# Llama 3.1's special tokens (ids 128000-128255): the named ones, the rest reserved.
+LLAMA3_NAMED = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
+                128004: "<|finetune_right_pad_id|>", 128006: "<|start_header_id|>",
+                128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>",
+                128010: "<|python_tag|>"}
+LLAMA3_EOT, LLAMA3_PAD = 128009, 128004
+
+
+def build_llama3_tokenizer(out: Any, pad_token: str | None = "<|eot_id|>") -> Any:
+    """A Llama-3-shaped fast tokenizer, offline: byte-level (one token per byte; the
+    rest of the first 128000 ids never produced), Llama 3.1's 256 special tokens at
+    their ids, bos ``<|begin_of_text|>``, eos ``<|eot_id|>`` (Instruct's), the published
+    chat template, and ``pad_token`` (Llama 3 has none; many setups pad with eos)."""
+    from pathlib import Path
+
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    from megarm.data.tokenizer import _byte_to_unicode
+
+    chars = list(_byte_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({f"<filler_{i}>": i for i in range(len(chars), 128000)})
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Reserved tokens numbered over the unnamed ids, as Llama 3.1 numbers them.
+    unnamed = iter(range(LLAMA3_VOCAB))
+    specials = [LLAMA3_NAMED.get(i) or f"<|reserved_special_token_{next(unnamed)}|>"
+                for i in range(128000, LLAMA3_VOCAB)]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    assert tokenizer.token_to_id("<|eot_id|>") == LLAMA3_EOT
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": True, "model_max_length": 131072,
+    }
+    if pad_token is not None:
+        config["pad_token"] = pad_token
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out

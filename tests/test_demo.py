@@ -26,6 +26,13 @@ def test_demo_pipeline_reaches_heldout_accuracy(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     match = re.search(r"held-out accuracy \(transformers .*\): ([0-9.]+)", done.stdout)
     assert match and float(match.group(1)) >= 0.9
+    # Issue 24: the reward read at <|im_end|> (OpenRLHF, PPO/GRPO loops) is the trained
+    # one: equal accuracy within one pair, mean |difference| <= 5% of the reward std.
+    found = re.search(r"accuracy: apply_chat_template ([0-9.]+), ending at end-of-turn ([0-9.]+)\n"
+                      r"mean \|reward difference\| [0-9.]+ = ([0-9.]+)% of the reward std", done.stdout)
+    assert found, done.stdout[-3000:]
+    template, end_of_turn, share = map(float, found.groups())
+    assert abs(template - end_of_turn) <= 1 / 200 + 1e-9 and share <= 5.0, found.group(0)
     work = tmp_path / "demo"
     for path in ("hf_rm/config.json", "hf_rm/model.safetensors", "logs/curves.png",
                  "logs/rewards_hist.png", "logs/metrics.jsonl", "data/demo_stats.json",

@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+# Accuracy on a fixed [0, 1] axis: auto-scaled, 0.97-1.00 looked like a wild curve.
+FIXED_AXES = {"accuracy": (0.0, 1.0)}
+
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON-lines file (empty when it does not exist)."""
@@ -41,6 +44,8 @@ def plot(log_dir: Path, out: Path) -> list[Path]:
             if rows:
                 ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], style, label=split)
         ax.set_title(title)
+        if key in FIXED_AXES:
+            ax.set_ylim(*FIXED_AXES[key])
         ax.set_xlabel("iteration")
         ax.legend()
         ax.grid(alpha=0.3)

@@ -11,10 +11,15 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 available=$(ls configs/datasets/*.yaml | xargs -n1 basename | sed 's/\.yaml$//' | tr '\n' ' ')
+usage="usage: $0 <name> [options]; name is one of: ${available}
+options after <name> are tools/preprocess_data.py's (and override the YAML): $0 <name> --help"
 if [ $# -lt 1 ]; then
-    echo "usage: $0 <name> [options]; name is one of: ${available}" >&2
+    echo "${usage}" >&2
     exit 2
 fi
+case "$1" in
+    -h|--help) echo "${usage}"; exit 0 ;;
+esac
 name=$1
 shift
 config="configs/datasets/${name}.yaml"

@@ -1,5 +1,7 @@
 """``python -m megarm.config``: print the resolved config or every error (the
-config's own checks and those of the files it names, :mod:`megarm.preflight`)."""
+config's own checks and those of the files it names, :mod:`megarm.preflight`); a
+valid config ends with one line (a YAML comment, so the output still loads): valid,
+the layout, the batch sizes, tokens per step and the memory estimate."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import argparse
 import sys
 
 from megarm.config import ConfigError, markdown_reference, to_yaml
-from megarm.preflight import resolve
+from megarm.preflight import resolve, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     print(to_yaml(cfg), end="")
+    print(f"# {summary(cfg, args.world_size)}")
     return 0
 
 

@@ -239,6 +239,12 @@ def _context_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "megatron-core's unfused attention has no context parallelism; set "
             "model.attention_backend=auto (transformer-engine, else megarm's SDPA)",
         ))
+    if cfg.training.reward_offsets:
+        issues.append(ConfigIssue(
+            "training.reward_offsets",
+            "is not verified with context parallelism yet; set it to [] or "
+            "parallel.context_parallel_size to 1",
+        ))
     if cfg.training.objective in ("listwise", "regression"):
         issues.append(ConfigIssue(
             "parallel.context_parallel_size",
@@ -354,6 +360,23 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
     weights."""
     t = cfg.training
     issues = []
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in t.reward_offsets):
+        issues.append(ConfigIssue(
+            "training.reward_offsets",
+            f"must be whole numbers >= 1 (tokens before the trained reward token), got "
+            f"{t.reward_offsets}; e.g. [1] for ChatML's <|im_end|>, or [] to turn it off",
+        ))
+    if t.reward_offsets and t.objective not in ("rm", "joint"):
+        issues.append(ConfigIssue(
+            "training.reward_offsets",
+            f"supervises pairwise rewards (objective rm or joint), not training.objective="
+            f"{t.objective}; set it to []",
+        ))
+    if t.reward_consistency_coefficient < 0:
+        issues.append(ConfigIssue(
+            "training.reward_consistency_coefficient",
+            f"must be >= 0, got {t.reward_consistency_coefficient}; use 0 to turn it off",
+        ))
     if t.center_rewards_coefficient < 0:  # (NaN: _number_issues)
         issues.append(ConfigIssue(
             "training.center_rewards_coefficient",

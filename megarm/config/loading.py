@@ -52,6 +52,11 @@ def _coerce(value: Any, tp: Any) -> Any:
             except _BadValue:
                 pass
         raise _BadValue
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item) for v in value]
+        raise _BadValue
     if origin is Literal:
         if value in typing.get_args(tp):
             return value

@@ -351,6 +351,20 @@ class TrainingConfig:
     ``model.label_names`` order (e.g. ``1,1,1,0.5,0.5``); ``null``: all 1. The loss
     is ``sum_a w_a SSE_a / sum_a w_a N_a``."""
 
+    reward_offsets: list[int] = field(default_factory=list)
+    """Also supervise the reward this many tokens before the trained one, each with
+    its own Bradley-Terry loss (the loss is their mean; metrics are the trained
+    position's). ``[1]`` for ChatML: megarm reads the reward at the end of
+    ``apply_chat_template``'s output (``<|im_end|>\\n``), OpenRLHF and PPO/GRPO loops at
+    the generated ``<|im_end|>``, one token before. ``[]``: off (Llama 3 needs none:
+    its sequences end at ``<|eot_id|>``). Each must be >= 1."""
+
+    reward_consistency_coefficient: float = 0.0
+    """With ``reward_offsets``: adds ``coef * mean((r_k - r)^2)`` over the extra
+    positions ``k``, pulling the reward read there onto the trained one (the
+    Bradley-Terry loss at each position orders them alike but leaves their values
+    apart). 0: off. Must be >= 0."""
+
     center_rewards_coefficient: float = 0.0
     """Adds ``coef * mean((r_chosen + r_rejected)^2)`` to the pairwise loss (TRL's
     ``center_rewards_coefficient``, e.g. 0.01): pulls each pair's rewards towards a
@@ -558,7 +572,8 @@ def markdown_reference() -> str:
         lines += [f"## `{section}`", "", top.get(section, ""), ""]
         lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         docs = field_docs(cls)
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                    else f.default_factory() for f in dataclasses.fields(cls)}
         for key, tp in _hints(cls).items():
             doc = " ".join(docs.get(key, "").split()).replace("|", "\\|")
             default = json.dumps(defaults[key])

@@ -264,6 +264,58 @@ def reward_convention(
     return convention
 
 
+# Pads for tokenizers whose own pad ends a rewarded sequence (or that have none), in
+# order of preference: Llama 3.1+'s <|finetune_right_pad_id|> (id 128004, Meta's pad
+# for fine-tuning), then Llama 3's reserved special tokens (3.0 spells 128004
+# <|reserved_special_token_2|>), which no text or generation produces.
+RESERVED_PADS = ("<|finetune_right_pad_id|>",) + tuple(
+    f"<|reserved_special_token_{n}|>" for n in range(256)
+)
+
+
+def ending_ids(tokenizer: Any, convention: dict[str, Any]) -> set[int]:
+    """Token ids that can end a rewarded sequence: the convention's reward token, the
+    end-of-turn token (where generation stops) and the tokenizer's eos."""
+    ends = {int(convention["reward_token_id"])}
+    ends.update(tokenizer.encode(convention["end_of_turn"], add_special_tokens=False)[-1:])
+    if tokenizer.eos_token_id is not None:
+        ends.add(int(tokenizer.eos_token_id))
+    return ends
+
+
+def reward_pad(
+    tokenizer: Any, convention: dict[str, Any], requested: str | None = None
+) -> tuple[int, str, str | None]:
+    """``(id, text, why it changed or None)`` of the pad an export declares.
+
+    transformers' ``*ForSequenceClassification`` reads the score at the last token
+    that is not ``pad_token_id``: a pad equal to a token that ends rewarded sequences
+    (Llama 3 tokenizers padded with ``<|eot_id|>`` or ``<|end_of_text|>``) makes it
+    read the token before, a position never trained (transformers #35352). The
+    tokenizer's own pad is kept when it ends nothing; else ``requested`` (a token
+    text), else the first of :data:`RESERVED_PADS` the tokenizer has as one token.
+    Raises :class:`TemplateError` when none is safe."""
+    ends = ending_ids(tokenizer, convention)
+    own = tokenizer.pad_token_id
+    if requested is None and own is not None and int(own) not in ends:
+        return int(own), str(tokenizer.pad_token), None
+    why = ("the tokenizer has no pad token" if own is None else
+           f"the tokenizer's pad {tokenizer.pad_token!r} (id {own}) ends rewarded sequences")
+    for text in (requested,) if requested is not None else RESERVED_PADS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] not in ends and tokenizer.convert_ids_to_tokens(ids[0]) == text:
+            return int(ids[0]), text, why if requested is None else f"--pad-token {text!r} asked"
+        if requested is not None:
+            raise TemplateError(
+                f"--pad-token {text!r} is not one token of the tokenizer other than those that "
+                f"end rewarded sequences (ids {sorted(ends)})"
+            )
+    raise TemplateError(
+        f"{why}, and the tokenizer has none of megarm's reserved pads; pass --pad-token with "
+        "a token that never ends a rewarded sequence (not the end-of-turn or eos token)"
+    )
+
+
 DEFAULT_CRITIQUE_PROMPT = (
     "Critique the response above: say what is wrong with it, or that it is correct."
 )

@@ -154,9 +154,17 @@ def load_tokenizer(name_or_path: str, tokenizer_type: str = "HuggingFaceTokenize
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
     except (OSError, ValueError) as exc:
         raise TokenizerError(f"could not load tokenizer {name_or_path!r}: {exc}") from exc
+    # transformers warns "Token indices sequence length is longer than the specified
+    # maximum" for any long text; megarm encodes whole records and truncates them to its
+    # own limit (data.seq_length) before a model sees them, so the warning only drowns
+    # the output. (Its once-per-tokenizer flag, set in advance.)
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def vocab_sha256(tokenizer: Any) -> str:

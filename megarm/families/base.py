@@ -260,6 +260,18 @@ class Entry:
 
 # --------------------------------------------------------------------------- family
 
+# Top-level keys transformers 4.x reads that transformers 5's save_pretrained no longer
+# writes (5 keeps RoPE under rope_parameters, calls the dtype ``dtype``, Qwen3-MoE's
+# expert count num_local_experts): what :meth:`Family.legacy` adds back.
+LEGACY_KEYS = ("rope_theta", "rope_scaling", "torch_dtype", "num_experts")
+
+# Source config.json keys an export does not copy: they describe the source's files
+# (its class, remote code, quantised weights, label names) rather than the model.
+NOT_EXPORTED = frozenset({
+    "architectures", "auto_map", "quantization_config", "_name_or_path", "id2label",
+    "label2id", "num_labels", "transformers_version",
+})
+
 
 class Read(NamedTuple):
     """One ModelConfig value read from an HF config."""
@@ -312,6 +324,10 @@ class Family:
     copies them from the source config.json when there is one."""
     about: str = ""
     """One line for the documentation: which published models this covers."""
+    windowed: bool = False
+    """Its transformers 4.x config has sliding-window keys (Qwen2, Qwen3 and their
+    mixture-of-experts siblings): the export writes the window off (megarm attends
+    over the whole sequence), as the published configs do."""
 
     @property
     def architectures(self) -> tuple[str, str]:
@@ -398,6 +414,45 @@ class Family:
                     continue  # e.g. no rope_scaling for plain RoPE, as HF writes it
             _put(out, key.hf, value)
         return out
+
+    def legacy(self, model: Any, source: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+        """The keys transformers 4.x reads, in its spelling, with the values megarm
+        trained ``model`` (a ModelConfig) with: the table's keys as :meth:`write` gives
+        them (top-level ``rope_theta``, ``rope_scaling``, ``num_experts``), the
+        weights' ``torch_dtype``, and a ``windowed`` family's window switched off.
+        transformers 5 keeps RoPE under ``rope_parameters`` only; 4.x ignores that key
+        and silently uses its default base 10000 (every reward wrong, no warning).
+        ``source``: what is known of the config.json (the source's keys over what
+        transformers 5 saved): its window keys are kept where they mean no window."""
+        out = self.write(model)
+        del out["model_type"]
+        # 4.x: null means plain RoPE (the published configs write it so).
+        out.setdefault("rope_scaling", None)
+        out["torch_dtype"] = dtype
+        if self.windowed:
+            out["use_sliding_window"] = False
+            # 4.51's Qwen2 and Qwen3 mask beyond ``sliding_window`` whenever it is set,
+            # whatever use_sliding_window says (default 4096): null, or a published
+            # value no sequence reaches (Qwen2.5's 32768/131072), is no window.
+            window = source.get("sliding_window")
+            reaches = isinstance(window, int) and window < model.max_position_embeddings
+            out["sliding_window"] = None if window is None or reaches else window
+            # Only read with a window on; layers from this index on would use it.
+            out["max_window_layers"] = source.get("max_window_layers", model.num_layers)
+        return out
+
+    def export_config(
+        self, saved: Mapping[str, Any], model: Any, source: Mapping[str, Any], dtype: str
+    ) -> dict[str, Any]:
+        """The export's config.json, read the same by transformers 4.x and 5: every key
+        of the ``source`` config.json but those that describe another file
+        (:data:`NOT_EXPORTED`), then what transformers 5 ``saved`` (``rope_parameters``,
+        ``dtype``), then :meth:`legacy`'s keys in transformers 4.x's spelling."""
+        out = {k: v for k, v in source.items() if k not in NOT_EXPORTED}
+        out.update(saved)
+        out.update(self.legacy(model, {**saved, **source}, dtype))
+        out["dtype"] = dtype
+        return dict(sorted(out.items()))
 
     def model_problems(self, model: Any) -> list[tuple[str, str]]:
         """(``model.<field>``, why) for fields this family cannot express."""

@@ -28,4 +28,5 @@ QWEN2 = Family(
     dropped=c.DROPPED,
     dropped_suffixes=c.DROPPED_SUFFIXES,
     carried=(*c.CARRIED, "sliding_window", "max_window_layers", "use_sliding_window"),
+    windowed=True,
 )

@@ -35,4 +35,5 @@ QWEN2_MOE = Family(
     dropped_suffixes=c.DROPPED_SUFFIXES,
     carried=(*c.CARRIED, *c.MOE_CARRIED, "sliding_window", "max_window_layers",
              "use_sliding_window"),
+    windowed=True,
 )

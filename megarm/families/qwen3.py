@@ -29,4 +29,5 @@ QWEN3 = Family(
     dropped=c.DROPPED,
     dropped_suffixes=c.DROPPED_SUFFIXES,
     carried=(*c.CARRIED, "sliding_window", "max_window_layers", "use_sliding_window"),
+    windowed=True,
 )

@@ -30,4 +30,5 @@ QWEN3_MOE = Family(
     dropped=c.DROPPED,
     dropped_suffixes=c.DROPPED_SUFFIXES,
     carried=(*c.CARRIED, *c.MOE_CARRIED, "sliding_window", "use_sliding_window"),
+    windowed=True,
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +37,7 @@ __all__ = [
     "has_transformer_engine",
     "is_cuda",
     "max_memory_allocated",
+    "missing_kernels_note",
     "max_memory_reserved",
     "pin_memory",
     "set_deterministic",
@@ -235,10 +237,53 @@ _EXPECTED_WARNINGS = (
 )
 
 
+# On CPU there is no CUDA stream to order: megatron-core's advice to set it is noise.
+_CPU_WARNINGS = (r".*recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS.*",)
+
+
 def quiet_expected_warnings() -> None:
-    """Silence megatron-core's warnings about optional fused kernels being absent."""
+    """Silence megatron-core's warnings about optional fused kernels being absent
+    (:func:`note_missing_kernels` says it once instead) and, on CPU, about CUDA
+    stream settings. The first part runs when this module is imported: importing
+    :mod:`megarm.platform` before megatron-core is enough."""
+    _quiet_kernel_warnings()
+    if not is_cuda():
+        for pattern in _CPU_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+
+
+def _quiet_kernel_warnings() -> None:
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+_noted: list[bool] = []
+
+
+def missing_kernels_note() -> str | None:
+    """The one line saying which optional kernels are absent and why that is fine
+    here; ``None`` when transformer-engine and apex are both usable."""
+    missing = [name for name, found in (("transformer-engine", has_transformer_engine()),
+                                        ("apex", has_apex())) if not found]
+    if not missing:
+        return None
+    what = " and ".join(missing)
+    if not is_cuda():
+        return (f"note: {what} not installed (they need CUDA): on this CPU machine megarm uses "
+                "its SDPA attention, torch's norms and torch's AdamW; results are the same, "
+                "megatron-core's warnings about it are silenced")
+    return (f"note: {what} not installed: megarm uses its SDPA attention, torch's norms and "
+            "AdamW (same results, slower; `pip install megarm[gpu]` adds them)")
+
+
+def note_missing_kernels() -> None:
+    """Print :func:`missing_kernels_note` once per run: on the first rank only, once
+    per process."""
+    if _noted or os.environ.get("RANK", "0") != "0":
+        return
+    _noted.append(True)
+    if (line := missing_kernels_note()) is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -311,9 +356,14 @@ def activate() -> None:
     multi-tensor, in-place kernels (:mod:`megarm.platform.optim_kernels`).
     """
     quiet_expected_warnings()
+    note_missing_kernels()
     if is_cuda():
         cuda_environment()
     else:
         cpu_compat.install()
     mcore_fixes.install()
     optim_kernels.install_multi_tensor_grads()
+
+
+# Importing megarm.platform before megatron-core keeps its import-time warnings away.
+_quiet_kernel_warnings()

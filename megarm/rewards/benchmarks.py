@@ -181,7 +181,8 @@ def load_tasks(
         fmt = detect_format(first)
     tasks: list[Task] = []
     if critic is not None:
-        return fmt, *_critique_tasks(fmt, records, skipped, encoder, handler_name, critic)
+        tasks, skipped = _critique_tasks(fmt, records, skipped, encoder, handler_name, critic)
+        return fmt, *_with_ids(records, tasks, skipped)
     if fmt == "pairs":
         handler = get_handler(handler_name)
         todo = [RawRecord(0, i, r) for i, r in enumerate(records) if r is not None]
@@ -205,7 +206,22 @@ def load_tasks(
             except RecordError as exc:
                 skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
     skipped.sort(key=lambda s: s["index"])
-    return fmt, tasks, skipped
+    return fmt, *_with_ids(records, tasks, skipped)
+
+
+def _with_ids(
+    records: list[dict[str, Any] | None], tasks: list[Task], skipped: list[dict[str, Any]]
+) -> tuple[list[Task], list[dict[str, Any]]]:
+    """The records' own ``id`` (when they have one) on their tasks (``meta["record_id"]``,
+    written beside ``index`` in the results) and on their skipped entries."""
+    ids = {i: r["id"] for i, r in enumerate(records) if isinstance(r, dict) and r.get("id") is not None}
+    for task in tasks:
+        if task.index in ids:
+            task.meta["record_id"] = ids[task.index]
+    for entry in skipped:
+        if entry["index"] in ids:
+            entry["id"] = ids[entry["index"]]
+    return tasks, skipped
 
 
 def _critique_tasks(
@@ -407,8 +423,26 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def markdown(fmt: str, metrics: dict[str, Any], scored: int, skipped: int) -> str:
     """A two-column markdown table of every metric."""
     lines = [f"| {fmt} ({scored} scored, {skipped} skipped) | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in flatten(metrics).items()]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in _leaves(metrics)]
     return "\n".join(lines) + "\n"
+
+
+def _leaves(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """:func:`flatten`'s names with the values as they are (counts stay ints)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _cell(value: float) -> str:
+    """A count as an integer ("pairs 41", not "41.0000"), a rate to 4 decimals."""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -456,8 +490,9 @@ def evaluate(
         "metrics": METRICS[fmt](tasks, scores),
         "skipped": skipped,
         "records": [
-            {"index": t.index, "scores": s, **({"critiques": t.meta["critiques"]}
-                                              if "critiques" in t.meta else {})}
+            {"index": t.index,
+             **({"id": t.meta["record_id"]} if "record_id" in t.meta else {}),
+             "scores": s, **({"critiques": t.meta["critiques"]} if "critiques" in t.meta else {})}
             for t, s in zip(tasks, scores, strict=True)
         ],
     }

@@ -5,8 +5,6 @@ metrics, and the FLOP and memory estimates. The forward step is the model's
 is :mod:`megarm.rewards`'. Nothing outside this package and the ``megarm.train``
 command imports it."""
 
-from megarm import platform
-
-# Before megatron-core is first imported: its import-time warnings about absent
-# optional kernels are expected on CPU machines.
-platform.quiet_expected_warnings()
+# No imports here: the memory and FLOP estimates are read by ``python -m megarm.config``,
+# which imports no torch. The modules that import megatron-core import megarm.platform
+# first (it quiets megatron-core's import-time warnings about absent kernels).

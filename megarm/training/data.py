@@ -8,7 +8,7 @@ tokens, found here on the host (:func:`lm_positions`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -169,6 +169,25 @@ def lm_positions(
     return before * rows + row, labels[:, 1:][row, before]
 
 
+def add_reward_offsets(batch: PairBatch, offsets: Sequence[int]) -> PairBatch:
+    """``batch`` reading each sequence's reward also ``k`` tokens before its reward
+    token, for each ``k`` in ``offsets`` (``training.reward_offsets``): the
+    ``reward_index`` (and ``reward_row``) of the ``n`` sequences followed by ``n`` more
+    per offset, so one forward gives ``[n * (1 + len(offsets))]`` rewards. A position
+    never leaves its own sequence (packed rows: clamped at the sequence's first token)."""
+    if not offsets or not batch.num_pairs:
+        return batch
+    index = batch.reward_index
+    rows = batch.reward_row if batch.reward_row is not None else torch.arange(index.shape[0])
+    # Positions restart per packed sequence: the reward token's position is how far back
+    # its sequence starts.
+    back = batch.position_ids[rows, index]
+    extra = [index - torch.clamp(back, max=k) for k in offsets]
+    batch.reward_index = torch.cat([index, *extra])
+    batch.reward_row = torch.cat([rows] * (1 + len(offsets)))
+    return batch
+
+
 def to_pair_batch(collated: dict[str, torch.Tensor], lm: bool = False) -> PairBatch:
     """Collated right-padded rows -> the model's micro-batch, still on the host.
 
@@ -230,11 +249,13 @@ def micro_batches(
     dp_size: int,
     consumed_samples: int = 0,
     shuffle: bool = True,
+    reward_offsets: Sequence[int] = (),
 ) -> Iterator[PairBatch]:
     """Endless stream of this data-parallel rank's micro-batches, resumable at
     ``consumed_samples`` (counted over all ranks). With ``data.packing`` each
     micro-batch holds the same pairs, packed into rows or one THD stream
-    (:mod:`megarm.data.packing`, :func:`megarm.config.packed_format`)."""
+    (:mod:`megarm.data.packing`, :func:`megarm.config.packed_format`).
+    ``reward_offsets``: :func:`add_reward_offsets` (training batches only)."""
     # Sequence parallelism scatters the sequence over TP ranks.
     multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
     layout = packed_format(cfg)
@@ -264,4 +285,4 @@ def micro_batches(
     )
     lm = cfg.training.objective in ("sft", "joint")
     for collated in loader:
-        yield to_pair_batch(collated, lm=lm)
+        yield add_reward_offsets(to_pair_batch(collated, lm=lm), reward_offsets)

@@ -16,6 +16,10 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
+# Before megatron-core is first imported: it warns at import about absent optional kernels.
+from megarm import platform
+
+# isort: split
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
@@ -24,7 +28,6 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 
-from megarm import platform
 from megarm.checkpoint import Resumed, RunLock, load_checkpoint, save_checkpoint
 from megarm.checkpoint.load import CheckpointMismatchError
 from megarm.checkpoint.lock import CheckpointLockedError
@@ -111,7 +114,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.train_stream = micro_batches(
             self.data.train, cfg, self.data.pad_token_id, self.dp_rank, self.dp_size,
-            consumed_samples=self.consumed_samples,
+            consumed_samples=self.consumed_samples, reward_offsets=cfg.training.reward_offsets,
         )
         self.start_time = time.time()
         self.sigterm = False
@@ -238,11 +241,24 @@ class Trainer:
                 center_coef=self.cfg.training.center_rewards_coefficient,
                 label_weights=torch.tensor(self.label_weights, dtype=torch.float32),
                 listwise_loss=self.cfg.training.listwise_loss,
+                consistency_coef=self.cfg.training.reward_consistency_coefficient,
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=rows,
         )
+
+    def recorded_convention(self) -> dict | None:
+        """Where the reward is read (the data's stats.json), and, with
+        ``training.reward_offsets``, the other positions it was trained at
+        (``also_trained_at``: tokens before the reward token)."""
+        if not self.cfg.data.data_path:
+            return None
+        convention = reward_convention(parse_data_path(self.cfg.data.data_path)[0][1])
+        if convention is not None and self.cfg.training.reward_offsets:
+            convention = {**convention, "also_trained_at": [
+                f"{k} token{'s' if k > 1 else ''} before" for k in self.cfg.training.reward_offsets]}
+        return convention
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation metrics (and ``training.eval_benchmark``'s scores, every rank
@@ -391,11 +407,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "megarm_config": to_dict(self.cfg),
                 # Where the reward is read (from the data's stats.json), for scoring/export.
-                CONVENTION_KEY: (
-                    reward_convention(parse_data_path(self.cfg.data.data_path)[0][1])
-                    if self.cfg.data.data_path
-                    else None
-                ),
+                CONVENTION_KEY: self.recorded_convention(),
                 "has_optimizer": True,
             },
             optimizer=self.optimizer,

@@ -100,6 +100,7 @@ def loss_func(
     center_coef: float = 0.0,
     label_weights: Tensor | None = None,
     listwise_loss: str = "plackett_luce",
+    consistency_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -117,11 +118,21 @@ def loss_func(
     error sum over its labelled entries times ``target_scale`` (the loop sets it so
     the step's gradient is that of the global batch's weighted mean; unset, the
     micro-batch's own mean), its per-attribute sums in ``out["regression"]``.
+
+    With ``training.reward_offsets`` the
+    rewards hold ``[2b]`` more per extra position: the pairwise loss is the mean of
+    each position's, plus ``consistency_coef * mean((r_k - r)^2)``
+    (``training.reward_consistency_coefficient``); the stats are the trained position's.
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
+    # training.reward_offsets: the [2b] trained rewards, then [2b] per offset position.
+    sequences = 2 * batch.num_pairs or batch.num_sequences
+    others = rewards[sequences:] if rewards is not None else None
+    if rewards is not None:
+        rewards = rewards[:sequences]
     # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
-    lengths = sequence_lengths(batch).double()
+    lengths = sequence_lengths(batch)[:sequences].double()
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
     center_sq = zero
@@ -161,6 +172,13 @@ def loss_func(
             gap.detach().double().sum(),
         ]
         rm_loss = losses.mean()
+        if others is not None and others.numel():
+            # A Bradley-Terry loss at each position a tool may read; their mean.
+            extra = [pairwise_loss(r, batch.margin)[0].mean() for r in others.split(sequences)]
+            rm_loss = (rm_loss + sum(extra)) / (1 + len(extra))
+            if consistency_coef:
+                trained = rewards.float().repeat(len(extra))
+                rm_loss = rm_loss + consistency_coef * ((others.float() - trained) ** 2).mean()
         if center_coef:
             rows = rewards.float().chunk(2)
             rm_loss = rm_loss + center_coef * ((rows[0] + rows[1]) ** 2).mean()
@@ -178,7 +196,7 @@ def loss_func(
             lengths.sum(),
             (lengths**2).sum(),
             *lm_stats,
-            _fill(float(batch.num_sequences), device),
+            _fill(float(sequences), device),
             center_sq,
             *list_stats,
         ]

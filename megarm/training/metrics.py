@@ -120,6 +120,8 @@ def format_line(split: str, iteration: int, total: int, metrics: dict[str, Any])
         parts.append(f"time {metrics['iteration_time'] * 1000:.0f} ms")
     for key, label, fmt in _LINE_KEYS:
         if key in metrics and metrics[key] is not None:
+            if key == "samples_per_s" and not metrics.get("pairs"):
+                label = "records/s"  # SFT: samples are single records, not pairs
             parts.append(f"{label} {format(metrics[key], fmt)}")
     return " | ".join(parts)
 

@@ -6,6 +6,10 @@ Megatron-LM's ``OptimizerParamScheduler`` (linear warm-up, then the decay style)
 
 from __future__ import annotations
 
+# Before megatron-core is first imported: it warns at import about absent optional kernels.
+from megarm import platform  # noqa: F401
+
+# isort: split
 import math
 
 import torch
@@ -13,7 +17,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megarm import platform
 from megarm.config import MegarmConfig
 from megarm.model.builder import params_dtype
 
