@@ -110,6 +110,9 @@ def test_listwise_training_step_loss_equals_the_hand_plackett_luce_loss(referenc
 def test_listwise_under_tp2_dp2_and_packing_equals_one_process(world, overrides, reference):
     expected, _, full = reference
     for history, *_ in run_distributed(_train_listwise, world, overrides, full, 0.5):
+        # The first step to the 1e-6; every step after within 1e-5.
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(history[0][key], expected[0][key], rel_tol=1e-6), (key, history[0])
         for got, want in zip(history, expected, strict=True):
             for key in ("loss", "grad_norm", "kendall_tau", "tokens"):
                 assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got, want)
