@@ -46,6 +46,7 @@ def _rank(length: int, cp: int, iters: int) -> dict:
                              f"model.max_position_embeddings={length}",
                              f"parallel.context_parallel_size={cp}"])
     distributed.init_from_config(cfg)
+    rank = torch.distributed.get_rank()
     (model,) = build_model(cfg)
     gen = torch.Generator().manual_seed(0)
     batch = PairBatch(
@@ -75,25 +76,51 @@ def _rank(length: int, cp: int, iters: int) -> dict:
     return {
         "length": length,
         "cp": cp,
+        "rank": rank,
         "saved_activation_mib": sum(saved.values()) / 2**20,
         "estimated_activation_mib": activation_bytes(cfg, cuda=False, world_size=cp) / 2**20,
         "tokens_per_s": 2 * length / (sum(steady) / len(steady)),
     }
 
 
+def _is_rank_zero() -> bool:
+    import torch
+
+    return torch.distributed.get_rank() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point: every case under its own torchrun launch (``--case``: one rank's part)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--iters", type=int, default=3, help="iterations per case (first left out)")
+    parser.add_argument("--case", type=int, nargs=2, metavar=("LENGTH", "CP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from megarm.testing import run_distributed
+    if args.case:
+        from megarm.distributed import all_gather_objects
+
+        rows = all_gather_objects(_rank(args.case[0], args.case[1], args.iters))
+        if rows[0]["rank"] == 0 and _is_rank_zero():
+            for row in rows:
+                print(json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                  for k, v in row.items()}), flush=True)
+        return 0
+    import socket
+    import subprocess
 
     for length in args.lengths:
         for cp in (1, 2):
-            for row in run_distributed(_rank, cp, length, cp, args.iters, timeout=3600):
-                print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}),
-                      flush=True)
+            with socket.socket() as sock:  # a free port for this launch's rendezvous
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp),
+                   "--master_port", str(port), __file__, "--case", str(length), str(cp),
+                   "--iters", str(args.iters)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return done.returncode
+            print("\n".join(x for x in done.stdout.splitlines() if x.startswith("{")), flush=True)
     return 0
 
 
