@@ -80,6 +80,28 @@ def validate_data_path(data_path: str | Sequence[str]) -> list[str]:
     return [problem for _, prefix in blend for problem in prefix_problems(prefix)]
 
 
+def open_indexed(
+    prefix: str, keys: Sequence[str] | None, expected_vocab_sha256: str | None, mmap: bool
+) -> dict[str, Any]:
+    """megatron-core ``IndexedDataset`` readers of ``prefix``'s ``keys`` (``None``: the
+    pair keys, and the margin's when present), after the files' integrity check and,
+    with ``expected_vocab_sha256``, the tokenizer check against stats.json."""
+    problems = prefix_problems(prefix)
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
+    from megarm.data.integrity import check_files
+
+    check_files(prefix)  # sizes and counts agree, before megatron-core maps them
+    indexed = megatron_indexed_dataset()
+    found = packed_files(prefix)
+    if keys is None:
+        keys = PAIR_KEYS + ((MARGIN_KEY,) if MARGIN_KEY in found else ())
+    files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in keys}
+    if expected_vocab_sha256 is not None:
+        check_vocab(prefix, expected_vocab_sha256)
+    return files
+
+
 class PairDataset:
     """The pairs under one prefix, read with megatron-core's ``IndexedDataset``.
 
@@ -92,21 +114,10 @@ class PairDataset:
     def __init__(
         self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
     ) -> None:
-        problems = prefix_problems(prefix)
-        if problems:
-            raise FileNotFoundError("; ".join(problems))
-        from megarm.data.integrity import check_files
-
-        check_files(prefix)  # sizes and counts agree, before megatron-core maps them
-        indexed = megatron_indexed_dataset()
         self.prefix = prefix
-        found = packed_files(prefix)
-        keys = PAIR_KEYS + ((MARGIN_KEY,) if MARGIN_KEY in found else ())
-        self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in keys}
+        self.files = open_indexed(prefix, None, expected_vocab_sha256, mmap)
         self.size = len(self.files[PAIR_KEYS[0]])
         self.has_margin = MARGIN_KEY in self.files
-        if expected_vocab_sha256 is not None:
-            check_vocab(prefix, expected_vocab_sha256)
 
     def __len__(self) -> int:
         return self.size
@@ -125,19 +136,9 @@ class SFTDataset:
     def __init__(
         self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
     ) -> None:
-        problems = prefix_problems(prefix)
-        if problems:
-            raise FileNotFoundError("; ".join(problems))
-        from megarm.data.integrity import check_files
-
-        check_files(prefix)
-        indexed = megatron_indexed_dataset()
         self.prefix = prefix
-        found = packed_files(prefix)
-        self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in SFT_KEYS}
+        self.files = open_indexed(prefix, SFT_KEYS, expected_vocab_sha256, mmap)
         self.size = len(self.files["input_ids"])
-        if expected_vocab_sha256 is not None:
-            check_vocab(prefix, expected_vocab_sha256)
 
     def __len__(self) -> int:
         return self.size
@@ -156,20 +157,10 @@ class RankedDataset:
     def __init__(
         self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
     ) -> None:
-        problems = prefix_problems(prefix)
-        if problems:
-            raise FileNotFoundError("; ".join(problems))
-        from megarm.data.integrity import check_files
-
-        check_files(prefix)
-        indexed = megatron_indexed_dataset()
         self.prefix = prefix
-        found = packed_files(prefix)
-        self.files = {key: indexed.IndexedDataset(found[key], mmap=mmap) for key in RANKED_KEYS}
+        self.files = open_indexed(prefix, RANKED_KEYS, expected_vocab_sha256, mmap)
         self.documents = np.asarray(self.files["ranked_input_ids"].document_indices)
         self.size = len(self.documents) - 1
-        if expected_vocab_sha256 is not None:
-            check_vocab(prefix, expected_vocab_sha256)
 
     def __len__(self) -> int:
         return self.size

@@ -73,15 +73,6 @@ def split_batch(batch: PairBatch, rank: int, size: int, multiple: int = 1) -> Pa
     return _split_rows(batch, rank, size, multiple)
 
 
-def _lengths(batch: PairBatch) -> Tensor:
-    if batch.lengths is not None:
-        return batch.lengths
-    rows = batch.reward_row
-    if rows is None:
-        rows = torch.arange(batch.reward_index.shape[0], device=batch.reward_index.device)
-    return batch.position_ids[rows, batch.reward_index] + 1
-
-
 def _split_rows(batch: PairBatch, rank: int, size: int, multiple: int) -> PairBatch:
     """Padded rows (one sequence per row, or packed rows with a block mask): every
     row is cut the same way, after padding the width to a multiple of ``2 * size``."""
@@ -123,7 +114,7 @@ def _split_rows(batch: PairBatch, rank: int, size: int, multiple: int) -> PairBa
         labels=None if batch.labels is None else pad(batch.labels, -100)[:, keep],
         attention_mask=None if mask is None else mask[:, :, keep, :],
         reward_index=torch.where(owner == rank, local, -1),
-        lengths=_lengths(batch),
+        lengths=batch.sequence_lengths(),
         lm_index=lm_index,
         lm_target=lm_target,
         lm_tokens=lm_tokens,
@@ -180,7 +171,7 @@ def _split_thd(batch: PairBatch, rank: int, size: int, multiple: int) -> PairBat
         position_ids=torch.from_numpy(np.concatenate(position)).to(device)[None],
         labels=labels,
         reward_index=torch.where(owner == rank, local, -1),
-        lengths=_lengths(batch),
+        lengths=batch.sequence_lengths(),
         cu_seqlens=torch.from_numpy(bounds).to(batch.cu_seqlens.device),
         max_seqlen=max(padded),
         seq_lengths=tuple(p // size for p in padded),

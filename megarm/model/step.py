@@ -116,6 +116,17 @@ class PairBatch:
             seq_lengths=self.seq_lengths,
         )
 
+    def sequence_lengths(self) -> Tensor:
+        """``[n]`` real tokens of each sequence: ``lengths`` when the batch was cut for
+        CP, else the position of its reward token + 1 (positions restart per packed
+        sequence, so this holds packed or not)."""
+        if self.lengths is not None:
+            return self.lengths
+        rows = self.reward_row
+        if rows is None:
+            rows = torch.arange(self.reward_index.shape[0], device=self.reward_index.device)
+        return self.position_ids[rows, self.reward_index] + 1
+
     @property
     def num_pairs(self) -> int:
         """Pairs in this micro-batch (0 for SFT records)."""

@@ -73,20 +73,6 @@ def listwise_center(rewards: Tensor, valid: Tensor) -> Tensor:
     return (2 * (rewards * valid).sum(-1) / valid.sum(-1)) ** 2
 
 
-def sequence_lengths(batch: PairBatch) -> Tensor:
-    """``[2b]`` real tokens of each sequence: the position of its reward token + 1
-    (positions restart per packed sequence, so this holds packed or not; a batch
-    cut for context parallelism keeps them in ``lengths``)."""
-    if batch.lengths is not None:
-        return batch.lengths
-    rows = (
-        torch.arange(batch.reward_index.shape[0], device=batch.reward_index.device)
-        if batch.reward_row is None
-        else batch.reward_row
-    )
-    return batch.position_ids[rows, batch.reward_index] + 1
-
-
 def _fill(value: float, device: torch.device) -> Tensor:
     # A fill on the device; torch.tensor(n, device=cuda) would be a blocking copy.
     return torch.full((), value, dtype=torch.float64, device=device)
@@ -132,7 +118,7 @@ def loss_func(
     if rewards is not None:
         rewards = rewards[:sequences]
     # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
-    lengths = sequence_lengths(batch)[:sequences].double()
+    lengths = batch.sequence_lengths()[:sequences].double()
     zero = _fill(0.0, device)
     terms: list[Tensor] = []
     center_sq = zero
