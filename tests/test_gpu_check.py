@@ -21,7 +21,14 @@ def test_dry_run_passes_every_step(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["failed"] == []
     assert [s["step"] for s in report["steps"]] == ["environment", "tests", "data", "benchmark-tiny"]
-    assert len(report["tests"]) == 3 and all(t["outcome"] == "passed" for t in report["tests"])
+    assert sorted(t["test"] for t in report["tests"]) == [
+        "test_cp2_over_gloo_on_one_device_equals_cp1[auto]",
+        "test_cp2_over_gloo_on_one_device_equals_cp1[sdpa]",
+        "test_rewards_equal_transformers_on_the_device",
+        "test_tp2_over_gloo_on_one_device_equals_tp1",
+        "test_training_learns_and_resumes_bit_for_bit",
+    ]
+    assert all(t["outcome"] == "passed" for t in report["tests"])
     (bench,) = report["benchmarks"]
     assert bench["tokens_per_s"] > 0 and bench["estimate_gib"] > 0
     assert "| qwen2.5-tiny |" in (out / "report.md").read_text()

@@ -37,7 +37,10 @@ Peaks (measured with tools/benchmark_save_memory.py; docs/BENCHMARKS.md):
   AdamW: on CUDA its foreach implementation, whose ``_foreach_sqrt(exp_avg_sq)``
   makes one fp32 temporary per updated parameter (:data:`GPU_FOREACH_TRANSIENTS`,
   4 bytes per parameter, not measured yet); on CPU, measured at 2.2-2.5x the fp32
-  bytes of the parameters (:data:`CPU_STEP_TRANSIENTS`). Activations are freed by then, so a step peaks at
+  bytes of the parameters (:data:`CPU_STEP_TRANSIENTS`); with torch's fused AdamW on CPU
+  (what megarm selects there) an iteration still peaks 1.6-1.7x the fp32 parameter
+  bytes above the model states (:data:`CPU_FUSED_STEP_TRANSIENTS`, measured at 108M
+  parameters). Activations are freed by then, so a step peaks at
   ``model states + max(activations, step temporaries)``;
 * a checkpoint save (:mod:`megarm.checkpoint.writer`) writes one tensor at a time:
   it holds at most two host copies of the largest tensor (its fp32 optimizer
@@ -64,6 +67,9 @@ CPU_RUNTIME_BYTES = int(0.4 * GIB)
 # torch's AdamW on CPU: step temporaries per fp32 byte of the parameters (measured
 # 2.2-2.5 at 108M and 0.5B parameters; the upper value is used).
 CPU_STEP_TRANSIENTS = 2.5
+# The same with torch's fused AdamW on CPU (megarm's choice there, platform.torch_fused_adam):
+# 1.63x on a fresh-clone CI run and 1.68x here at 108M parameters; the upper value is used.
+CPU_FUSED_STEP_TRANSIENTS = 1.7
 # torch's foreach AdamW on CUDA (megatron-core's optimizer without TE/apex): the
 # sqrt(exp_avg_sq) list, one fp32 tensor per updated parameter, lives through the step.
 GPU_FOREACH_TRANSIENTS = 1.0
@@ -360,9 +366,10 @@ def estimate(
     side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> MemoryEstimate:
     """Per-GPU (per-process on CPU) estimate for pipeline stage ``pp_rank`` (default:
-    the most loaded). ``fused_adam``: transformer-engine's or apex's Adam is
-    installed (``platform.has_transformer_engine() or platform.has_apex()``), which
-    needs no step temporaries; otherwise torch's AdamW's are counted.
+    the most loaded). ``fused_adam``: a fused Adam steps the parameters
+    (``platform.has_fused_adam()``: transformer-engine's, apex's or torch's fused
+    kernel), which on a GPU needs no step temporaries; otherwise, and on CPU, the
+    measured temporaries are counted.
     ``side_lengths`` (default: :func:`data_side_lengths` of the config's data) sizes
     packed streams."""
     p = cfg.parallel
@@ -379,7 +386,10 @@ def estimate(
         stepped = -(-params // (dp * cp))
     if side_lengths is None and packed_format(cfg) == "thd":
         side_lengths = data_side_lengths(cfg)
-    per_byte = 0.0 if fused_adam else (GPU_FOREACH_TRANSIENTS if cuda else CPU_STEP_TRANSIENTS)
+    if cuda:
+        per_byte = 0.0 if fused_adam else GPU_FOREACH_TRANSIENTS
+    else:
+        per_byte = CPU_FUSED_STEP_TRANSIENTS if fused_adam else CPU_STEP_TRANSIENTS
     return MemoryEstimate(
         parameters=params,
         weights=params * width,
