@@ -353,9 +353,10 @@ def test_training_at_ep2_equals_ep1(converted, work):
 # --------------------------------------------------------------------------- auxiliary loss
 
 
-def _aux_losses(mcore: str, tokens: torch.Tensor) -> list[float]:
-    """megatron-core's load-balancing loss of each layer (divided by its
-    coefficient, as its tracker keeps it) for one training-mode forward."""
+def _aux_losses(mcore: str, tokens: torch.Tensor) -> dict[str, list[float]]:
+    """megatron-core's load-balancing loss and z-loss of each layer (divided by their
+    coefficients, as its tracker keeps them) for one training-mode forward, and the
+    step's metrics as the loop logs them."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -365,17 +366,24 @@ def _aux_losses(mcore: str, tokens: torch.Tensor) -> list[float]:
     from megarm.checkpoint import load_model_weights
     from megarm.config import load_config
     from megarm.model.builder import build_model
+    from megarm.model.moe import aux_loss_metrics
 
     distributed.init(1, 1)
-    cfg = load_config(None, [f"model.hf_config={mcore}", "model.params_dtype=fp32"])
+    cfg = load_config(None, [f"model.hf_config={mcore}", "model.params_dtype=fp32",
+                             f"model.moe_z_loss_coeff={Z_COEFF}"])
     (model,) = build_model(cfg)
     load_model_weights(mcore, [model])
     model.train()
     clear_aux_losses_tracker()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
     model(tokens, positions, None, reward_index=torch.full((tokens.shape[0],), tokens.shape[1] - 1))
-    values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
-    return [float(v) for v in values]
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {name: [float(v) for v in tracker[name]["values"]] for name in ("load_balancing_loss", "z_loss")}
+    out["metrics"] = aux_loss_metrics(1, cfg.model)
+    return out
+
+
+Z_COEFF = 1e-3
 
 
 def test_aux_loss_equals_transformers_load_balancing_loss(converted):
@@ -391,17 +399,28 @@ def test_aux_loss_equals_transformers_load_balancing_loss(converted):
     tokens = torch.randint(0, PAD, (3, 20), generator=gen)
     for name in MODELS:
         hf, mcore = converted[name]
-        (ours,) = run_distributed(_aux_losses, 1, str(mcore), tokens, timeout=600)
+        (found,) = run_distributed(_aux_losses, 1, str(mcore), tokens, timeout=600)
+        ours = found["load_balancing_loss"]
         model = AutoModelForSequenceClassification.from_pretrained(str(hf), dtype=torch.float32)
         with torch.no_grad():
             logits = model.model(input_ids=tokens, output_router_logits=True).router_logits
         assert len(logits) == len(ours) == 2
+        z_by_hand = []
         for layer, (mine, theirs) in enumerate(zip(ours, logits, strict=True)):
             want = float(load_balancing_loss_func((theirs,), EXPERTS, TOP_K)) / TOP_K
             print(f"{name} layer {layer}: megatron-core {mine:.8f}, transformers / top-k {want:.8f}")
             assert abs(mine - want) <= 1e-6, (name, layer, mine, want)
+            # ST-MoE's z-loss by hand on transformers' router logits: mean over tokens
+            # of logsumexp(logits)^2.
+            z_by_hand.append(float(torch.logsumexp(theirs.double(), dim=-1).square().mean()))
+            z = found["z_loss"][layer]
+            assert z == pytest.approx(z_by_hand[-1], rel=1e-6), (name, layer, z, z_by_hand[-1])
         # A balanced router gives 1; these are measurably unbalanced (the test has teeth).
         assert max(ours) > 1.01
+        assert min(z_by_hand) > 0.1  # logits far enough from 0 for the z-loss to show
+        metrics = found["metrics"]
+        assert metrics["moe_z_loss"] == pytest.approx(Z_COEFF * sum(z_by_hand), rel=1e-6)
+        assert metrics["moe_aux_loss"] == pytest.approx(0.01 * sum(ours), rel=1e-6)  # router_aux_loss_coef
 
 
 # --------------------------------------------------------------------------- memory

@@ -110,3 +110,35 @@ def test_objective_dataset_configs_parse(name, handler):
     assert args.handler_name == handler
     if handler == "helpsteer2":
         assert args.label_names[0] == "helpfulness" and list(args.label_range) == [0, 4]
+
+
+# Qwen3-MoE shapes from the published config.json files: (layers, hidden, heads, kv
+# heads, experts, top-k, expert FFN).
+MOE = {
+    "orm_trainer_qwen3_30b_a3b": (48, 2048, 32, 4, 128, 8, 768),
+    "orm_trainer_qwen3_235b_a22b": (94, 4096, 64, 4, 128, 8, 1536),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_configs_validate_and_fit_80gb(name):
+    """The mixture-of-experts configs validate at their GPUs with the real shapes, and
+    their stated training peak is the estimator's, under 80 GiB."""
+    from megarm.training.memory import GIB, estimate, stage_expert_parameters
+
+    path = ROOT / f"configs/{name}.yaml"
+    world = intended_world_size(path)
+    with pytest.raises(ConfigError) as exc:
+        resolve(path, [], world)
+    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
+    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    m, p = cfg.model, cfg.parallel
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.num_moe_experts,
+            m.moe_router_topk, m.moe_ffn_hidden_size) == MOE[name]
+    assert m.family == "qwen3_moe" and m.moe_norm_topk_prob and p.expert_model_parallel_size > 1
+    est = estimate(cfg, world)
+    # The routed experts are most of each rank's parameters, as in the real model.
+    assert stage_expert_parameters(cfg, 0) > 0.6 * est.parameters
+    peak = est.training_peak / GIB
+    assert peak < 80
+    assert f"{peak:.2f} GiB at the" in path.read_text()

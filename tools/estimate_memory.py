@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="GPUs in the run")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument("--cpu", action="store_true", help="estimate the CPU (fp32) run instead")
-    parser.add_argument("--fused-adam", action="store_true",
-                        help="the GPU machine has transformer-engine or apex (a fused Adam, no "
-                             "step temporaries); default: torch's AdamW, as without them")
+    parser.add_argument("--unfused-adam", dest="fused_adam", action="store_false",
+                        help="torch's unfused AdamW steps the parameters (a torch without its "
+                             "fused kernel for the device); default: a fused Adam, "
+                             "transformer-engine's, apex's or torch's, which megarm selects")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         ("activations", f"{est.activations / GIB:.2f} GiB ({est.stream_tokens:,} tokens "
                         "per micro-batch)"),
         ("optimizer-step temporaries", f"{est.step_transients / GIB:.2f} GiB "
-                                       f"({'fused Adam' if args.fused_adam else 'torch AdamW'})"),
+                                       f"({'fused Adam' if args.fused_adam else 'unfused torch AdamW'})"),
     ]
     if cuda:
         rows += [

@@ -127,6 +127,12 @@ class ModelConfig:
     ``router_aux_loss_coef``), whose gradient is added to the reward loss's in
     training; 0 turns it off."""
 
+    moe_z_loss_coeff: float | None = None
+    """Coefficient of the router z-loss (ST-MoE: the mean over tokens of
+    ``logsumexp(router logits)^2``, megatron-core's ``moe_z_loss_coeff``), which keeps
+    the router's logits small; added to the reward loss in training and logged as
+    ``moe_z_loss``. ``null``: off (HF's Qwen-MoE models have none; 1e-3 is ST-MoE's)."""
+
     tie_word_embeddings: bool = False
     """Whether the HF model ties its LM head to the embedding. A pure reward model
     (``training.objective: rm``) has no LM head and only exports it in the HF config;

@@ -516,6 +516,9 @@ class Family:
             )))
         if model.moe_aux_loss_coeff < 0:
             problems.append(("model.moe_aux_loss_coeff", f"must be >= 0, got {model.moe_aux_loss_coeff}"))
+        if model.moe_z_loss_coeff is not None and not model.moe_z_loss_coeff >= 0:
+            problems.append(("model.moe_z_loss_coeff",
+                             f"must be >= 0 (or null: off), got {model.moe_z_loss_coeff}"))
         return problems
 
     # ----------------------------------------------------------------- weights

@@ -42,7 +42,8 @@ def moe_settings(cfg: MegarmConfig) -> dict[str, Any]:
     every layer a ``MoELayer`` with ``num_moe_experts`` experts, top-k routing as the
     HF family does it (``moe_norm_topk_prob``: top-k of the logits, then a softmax;
     else a softmax, then the top-k), the router in fp32, dropless (no capacity
-    factor), megatron-core's load-balancing auxiliary loss with ``moe_aux_loss_coeff``,
+    factor), megatron-core's load-balancing auxiliary loss with ``moe_aux_loss_coeff``
+    (and its router z-loss with ``moe_z_loss_coeff``),
     the alltoall dispatcher, and the shared expert's sigmoid gate when there is one."""
     m, p = cfg.model, cfg.parallel
     if not m.num_moe_experts:
@@ -57,6 +58,7 @@ def moe_settings(cfg: MegarmConfig) -> dict[str, Any]:
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
         moe_expert_capacity_factor=None,
         moe_shared_expert_intermediate_size=shared,
         moe_shared_expert_gate=bool(shared),

@@ -155,7 +155,7 @@ class Trainer:
                 self.label_names, self.label_weights,
             )
             if self.cfg.model.num_moe_experts:  # every rank: the tracker's reduction
-                metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model.moe_aux_loss_coeff))
+                metrics.update(aux_loss_metrics(self.num_microbatches, self.cfg.model))
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at iteration {self.iteration + 1}; stopped "

@@ -165,6 +165,18 @@ class MemoryEstimate:
         }
 
 
+def stage_expert_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
+    """Of :func:`stage_parameters`, the routed experts' (this EP rank's experts, split
+    by TP as the dense MLP): the parameters megatron-core's distributed optimizer
+    shards over the expert-data-parallel ranks, not the data-parallel ones."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_moe_experts:
+        return 0
+    local = m.num_moe_experts // p.expert_model_parallel_size
+    per_layer = local * 3 * m.hidden_size * (m.moe_ffn_hidden_size or 0) // p.tensor_model_parallel_size
+    return m.num_layers // p.pipeline_model_parallel_size * per_layer
+
+
 def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     """Parameters held by one TP rank of pipeline stage ``pp_rank``."""
     m, p = cfg.model, cfg.parallel
@@ -173,14 +185,10 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * d
     mlp = 3 * h * m.ffn_hidden_size // t
     if m.num_moe_experts:
-        # This EP rank's routed experts (split by TP as the dense MLP), the replicated
-        # router, and the shared expert with its gate.
+        # The routed experts are counted below (stage_expert_parameters); here the
+        # replicated router and the shared expert with its gate.
         shared = m.moe_shared_expert_intermediate_size or 0
-        mlp = (
-            m.num_moe_experts // p.expert_model_parallel_size * 3 * h * (m.moe_ffn_hidden_size or 0) // t
-            + h * m.num_moe_experts
-            + 3 * h * shared // t + (h if shared else 0)
-        )
+        mlp = h * m.num_moe_experts + 3 * h * shared // t + (h if shared else 0)
     per_layer = (
         qkv_out * h // t
         + (qkv_out // t if m.add_qkv_bias else 0)
@@ -190,7 +198,7 @@ def stage_parameters(cfg: MegarmConfig, pp_rank: int) -> int:
     )
     if m.qk_layernorm:
         per_layer += 2 * d
-    count = m.num_layers // p.pipeline_model_parallel_size * per_layer
+    count = m.num_layers // p.pipeline_model_parallel_size * per_layer + stage_expert_parameters(cfg, pp_rank)
     last = pp_rank == p.pipeline_model_parallel_size - 1
     if pp_rank == 0:
         count += padded_vocab_size(m) * h // t
@@ -362,14 +370,15 @@ def estimate(
     world_size: int,
     cuda: bool = True,
     pp_rank: int | None = None,
-    fused_adam: bool = False,
+    fused_adam: bool = True,
     side_lengths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> MemoryEstimate:
     """Per-GPU (per-process on CPU) estimate for pipeline stage ``pp_rank`` (default:
-    the most loaded). ``fused_adam``: a fused Adam steps the parameters
-    (``platform.has_fused_adam()``: transformer-engine's, apex's or torch's fused
-    kernel), which on a GPU needs no step temporaries; otherwise, and on CPU, the
-    measured temporaries are counted.
+    the most loaded). ``fused_adam`` (default; ``platform.has_fused_adam()``): a
+    fused Adam steps the parameters, transformer-engine's, apex's or, without them,
+    torch's fused kernel that megarm selects on CUDA and CPU; on a GPU it needs no
+    step temporaries, on CPU the measured ones are counted. False: torch's
+    unfused AdamW (a torch without the fused kernel for the device).
     ``side_lengths`` (default: :func:`data_side_lengths` of the config's data) sizes
     packed streams."""
     p = cfg.parallel
@@ -381,9 +390,14 @@ def estimate(
     optim_per_param = 8 + (4 if width < 4 else 0)  # moments (+ fp32 main weights)
     optimizer = params * optim_per_param
     stepped = params  # parameters this rank's optimizer updates
-    if p.use_distributed_optimizer:  # sharded over data x context parallel ranks
-        optimizer = -(-optimizer // (dp * cp))
-        stepped = -(-params // (dp * cp))
+    if p.use_distributed_optimizer:
+        # Sharded over the data x context parallel ranks; a mixture of experts' routed
+        # experts over the expert-data-parallel ranks (world / (TP x EP x PP)).
+        experts = max(stage_expert_parameters(cfg, r) for r in stages)
+        expert_dp = max(1, world_size // (p.tensor_model_parallel_size * p.expert_model_parallel_size
+                                          * p.pipeline_model_parallel_size))
+        stepped = -(-(params - experts) // (dp * cp)) + -(-experts // expert_dp)
+        optimizer = stepped * optim_per_param
     if side_lengths is None and packed_format(cfg) == "thd":
         side_lengths = data_side_lengths(cfg)
     if cuda:
@@ -407,7 +421,7 @@ def estimate(
 
 
 def largest_micro_batch(cfg: MegarmConfig, world_size: int, gpu_gib: float, cuda: bool = True,
-                        fused_adam: bool = False) -> int:
+                        fused_adam: bool = True) -> int:
     """Largest micro-batch (pairs) whose estimate fits ``gpu_gib`` (0: none fits)."""
     base = estimate(cfg, world_size, cuda, fused_adam=fused_adam)
     budget = gpu_gib * GIB - base.model_states

@@ -23,6 +23,7 @@ _LINE_KEYS = (
     ("lm_tokens", "lm tokens", ".0f"),
     ("moe_aux_loss", "moe aux loss", ".4f"),
     ("moe_load_balance", "expert balance", ".3f"),
+    ("moe_z_loss", "moe z loss", ".4f"),
     ("accuracy", "acc", ".3f"),
     ("reward_gap", "gap", ".3f"),
     ("chosen_reward", "r_c", ".3f"),
