@@ -149,6 +149,26 @@ def check_resume_config(checkpoint: Path, common: dict[str, Any], cfg: Any) -> N
             )
 
 
+def check_expert_optimizer(checkpoint: Path, common: dict[str, Any], cfg: Any) -> None:
+    """A mixture of experts' optimizer state is restorable only between runs that both
+    split the experts (EP > 1) or both do not: megatron-core steps expert-parallel
+    experts with an optimizer of their own (a chain of a dense and an expert
+    optimizer), so the state's entries are keyed differently. The weights reshard to
+    any EP; refused naming both values, before any shard is read."""
+    if not cfg.model.num_moe_experts or cfg.checkpoint.finetune:
+        return
+    saved = ((common.get("megarm_config") or {}).get("parallel") or {}).get("expert_model_parallel_size", 1)
+    now = cfg.parallel.expert_model_parallel_size
+    if (saved > 1) != (now > 1):
+        raise CheckpointMismatchError(
+            f"{checkpoint} was trained at parallel.expert_model_parallel_size={saved}, this run has "
+            f"{now}: megatron-core keeps the optimizer state of split experts (EP > 1) apart "
+            "from the rest, so it cannot be restored at EP=1, nor an EP=1 state at EP > 1. "
+            f"Resume at an EP {'> 1' if saved > 1 else 'of 1'}, or pass checkpoint.finetune=true "
+            "to start from its weights (they load at any EP)"
+        )
+
+
 def check_shapes(checkpoint: Path, sharded: dict[str, Any]) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first tensor whose global
     shape differs (or that is missing), before any weight is read."""
@@ -263,6 +283,7 @@ def load_checkpoint(
     full = bool(common.get("has_optimizer")) and not c.finetune
     if full:
         check_resume_config(checkpoint, common, cfg)
+        check_expert_optimizer(checkpoint, common, cfg)
     sharded = _without_extra_state(model_sharded_state_dict(model))
     check_shapes(checkpoint, sharded)
     request = dict(sharded)
