@@ -286,16 +286,51 @@ def test_value_head_computes_in_fp32_in_a_bf16_model():
     assert (rewards.bfloat16().float() != rewards).sum() >= 6
 
 
+# Every way a value travels from the device to the host (each one a stall on a GPU):
+# scalar and list reads, copies to the CPU, and the ops whose output size depends on
+# the data (nonzero, boolean-mask indexing), which sync to learn it.
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+               torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+               torch.Tensor.numpy, torch.equal, torch.Tensor.cpu, torch.Tensor.nonzero,
+               torch.nonzero, torch.masked_select, torch.Tensor.masked_select}
+
+
+def _host_read(func, args) -> str | None:  # noqa: ANN001
+    """The name of the host read ``func(*args)`` is, or None."""
+    if func in _HOST_READS:
+        return func.__name__
+    if func is torch.Tensor.__getitem__ and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+            return "boolean-mask indexing"
+    return None
+
+
 class _NoHostReads(torch.overrides.TorchFunctionMode):
     """Raises on every device -> host read: each one is a stall on a GPU."""
 
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
-             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
-             torch.Tensor.numpy, torch.equal}
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = _host_read(func, args)
+        if name:
+            raise AssertionError(f"host read in the step: {name}")
+        return func(*args, **(kwargs or {}))
+
+
+class _CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts device -> host reads, by the megarm line that made each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if func in self.READS:
-            raise AssertionError(f"host read in the step: {func.__name__}")
+        name = _host_read(func, args)
+        if name:
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1] if "/megarm/" in f.filename]
+            where = f"{frames[-1].filename.rsplit('/megarm/', 1)[1]}:{frames[-1].lineno}" if frames else "?"
+            self.sites.append(f"{name} at {where}")
         return func(*args, **(kwargs or {}))
 
 
@@ -389,3 +424,57 @@ def _lm_step_without_host_reads() -> dict:
 def test_lm_and_joint_steps_read_nothing_back_from_the_device():
     (out,) = run_distributed(_lm_step_without_host_reads, 1)
     assert out["checked"] == ["joint"] * 2 + ["sft"] * 2
+
+
+def _iteration_host_reads(variants: list[tuple[str, ...]]) -> list[list[str]]:
+    """The host reads of one whole training iteration (schedule, forward, backward,
+    optimizer step, metrics and the log line) per config variant. The micro-batches
+    are collated before it (on a GPU they are built on the host and copied in)."""
+    from itertools import islice
+
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+
+    from megarm import distributed
+    from megarm.training import loop
+    from megarm.training.loop import Trainer
+
+    out = []
+    for overrides in variants:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+            destroy_rerun_state_machine()
+        cfg = tiny_config("training.train_iters=1", "training.eval_interval=0",
+                          "data.synthetic_num_pairs=32", "data.split=100,0,0", *overrides)
+        distributed.init_from_config(cfg)
+        trainer = Trainer(cfg)
+        trainer.train_stream = iter(list(islice(trainer.train_stream, trainer.num_microbatches)))
+        trainer.evaluate = lambda: None
+        loop.after_training = lambda *a, **k: None  # the reward statistics after training
+        counter = _CountHostReads()
+        with counter:
+            trainer.train()
+        trainer.close()
+        out.append(counter.sites)
+    return out
+
+
+def test_a_training_iteration_reads_back_a_fixed_few_values():
+    """A whole iteration, THD-packed and padded, 2 vs 4 layers and 1 vs 2
+    micro-batches: the host reads are the step's metrics and the grad-norm check,
+    once per step: their number does not grow with layers or micro-batches."""
+    layouts = {"thd": ("data.packing=true",), "padded": ("data.packing=false",)}
+    variants = []
+    for layout in layouts.values():
+        for layers, micro in ((2, 4), (4, 2)):  # global batch 4: 1 or 2 micro-batches
+            variants.append((*layout, f"model.num_layers={layers}", f"training.micro_batch_size={micro}",
+                             "training.global_batch_size=4"))
+    (found,) = run_distributed(_iteration_host_reads, 1, variants)
+    for name, (small, large) in zip(layouts, zip(found[::2], found[1::2], strict=True), strict=True):
+        print(name, len(small), "host reads;", sorted(set(small)))
+        assert len(small) == len(large), (name, small, large)
+        # 6 measured: the step's stats (training/loss.py) and the grad-norm check
+        # (training/optimizer.py), each through one host all-reduce (distributed.py)
+        assert 0 < len(small) <= 8, (name, small)
+        where = {s.split(" at ")[-1].split(":")[0] for s in small}
+        assert where <= {"training/loss.py", "training/optimizer.py", "distributed.py"}, where

@@ -67,10 +67,21 @@ def _tensor_type_name(tensor: torch.Tensor) -> str:
     """``tensor.type()``, reported as a CUDA type to megatron-core's asserts."""
     with torch._C.DisableTorchFunction():
         name = tensor.type()
-    caller = sys._getframe(2).f_globals.get("__name__", "")
+    caller = _caller_module()
     if caller.startswith("megatron.") and name.startswith("torch.") and ".cuda." not in name:
         return "torch.cuda." + name[len("torch."):]
     return name
+
+
+def _caller_module() -> str:
+    """The module that called ``tensor.type()``: the first frame above this module and
+    any torch-function mode stacked over it (a test's, e.g.)."""
+    frame = sys._getframe(2)
+    while frame is not None and (
+        frame.f_code.co_name == "__torch_function__" or frame.f_globals.get("__name__") == __name__
+    ):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
 
 
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
