@@ -92,7 +92,7 @@ def check_config(args: list[str], world_size: int) -> int:
     try:
         resolve(parsed.config, parsed.overrides, world_size)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         if any(i.key in ("parallel", "training.global_batch_size") for i in exc.issues):
             say(f"this launch has {world_size} process(es); the shipped configs expect:")
             print("\n".join(shipped_layouts()), file=sys.stderr)

@@ -37,6 +37,7 @@ import numpy as np
 
 from megarm import cli
 from megarm.data.dataset import (
+    rejects_path,
     stats_path,
 )
 from megarm.data.encoding import TRUNCATION_POLICIES, _chunks, _Job, _results
@@ -336,6 +337,17 @@ def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
                              f"not {args.handler_name}")
     except (InputError, TokenizerError, TemplateError, ValueError) as exc:
         raise PreprocessError(str(exc)) from exc
+    # --overwrite removes and replaces these: one of them as an input (itself, or
+    # through a symlink or hard link) would be destroyed by its own run.
+    owned = [*existing_outputs(args.output_prefix), stats_path(args.output_prefix),
+             rejects_path(args.output_prefix)]
+    for source in files:
+        clash = next((o for o in owned if cli.is_same_file(Path(source), Path(o))), None)
+        if clash is not None:
+            raise PreprocessError(
+                f"--input {source} is {clash}, a file this --output-prefix writes; the run "
+                "would replace its own input: choose another --output-prefix"
+            )
     if args.seq_length is None:
         args.seq_length, source = default_seq_length(args.tokenizer_name_or_path, tokenizer)
         if args.seq_length is None:
