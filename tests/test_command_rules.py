@@ -143,3 +143,30 @@ def test_preprocessing_never_replaces_its_input(tmp_path, rm_tokenizer):
                      "--handler-name", "pairwise_messages", "--overwrite"])
         assert_one_error_line(done, "input")
         assert records.read_bytes() == before, how
+
+
+def test_score_on_a_tampered_or_crafted_checkpoint_is_one_error_line(rm_checkpoint, tmp_path, records):
+    """Issue #25: megarm.score refused a damaged or crafted checkpoint correctly, but
+    as a traceback with exit 1."""
+    import pickle
+    import shutil
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    flipped = shutil.copytree(rm_checkpoint, tmp_path / "flipped")
+    (shard,) = list(flipped.glob("iter_*/*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    crafted = shutil.copytree(rm_checkpoint, tmp_path / "crafted")
+    (common,) = list(crafted.glob("iter_*/common.pt"))
+    common.write_bytes(pickle.dumps(Exploit()))
+    for load, words in ((flipped, ("is damaged", "checksum")), (crafted, ("common.pt", "weights-only"))):
+        done = _run([PY, "-m", "megarm.score", "--load", str(load), "--input", str(records),
+                     "--output", str(tmp_path / f"{load.name}.jsonl")])
+        assert_one_error_line(done, *words)
+    assert not marker.exists()
