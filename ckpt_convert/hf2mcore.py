@@ -230,10 +230,19 @@ def write_torch_dist(
         if not with_score:
             order.append(head_name)
 
+        # A refusal raised while DCP writes (a tensor of the wrong shape) reaches us
+        # wrapped in DCP's CheckpointException, a page of traceback: keep it to
+        # raise as itself.
+        refused: list[Exception] = []
+
         def produce(name: str) -> torch.Tensor:
             if name == head_name and not with_score:
                 return fresh_value_head(shape.hidden_size, cfg.training.seed, dtype)
-            ((_, tensor),) = hf_to_mcore(ckpt.read, shape, [by_name[name]], dtype, ckpt.where)
+            try:
+                ((_, tensor),) = hf_to_mcore(ckpt.read, shape, [by_name[name]], dtype, ckpt.where)
+            except (ConversionError, MappingError) as exc:
+                refused.append(exc)
+                raise
             return tensor
 
         common = {
@@ -248,7 +257,12 @@ def write_torch_dist(
             common[CONVENTION_KEY] = convention
         final = iteration_dir(out, ITERATION)
         final.mkdir(parents=True)
-        written = save_streaming(final, sharded, produce, order, common)
+        try:
+            written = save_streaming(final, sharded, produce, order, common)
+        except BaseException:  # DCP's CheckpointException is a BaseException
+            if refused:
+                raise refused[0] from None
+            raise
         if stats is not None:
             write_checkpoint_stats(final, stats)
         ckpt.close()
@@ -451,12 +465,13 @@ def _check_config(
 
 
 def _select_weights(
-    args: argparse.Namespace, load: Path, names: list[str], family: Family, arch: str | None,
+    args: argparse.Namespace, load: Path, ckpt: HFCheckpoint, family: Family, arch: str | None,
     cfg: MegarmConfig,
 ) -> tuple[str, bool, list[Entry]]:
     """The architecture (from the weights when config.json names none), whether the
     input has a score head, and the table entries to convert; every tensor of the
     input is converted, dropped by the table on purpose, or an error."""
+    names = ckpt.names()
     num_layers = cfg.model.num_layers
     experts = Shape.of(cfg.model).routed_experts
     if arch is None:
@@ -493,6 +508,8 @@ def _select_weights(
             f"({len(extra)} in all); is this really a {arch}?"
         )
     dropped = [n for n in names if family.is_dropped(n)]
+    if args.keep_lm_head and cfg.model.tie_word_embeddings:
+        _check_tied_head(ckpt, family)
     if args.keep_lm_head:
         log.info("keeping the LM head as the output layer (%s)", _output_layer(family, cfg))
     elif dropped:
@@ -503,6 +520,24 @@ def _select_weights(
             cfg.model.tie_word_embeddings,
         )
     return arch, with_score, selected
+
+
+def _check_tied_head(ckpt: HFCheckpoint, family: Family) -> None:
+    """With tied embeddings the kept LM head is the embedding: an ``lm_head.weight`` of
+    the input's own that differs from it would be dropped, and the model changed,
+    without a word (issue #25); refuse it by name."""
+    head = family.head_rule("lm").hf[0]
+    embedding = "model.embed_tokens.weight"
+    if head not in ckpt.names():
+        return
+    if torch.equal(ckpt.read(head), ckpt.read(embedding)):
+        return  # some tools save the tied copy too: nothing is lost
+    raise ConversionError(
+        f"config.json sets tie_word_embeddings: true, but {ckpt.where(head)} holds its own "
+        f"{head}, different from {embedding}; --keep-lm-head would keep the embedding as the "
+        f"LM head and drop {head}. Set tie_word_embeddings: false in config.json to keep "
+        f"{head}, or remove {head} from the weights to keep the tied embedding"
+    )
 
 
 def _output_layer(family: Family, cfg: MegarmConfig) -> str:
@@ -524,7 +559,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     _report_dtype(load, stored_dtype(load, hf), args.params_dtype)
     family, arch, cfg, tokenizer_dir = _check_config(args, load, hf)
     ckpt = HFCheckpoint(load)
-    arch, with_score, selected = _select_weights(args, load, ckpt.names(), family, arch, cfg)
+    ckpt.check_files()
+    arch, with_score, selected = _select_weights(args, load, ckpt, family, arch, cfg)
 
     with cli.staged_output(save) as tmp:
         if args.format == "torch_dist":

@@ -67,6 +67,15 @@ class HFCheckpoint:
             return [self.single]  # type: ignore[list-item]
         return sorted(set(self.weight_map.values()))
 
+    def check_files(self) -> None:
+        """Refuse, before any work, an index that names a weight file that is not there."""
+        missing = [f for f in self.files if not (self.directory / f).is_file()]
+        if missing:
+            raise ConversionError(
+                f"{self.directory}'s weight index names {len(missing)} file(s) that do not "
+                f"exist, e.g. {missing[0]}; download the missing shard(s)"
+            )
+
     def file_of(self, name: str) -> str:
         """The file holding tensor ``name``."""
         if self.weight_map is None:

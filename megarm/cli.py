@@ -28,8 +28,28 @@ EXIT_BAD_INPUT = 2
 
 def fail(exc: BaseException | str) -> int:
     """Report a bad input or set-up: one ``error:`` line on stderr; the exit status."""
-    print(f"error: {exc}", file=sys.stderr)
+    # A message of several lines (torch's weights-only refusal, a config's problem
+    # list) is still one line: a log reader or a script takes the first line only.
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"error: {text}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+# Refusals of a checkpoint (damaged, crafted, missing, of another model) are bad
+# inputs of every command that loads one; named by module so that commands which
+# never load a checkpoint do not import torch to catch them.
+CHECKPOINT_ERRORS = {
+    "megarm.checkpoint.integrity": "CheckpointCorruptError",
+    "megarm.checkpoint.layout": "CheckpointNotFoundError",
+    "megarm.checkpoint.load": "CheckpointMismatchError",
+}
+
+
+def expected_errors(errors: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
+    """``errors`` and the checkpoint refusals of the checkpoint modules loaded so far
+    (one that raised is loaded)."""
+    found = [getattr(sys.modules[m], name) for m, name in CHECKPOINT_ERRORS.items() if m in sys.modules]
+    return (*errors, *found)
 
 
 def is_same_file(a: Path, b: Path) -> bool:
@@ -70,8 +90,10 @@ def run_command(
     args = parser.parse_args(argv)
     try:
         body(args)
-    except errors as exc:
-        return fail(exc)
+    except BaseException as exc:
+        if isinstance(exc, expected_errors(errors)):
+            return fail(exc)
+        raise
     return 0
 
 

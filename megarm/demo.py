@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from megarm.demo_common import (
     ROOT,
     build_hf_model,
+    master_port,
     run,
     step,
     write_pairs,
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
              work / "mcore_base", "--params-dtype", "fp32"])
     with step(f"6/7 train the reward model at TP=2 with torchrun ({args.nproc} ranks)"):
         run([py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-             "--master_port", os.environ.get("MASTER_PORT", "29531"), "-m", "megarm.train",
+             "--master_port", master_port(), "-m", "megarm.train",
              "--config", "configs/orm_trainer_demo.yaml",
              f"model.hf_config={work / 'mcore_base'}", f"checkpoint.load={work / 'mcore_base'}",
              f"data.data_path={work / 'data' / 'demo'}",

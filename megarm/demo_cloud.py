@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -44,6 +43,7 @@ from megarm.demo_common import (
     ROOT,
     VERBS,
     build_hf_model,
+    master_port,
     run,
     step,
 )
@@ -110,7 +110,7 @@ def train(py: str, nproc: int, config: str, work: Path, load: Path, data: str, s
           logs: str, extra: list[str]) -> None:
     """``megarm.train`` under torchrun from ``load`` (weights only) into ``save``."""
     run([py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-         "--master_port", os.environ.get("MASTER_PORT", "29532"), "-m", "megarm.train",
+         "--master_port", master_port(), "-m", "megarm.train",
          "--config", config, f"model.hf_config={work / 'mcore_base'}",
          f"checkpoint.load={load}", f"data.data_path={work / 'data' / data}",
          f"data.tokenizer_name_or_path={work / 'tokenizer'}",

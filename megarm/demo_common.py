@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -82,3 +83,13 @@ def build_hf_model(out: Path, tokenizer_dir: Path, seed: int) -> None:
     )
     Qwen2ForCausalLM(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+
+
+def master_port() -> str:
+    """``MASTER_PORT`` when set, else a port free now: a fixed default made two demos
+    on one machine collide with a torch traceback (issue #25)."""
+    if os.environ.get("MASTER_PORT"):
+        return os.environ["MASTER_PORT"]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         handler = get_handler(args.handler_name, map_keys)
     except (InputError, ValueError) as exc:
         raise GenerateError(str(exc)) from exc
-    if any(output.resolve() == path.resolve() for path in inputs):
+    if any(cli.is_same_file(output, path) for path in inputs):  # symlinks, hard links
         raise GenerateError(f"--output {output} is an input file; write the critiques elsewhere")
     sampling = Sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.seed)
     settings = {

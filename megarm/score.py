@@ -180,11 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_output(output: str, inputs: list[Path]) -> tuple[Path, IO[str]]:
     """The output path and an open temporary file beside it: refuses an output that
-    is one of the inputs (symlinks resolved) and fails now, not after scoring, when
+    is one of the inputs (symlinks and hard links resolved) and fails now, not after scoring, when
     the location cannot be written."""
     path = Path(output)
-    target = path.resolve()
-    if any(target == source.resolve() for source in inputs):
+    if any(cli.is_same_file(path, source) for source in inputs):  # symlinks, hard links
         raise ScoreError(f"--output {output} is an input file; write the rewards elsewhere")
     if path.is_dir():
         raise ScoreError(f"--output {output} is a directory; name a file")

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         # Every rank finds the same problems: one copy is enough.
         if os.environ.get("RANK", "0") == "0":
-            print(exc, file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from megarm import distributed

@@ -69,3 +69,34 @@ def test_world_size_zero_is_one_error_line():
 def test_negative_eval_iters_is_refused():
     with pytest.raises(ConfigError, match="training.eval_iters: must be >= 0"):
         resolve(None, ["training.eval_iters=-1"])
+
+
+def test_every_bad_value_is_reported_in_one_run():
+    # Issue #25: of nine bad values one run named three; a zero count hid the rest
+    # (lr, beta1, clip_grad, keep_last came only on a later run).
+    bad = {
+        "training.micro_batch_size": "0",
+        "data.seq_length": "0",
+        "optimizer.lr": "-1",
+        "optimizer.adam_beta1": "1.5",
+        "optimizer.adam_eps": "0",
+        "optimizer.clip_grad": "-1",
+        "model.hidden_dropout": "2",
+        "training.eval_iters": "-1",
+        "checkpoint.keep_last": "0",
+    }
+    with pytest.raises(ConfigError) as caught:
+        resolve(None, [f"{k}={v}" for k, v in bad.items()], world_size=1)
+    assert sorted(issue.key for issue in caught.value.issues) == sorted(bad)
+
+
+def test_a_bad_config_is_one_error_line_then_its_problems(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "megarm.config", "training.eval_iters=-1", "optimizer.lr=-1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert done.returncode == 2
+    first, *rest = done.stderr.strip().splitlines()
+    assert first.startswith("error: invalid megarm config (2 problem(s))")
+    assert "Traceback" not in done.stderr
+    assert any("training.eval_iters: must be >= 0" in line for line in rest)

@@ -99,3 +99,85 @@ def test_hf2mcore_refuses_a_tokenizer_larger_than_the_model(rm_tokenizer, tmp_pa
     assert hf2mcore.main(argv) == 2
     err = capsys.readouterr().err
     assert "has 151665 tokens but the model's vocab_size is 1024" in err
+
+
+# --------------------------------------------------------------------------- bad inputs
+# (issue #25: a shape mismatch or a missing shard was the right message inside a
+# 69-line traceback, exit 1; a tied config's own lm_head.weight was dropped unnamed)
+
+
+@pytest.fixture(scope="module")
+def sharded_causal(tmp_path_factory) -> Path:
+    return make_hf(tmp_path_factory.mktemp("bad") / "hf", "causal", seed=4, max_shard_size="20KB")
+
+
+def _variant(source: Path, out: Path, **config) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(source, out)
+    data = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**data, **config}))
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+@pytest.mark.parametrize("change", ["head_dim", "num_attention_heads", "num_key_value_heads"])
+def test_hf2mcore_shape_mismatch_is_one_error_line(sharded_causal, tmp_path, capsys, change):
+    import json
+
+    from ckpt_convert import hf2mcore
+
+    hf = json.loads((sharded_causal / "config.json").read_text())
+    heads = hf["num_attention_heads"]
+    value = {"head_dim": 2 * hf["hidden_size"] // heads, "num_attention_heads": 2 * heads,
+             "num_key_value_heads": heads}[change]  # fmt: skip
+    load = _variant(sharded_causal, tmp_path / "in", **{change: value})
+    save = tmp_path / "out"
+    assert hf2mcore.main(["--load-dir", str(load), "--save-dir", str(save)]) == 2
+    line = _one_error_line(capsys)
+    assert "self_attn" in line and "the weights and config.json disagree" in line
+    assert not save.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_hf2mcore_index_naming_a_missing_shard_is_one_error_line(sharded_causal, tmp_path, capsys):
+    import json
+
+    from ckpt_convert import hf2mcore
+
+    load = _variant(sharded_causal, tmp_path / "in")
+    index = json.loads((load / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[-1]
+    (load / gone).unlink()
+    assert hf2mcore.main(["--load-dir", str(load), "--save-dir", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert gone in line and "do not exist" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf2mcore_keep_lm_head_names_a_tied_configs_own_lm_head(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_convert import hf2mcore
+
+    load = make_hf(tmp_path / "in", "causal", tied=True, seed=5)
+    tensors = load_file(str(load / "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # transformers saves the tied head once
+    same = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}
+    save_file(same, str(load / "model.safetensors"), metadata={"format": "pt"})
+    # The tied copy saved as well loses nothing: accepted.
+    argv = ["--load-dir", str(load), "--keep-lm-head"]
+    assert hf2mcore.main([*argv, "--save-dir", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    own = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1}
+    save_file(own, str(load / "model.safetensors"), metadata={"format": "pt"})
+    assert hf2mcore.main([*argv, "--save-dir", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert "lm_head.weight" in line and "tie_word_embeddings" in line
+    assert not (tmp_path / "out").exists()

@@ -259,3 +259,94 @@ def test_a_bad_num_correct_is_a_skipped_record_not_a_traceback(encoder, tmp_path
     assert result["scored"] == 1 and result["metrics"]["subsets"]["Focus"] == 1.0
     (skip,) = result["skipped"]
     assert skip["index"] == 1 and "num_correct" in skip["reason"]
+
+
+def _counting(rewards, seen):
+    """``rewards`` that records every row it is asked to score."""
+
+    def wrapped(rows):
+        seen.extend(tuple(r) for r in rows)
+        return rewards(rows)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("bad", ["one", 0])
+def test_a_bad_num_correct_in_ties_skips_that_record_before_scoring(encoder, tmp_path, bad):
+    """Issue #25: ``num_correct: "one"`` or ``0`` in Ties aborted the whole file (``0``
+    only after scoring) with a message that named no record."""
+    records = [
+        {"id": "ref:1", "prompt": "q", "subset": "Ties", "chosen": ["5"], "rejected": ["1", "2"],
+         "num_correct": 1},
+        {"id": "tied:1", "prompt": "q", "subset": "Ties", "chosen": ["4", "3"],
+         "rejected": ["1", "2"], "num_correct": bad},
+        {"id": "ref:2", "prompt": "q", "subset": "Ties", "chosen": ["2"], "rejected": ["1", "0"]},
+        {"id": "tied:2", "prompt": "q", "subset": "Ties", "chosen": ["6", "5.5"],
+         "rejected": ["1", "0"], "num_correct": 2},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "rb2.jsonl", records)
+    seen: list = []
+    result = evaluate(str(data), "rewardbench2", encoder, _counting(numeric_rewards(encoder), seen))
+    (skip,) = result["skipped"]
+    assert (skip["index"], skip["id"]) == (1, "tied:1") and "num_correct" in skip["reason"]
+    assert result["scored"] == 3 and len(seen) == 3 + 3 + 4  # the bad record was never scored
+    # Prompt 2 alone is in both halves: margin min(1, 4.5) = 1 > spread 0.5.
+    ties = 0.3 + 0.3 + 0.2 + 0.2 + 0.01 * math.tanh(1.0)
+    assert result["metrics"]["subsets"]["Ties"] == pytest.approx(ties, abs=1e-12)
+
+
+def test_duplicate_ties_ids_are_skipped_naming_the_first(encoder, tmp_path):
+    """Issue #25: two Ties records with one id overwrote each other silently."""
+    records = [
+        {"id": "ref:1", "prompt": "q", "subset": "Ties", "chosen": ["5"], "rejected": ["1", "2"]},
+        {"id": "ref:1", "prompt": "q", "subset": "Ties", "chosen": ["0"], "rejected": ["1", "2"]},
+        {"id": "tied:1", "prompt": "q", "subset": "Ties", "chosen": ["4", "3"],
+         "rejected": ["1", "2"], "num_correct": 2},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "rb2.jsonl", records)
+    result = evaluate(str(data), "rewardbench2", encoder, numeric_rewards(encoder))
+    (skip,) = result["skipped"]
+    assert (skip["index"], skip["id"]) == (1, "ref:1")
+    assert skip["reason"].startswith("duplicate_id") and "record 0" in skip["reason"]
+    # The first ref:1 is scored: both accurate, tied margin 1 = spread 1 (not preferred),
+    # 0.6; the second (the last one read, which used to win) would give 0.3 - 0.01 tanh 3.
+    assert result["scored"] == 2
+    assert result["metrics"]["subsets"]["Ties"] == pytest.approx(0.6, abs=1e-12)
+
+
+def test_rmbench_unknown_or_missing_domains_are_skipped_with_their_reason(encoder, tmp_path):
+    """Issue #25: rows of an unknown domain gave all-NaN metrics and vanished."""
+    win = {"prompt": "q", "chosen": ["3", "3", "3"], "rejected": ["1", "1", "1"]}
+    records = [{**win, "domain": "chat"}, {**win, "domain": "poetry"}, dict(win),
+               {**win, "domain": "safety-refuse"}]  # fmt: skip
+    data = write_jsonl(tmp_path / "rmb.jsonl", records)
+    result = evaluate(str(data), "rmbench", encoder, numeric_rewards(encoder))
+    reasons = {s["index"]: s["reason"].split(":")[0] for s in result["skipped"]}
+    assert reasons == {1: "unknown_domain", 2: "missing_domain"}
+    assert "poetry" in result["skipped"][0]["reason"]
+    m = result["metrics"]
+    assert sorted(m["domains"]) == ["chat", "safety"] and m["average"] == 1.0
+    assert result["scored"] + len(result["skipped"]) == len(records)
+    # Only unknown domains: refused as a file with nothing to score, not NaN metrics.
+    only = write_jsonl(tmp_path / "rmb2.jsonl", [{**win, "domain": "poetry"}])
+    with pytest.raises(Exception, match="no record could be scored"):
+        evaluate(str(only), "rmbench", encoder, numeric_rewards(encoder))
+
+
+def test_no_nan_is_written_as_a_score(encoder, tmp_path):
+    """Issue #25: unknown subsets (and non-finite rewards) wrote ``"score": NaN``."""
+    data = write_jsonl(tmp_path / "rb.jsonl", [
+        {"prompt": "q", "chosen": "2", "rejected": "1", "subset": "my-own"},
+        {"prompt": "q", "chosen": "nan", "rejected": "1", "subset": "my-own"},
+        {"prompt": "q", "chosen": "inf", "rejected": "1", "subset": "my-own"},
+    ])  # fmt: skip
+    result = evaluate(str(data), "rewardbench", encoder, numeric_rewards(encoder))
+    m = result["metrics"]
+    assert m["unsectioned_subsets"] == ["my-own"] and m["subsets"] == {"my-own": 1.0}
+    assert [(s["index"], s["reason"].split(":")[0]) for s in result["skipped"]] == [
+        (1, "non_finite_reward"), (2, "non_finite_reward")]
+    assert all(math.isfinite(v) for r in result["records"] for v in r["scores"])
+    from megarm.evaluate import _finite
+
+    text = json.dumps(_finite(result), allow_nan=False)  # what megarm.evaluate writes
+    assert json.loads(text)["metrics"]["score"] is None

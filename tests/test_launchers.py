@@ -238,3 +238,40 @@ def test_sigterm_to_the_launcher_saves_and_ends_with_one_line(tmp_path):
     assert "stopped by SIGTERM" in out and "SignalException" not in out and "Traceback" not in out
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").is_file(), out[-2000:]
+
+
+def test_an_occupied_master_port_is_named_at_once():
+    """Issue #25: a taken MASTER_PORT failed at once but was reported as "gave up waiting
+    for 1 nodes ... after 600 s" with multi-node advice."""
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        done = launch("orm_trainer.sh", TINY, MASTER_PORT=str(port), GPUS_PER_NODE="2",
+                      timeout=90)
+    assert done.returncode == 2, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "error:" in x]
+    assert f"MASTER_PORT {port} is already in use" in line and "MASTER_PORT=" in line
+    assert "gave up waiting" not in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_the_demos_pick_a_free_master_port(monkeypatch):
+    """Issue #25: the demos' fixed ports 29531/29532 made two demos on one machine collide."""
+    import socket
+
+    from megarm.demo_common import master_port
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    port = int(master_port())
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))  # free: binding it succeeds
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    assert master_port() == "12345"
+    for demo in ("demo.py", "demo_cloud.py"):
+        text = (ROOT / "megarm" / demo).read_text()
+        assert "2953" not in text and "master_port()" in text

@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def check_config(args: list[str], world_size: int) -> int:
     try:
         resolve(parsed.config, parsed.overrides, world_size)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         if any(i.key in ("parallel", "training.global_batch_size") for i in exc.issues):
             say(f"this launch has {world_size} process(es); the shipped configs expect:")
             print("\n".join(shipped_layouts()), file=sys.stderr)
@@ -121,6 +122,29 @@ def importable(python: str) -> str | None:
         else:
             os.environ["TORCH_CPP_LOG_LEVEL"] = saved
     return None
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something listens on TCP ``port`` of this machine, where node 0's
+    rendezvous store must listen (a port only in TIME_WAIT is free: torch reuses it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def busy_port_message(port: int) -> str:
+    """The one line for an occupied MASTER_PORT, with a port that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        free = sock.getsockname()[1]
+    return (
+        f"error: MASTER_PORT {port} is already in use on this node (another run or program "
+        f"listens on it); choose a free port, e.g. MASTER_PORT={free}"
+    )
 
 
 def torchrun_arguments(a: argparse.Namespace, train: list[str]) -> list[str]:
@@ -153,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join([sys.executable, "-m", "torch.distributed.run", *command]))
         return 0
     where = f"{a.master_addr}:{a.master_port}"
+    # Node 0 hosts the rendezvous: a port taken there failed at once but was reported
+    # as nodes that never met, after the whole --rdzv-timeout, with multi-node advice.
+    if a.node_rank == 0 and port_in_use(a.master_port):
+        say(busy_port_message(a.master_port))
+        return 2
     if a.nnodes > 1:
         say(
             f"node {a.node_rank}: waiting for {a.nnodes} nodes at {where} "
@@ -180,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if first.exitcode == 2 else 1
     except DistError as exc:  # the nodes never met at MASTER_ADDR:MASTER_PORT
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        if a.node_rank == 0 and "address already in use" in str(exc).lower():
+            say(busy_port_message(a.master_port))  # taken between the check and the start
+            return 2
         say(
             f"node {a.node_rank}: gave up waiting for {a.nnodes} nodes at {where} after "
             f"{a.rdzv_timeout} s ({detail}). Start the launcher on every node with the same "

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(args.config, args.overrides, args.world_size)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(to_yaml(cfg), end="")
     print(f"# {summary(cfg, args.world_size)}")

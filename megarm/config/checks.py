@@ -142,14 +142,19 @@ def validate(cfg: MegarmConfig, world_size: int | None = None) -> list[ConfigIss
     need it are skipped when it is ``None``.
     """
     issues = _size_issues(cfg)
-    if issues:
-        return issues
-    issues.extend(layout_issues(cfg.model, cfg.parallel))
-    issues.extend(family_issues(cfg.model))
-    issues.extend(_parallel_issues(cfg))
-    issues.extend(_world_issues(cfg, world_size))
-    for section_issues in (_number_issues, _model_issues, _objective_issues, _start_problems):
+    # Rules that divide by a count (layout, world size, the parameter estimate) wait
+    # for the counts to be positive; every other rule runs anyway, so one run lists
+    # every bad value (a zero batch size once hid lr, beta1, clip_grad and keep_last).
+    sized = not issues
+    if sized:
+        issues.extend(layout_issues(cfg.model, cfg.parallel))
+        issues.extend(family_issues(cfg.model))
+        issues.extend(_parallel_issues(cfg))
+        issues.extend(_world_issues(cfg, world_size))
+    for section_issues in (_number_issues, _model_issues, _objective_issues):
         issues.extend(section_issues(cfg))
+    if sized:
+        issues.extend(_start_problems(cfg))
     issues.extend(_wandb_problems(cfg.logging))
     issues.extend(_data_and_checkpoint_issues(cfg))
     return issues

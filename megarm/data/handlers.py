@@ -29,6 +29,7 @@ REJECT_REASONS = (
     "identical",
     "tie",
     "too_long",
+    "too_large",
     "too_few_responses",
     "score_count",
     "label_range",

@@ -32,6 +32,7 @@ Every record is scored or listed under ``skipped`` with the reason
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -144,7 +145,16 @@ def make_task(fmt: str, index: int, record: dict[str, Any]) -> Task:
         }
     elif fmt == "rmbench":
         responses = _texts(record, "chosen", 3) + _texts(record, "rejected", 3)
-        meta = {"domain": record.get("domain")}
+        domain = record.get("domain")
+        # RM-Bench's domains are prefixes ("safety-refuse" is safety); a record of any
+        # other domain would be in no average (all-NaN metrics, the record gone).
+        if domain is not None and not str(domain).startswith(RMBENCH_DOMAINS):
+            raise RecordError(
+                "unknown_domain",
+                f"domain {domain!r} is none of RM-Bench's {', '.join(RMBENCH_DOMAINS)} "
+                "(a prefix, e.g. safety-refuse); fix the domain or leave it out",
+            )
+        meta = {"domain": domain}
     else:
         raise ValueError(fmt)
     return Task(index, record["prompt"], responses, meta)
@@ -182,7 +192,7 @@ def load_tasks(
     tasks: list[Task] = []
     if critic is not None:
         tasks, skipped = _critique_tasks(fmt, records, skipped, encoder, handler_name, critic)
-        return fmt, *_with_ids(records, tasks, skipped)
+        return fmt, *_with_ids(records, _consistent(fmt, tasks, skipped), skipped)
     if fmt == "pairs":
         handler = get_handler(handler_name)
         todo = [RawRecord(0, i, r) for i, r in enumerate(records) if r is not None]
@@ -205,8 +215,39 @@ def load_tasks(
                 tasks.append(task)
             except RecordError as exc:
                 skipped.append({"index": i, "reason": f"{exc.reason}: {exc.detail}"})
+    return fmt, *_with_ids(records, _consistent(fmt, tasks, skipped), skipped)
+
+
+def _consistent(fmt: str, tasks: list[Task], skipped: list[dict[str, Any]]) -> list[Task]:
+    """The tasks that can be measured together; the others go to ``skipped`` with
+    their reason: a RewardBench 2 Ties id seen before (the later one would replace
+    the first in the Ties score), an RM-Bench record without a domain in a file whose
+    records have domains (it would be in no domain's average)."""
+    kept: list[Task] = []
+    if fmt == "rewardbench2":
+        first: dict[str, int] = {}
+        for task in tasks:
+            if task.meta["subset"].lower() == "ties":
+                rid = task.meta["id"]
+                if rid in first:
+                    skipped.append({"index": task.index, "reason": (
+                        f"duplicate_id: Ties id {rid!r} is also record {first[rid]}'s; "
+                        "the first is scored, give each record its own id")})
+                    continue
+                first[rid] = task.index
+            kept.append(task)
+    elif fmt == "rmbench" and any(t.meta.get("domain") is not None for t in tasks):
+        for task in tasks:
+            if task.meta.get("domain") is None:
+                skipped.append({"index": task.index, "reason": (
+                    "missing_domain: other records of the file have a domain; this one "
+                    "would be in no domain's average")})
+            else:
+                kept.append(task)
+    else:
+        kept = tasks
     skipped.sort(key=lambda s: s["index"])
-    return fmt, *_with_ids(records, tasks, skipped)
+    return kept
 
 
 def _with_ids(
@@ -298,8 +339,12 @@ def rewardbench_metrics(tasks: list[Task], scores: list[list[float]]) -> dict[st
         if present:
             total = sum(REWARDBENCH_COUNTS[n] for n in present)
             sections[section] = sum(subsets[n] * REWARDBENCH_COUNTS[n] for n in present) / total
+    # Subsets outside RewardBench's sections are scored but in no section (a file of
+    # only those has no score: null in results.json); they are listed by name.
+    unknown = sorted(n for n in subsets if n not in REWARDBENCH_COUNTS)
     return {
         "score": _mean(list(sections.values())),
+        **({"unsectioned_subsets": unknown} if unknown else {}),
         "sections": sections,
         "subsets": subsets,
         "pairs": base["pairs"],
@@ -482,6 +527,20 @@ def evaluate(
     if not tasks:
         raise EvaluateError(f"--data {path}: no record could be scored; first: {skipped[:1]}")
     scores = score_tasks(tasks, rewards)
+    # A non-finite reward would count as a loss in every comparison and be written
+    # as NaN: the record is skipped, named, instead.
+    finite = [all(math.isfinite(v) for v in s) for s in scores]
+    for task, ok in zip(tasks, finite, strict=True):
+        if not ok:
+            skipped.append({"index": task.index,
+                            **({"id": task.meta["record_id"]} if "record_id" in task.meta else {}),
+                            "reason": "non_finite_reward: the model gave a NaN or infinite reward"})
+    if not all(finite):
+        skipped.sort(key=lambda s: s["index"])
+        tasks = [t for t, ok in zip(tasks, finite, strict=True) if ok]
+        scores = [s for s, ok in zip(scores, finite, strict=True) if ok]
+        if not tasks:
+            raise EvaluateError(f"--data {path}: every record got a NaN or infinite reward")
     return {
         "format": fmt,
         "data": str(path),

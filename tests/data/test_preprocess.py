@@ -231,6 +231,7 @@ def test_every_reject_reason_is_counted_and_listed(preprocess, read_indexed):
         "identical": 1,
         "tie": 1,
         "too_long": 1,
+        "too_large": 0,
         # The ranked and regression records' reasons, counted at 0 for pairs.
         "too_few_responses": 0,
         "score_count": 0,
@@ -429,3 +430,31 @@ def test_fit_prompt_rules_shared_with_scoring():
     assert exc.value.reason == "too_long"
     with pytest.raises(RecordError):  # even the header does not fit
         fit_prompt(prompt, 9, 10, 2)
+
+
+def test_a_record_over_the_byte_limit_is_rejected_before_tokenising(preprocess, monkeypatch):
+    """Issue #25: a 100 MB line was tokenised whole (2 min 24 s, 10.3 GiB) before the cut."""
+    from megarm.data import encoding
+
+    good = {"prompt": "P", "response_1": "a", "response_2": "b", "preference_strength": 1}
+    big = {**good, "prompt": "word " * 2000}  # 10 kB, over the 4 kB limit below
+    seen: list[int] = []
+    real = encoding._encode
+    monkeypatch.setattr(encoding, "_encode", lambda tok, texts: seen.append(
+        max(map(len, texts))) or real(tok, texts))
+    run = preprocess([good, big, good], "helpsteer2_preference", "--seq-length", "4096",
+                     "--max-record-bytes", "4096", "--truncation", "left")
+    assert run.rc == 0
+    stats = run.stats()
+    assert stats["rejects"]["too_large"] == 1 and stats["counts"]["kept"] == 2
+    (reject,) = run.rejects()
+    assert (reject["line"], reject["reason"]) == (2, "too_large")
+    assert "--max-record-bytes 4,096" in reject["detail"]
+    assert max(seen) < 1000  # the 10 kB prompt never reached the tokenizer
+    # Without the option a 4096-token run allows 1 MiB (4 MiB at least): it is kept.
+    from megarm.data.preprocess import default_max_record_bytes
+
+    assert default_max_record_bytes(4096) == 4 << 20 and default_max_record_bytes(65536) == 16 << 20
+    again = preprocess([good, big, good], "helpsteer2_preference", "--seq-length", "4096",
+                       name="default")
+    assert again.rc == 0 and again.stats()["counts"]["kept"] == 3
