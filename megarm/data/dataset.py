@@ -417,6 +417,15 @@ def sample_ranks(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     valid slots is the order of :func:`sample_rows`."""
     import torch
 
+    if "step_targets" in samples[0]:  # step-labelled records: one entry per step
+        return {
+            "step_offsets": torch.as_tensor(np.concatenate(
+                [np.asarray(s["step_positions"], np.int64) for s in samples])),
+            "step_targets": torch.as_tensor(np.concatenate(
+                [np.asarray(s["step_targets"], np.float32) for s in samples])),
+            "step_sequence": torch.as_tensor(np.concatenate(
+                [np.full(len(s["step_positions"]), i, np.int64) for i, s in enumerate(samples)])),
+        }
     if "targets" in samples[0]:
         targets = torch.as_tensor(np.stack([np.asarray(s["targets"], np.float32) for s in samples]))
         mask = torch.isfinite(targets)
