@@ -81,3 +81,10 @@ def test_prm_export_is_token_classification_with_megarms_step_values(
     for got, want in zip(hf, ours, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
     assert len({round(v, 6) for vs in ours for v in vs}) > 1  # not one constant
+    # Per-step scoring is not built: megarm.score refuses the export and the checkpoint.
+    from megarm.errors import ScoringError
+    from megarm.rewards.backends import ScorerSpec, open_scorer
+
+    for load in (export, save):
+        with pytest.raises(ScoringError, match="process reward model"):
+            open_scorer(ScorerSpec(str(load)))
