@@ -128,3 +128,15 @@ def test_data_checks_name_a_step_file_from_another_run(preprocess):
                     packed_path(one.prefix, "step_targets") + ext)
     with pytest.raises(DataFileError, match="step"):
         check_files(one.prefix)
+
+
+def test_prm_objective_and_step_data_go_together(preprocess):
+    from megarm.preflight import validate
+    from tests.helpers import tiny_config
+
+    run = preprocess([STEPS, {**STEPS, "labels": ["+", "-", "-"]}], "prm_steps")
+    base = ["model.vocab_size=151936", "data.seq_length=64", f"data.data_path={run.prefix}"]
+    assert not validate(tiny_config(*base, "training.objective=prm"))
+    issues = validate(tiny_config(*base))  # objective rm on step-labelled solutions
+    assert [i.key for i in issues] == ["training.objective"]
+    assert "step-labelled" in issues[0].message and "training.objective=prm" in issues[0].message
