@@ -302,6 +302,9 @@ def encode_records(
     ``("ok", prompt, chosen, rejected, margin, truncated, supervised)`` or
     ``("reject", reason, detail)``, exactly as a preprocessing run computes it
     (``prompt + chosen`` and ``prompt + rejected`` are the two token rows)."""
+    if handler.kind == "prm":
+        raise ValueError(f"handler {handler.name}: per-step scoring of step-labelled records is "
+                         "not built yet (issue #29)")
     header_len = len(tokenizer.encode(template.header, add_special_tokens=False))
     job = _Job(handler, template, tokenizer, seq_length, truncation, header_len, critique_prompt)
     return _results(job, _chunks(iter(records), 128), 1)

@@ -504,7 +504,7 @@ def _stats(
             # Where the reward is read; training records it in its checkpoints.
             "reward_convention": reward_convention(
                 template, tokenizer, args.critique_prompt if critiques else None,
-                job.step_marker_id and handler.step_marker,  # type: ignore[attr-defined]
+                handler.step_marker if handler.kind == "prm" else None,  # type: ignore[attr-defined]
             ),
         },
         "inputs": [str(path) for path in files],
