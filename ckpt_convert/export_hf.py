@@ -211,10 +211,14 @@ def hf_config(
     pad_id: int | None,
     dtype: torch.dtype,
     causal_lm: bool = False,
+    token_classification: bool = False,
 ) -> Any:
     """transformers' config of the exported reward model: the family's keys written
     from ``model`` by its table, the keys it carries over from the source config
-    ``base``, one label (or, ``causal_lm``, the family's ``*ForCausalLM``)."""
+    ``base``, one label (or, ``causal_lm``, the family's ``*ForCausalLM``; or,
+    ``token_classification``, a process reward model's ``*ForTokenClassification``
+    with one label, ``step_correct``, whose sigmoid is the step's probability of
+    being correct)."""
     family = families.family(model.family)
     kwargs: dict[str, Any] = {key: base[key] for key in family.carried if key in base}
     kwargs.update(family.write(model))
@@ -222,6 +226,10 @@ def hf_config(
     kwargs.update(pad_token_id=pad_id)
     if causal_lm:
         kwargs.update(architectures=[family.causal_lm])
+    elif token_classification:
+        kwargs.update(architectures=[family.token_classification], num_labels=1,
+                      id2label={0: "step_correct"}, label2id={"step_correct": 0},
+                      classifier_dropout=0.0)
     else:
         # A regression head (training.objective regression) names its attributes.
         names = ([n.strip() for n in model.label_names.split(",")] if model.label_names
@@ -290,18 +298,23 @@ def write_weights(
     max_shard_size: str,
     source: Path | None = None,
     heads: tuple[str, ...] = HEADS,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """HF safetensors shards (and the index when there are several). Shards are
     planned from shapes alone; then, shard by shard, ``load(names)`` reads just the
     megarm tensors (state-dict names) that shard needs, so memory holds one shard.
     ``heads``: the output heads to write (``value``; ``lm`` for a critique model's
-    untied output layer)."""
+    untied output layer). ``extra``: HF tensors written as given (a process reward
+    model's zero ``score.bias``)."""
+    extra = extra or {}
     family, shape = families.family(model.family), Shape.of(model)
     selected = family.entries(shape.num_layers, heads, experts=shape.routed_experts)
     planned = {
         name: torch.empty(size, dtype=dtype, device="meta")
         for name, size in family.hf_shapes(shape, heads).items()
     }
+    planned.update({name: torch.empty(t.shape, dtype=dtype, device="meta")
+                    for name, t in extra.items()})
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     for number, (filename, names) in enumerate(split.filename_to_tensors.items(), 1):
         wanted = set(names)
@@ -313,6 +326,7 @@ def write_weights(
             for name, tensor in mcore_to_hf(state.__getitem__, shape, needed)
             if name in wanted
         }
+        tensors.update({name: t.to(dtype) for name, t in extra.items() if name in wanted})
         del state
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         del tensors
@@ -324,6 +338,12 @@ def write_weights(
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def trained_objective(checkpoint: Path) -> str:
+    """The ``training.objective`` the checkpoint was saved with (``rm`` when unrecorded)."""
+    common = read_common(checkpoint) if (checkpoint / "common.pt").is_file() else {}
+    return ((common.get("megarm_config") or {}).get("training") or {}).get("objective", "rm")
 
 
 def exports(checkpoint: Path, model: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -393,6 +413,16 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
     plan = exports(checkpoint, cfg.model)
     has_lm, has_value = plan[0][2], any(not lm for _, _, lm in plan)
+    prm = trained_objective(checkpoint) == "prm"
+    # transformers' *ForTokenClassification has a score bias (4.x always): a zero one
+    # keeps the logits megarm's and the load free of missing keys in every version.
+    extra = {"score.bias": torch.zeros(1)} if prm else None
+    if prm and not (fields.get(CONVENTION_KEY) or {}).get("step_marker"):
+        raise ExportError(
+            f"{checkpoint} is a process reward model without a recorded step marker (it was "
+            "trained on synthetic data); train it on data from tools/preprocess_data.py "
+            "--handler-name prm_steps or math_shepherd so the export can name its marker"
+        )
     # The meta model (checkpoint keys) with exactly the heads the checkpoint holds.
     cfg.training.objective = ("joint" if has_lm and has_value else "sft" if has_lm
                               else "regression" if cfg.model.num_labels > 1 else "rm")
@@ -415,15 +445,20 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                     args.max_shard_size,
                     checkpoint,
                     heads,
+                    extra if not heads or "value" in heads else None,
                 )
         finally:
             distributed.teardown()
         for subdir, _, causal_lm in plan:
-            config = hf_config(cfg.model, base, pad_id, out_dtype, causal_lm)
+            config = hf_config(cfg.model, base, pad_id, out_dtype, causal_lm, prm)
             for key, value in fields.items():
                 # The causal LM carries where its critique model reads the reward too.
                 if not causal_lm or key == CONVENTION_KEY:
                     setattr(config, key, value)
+            if prm:  # where the per-step rewards are read, at the top for other tools
+                convention = fields[CONVENTION_KEY]
+                config.step_marker = convention["step_marker"]
+                config.step_marker_id = int(convention["step_marker_id"])
             config.save_pretrained(str(tmp / subdir))
             write_legacy_keys(tmp / subdir, cfg.model, base, out_dtype)
             copied = cli.copy_tokenizer(tokenizer_dir, tmp / subdir) if tokenizer_dir else []
@@ -432,7 +467,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     weights = written[plan[0][0]]
     family = families.family(cfg.model.family)
     names = ", ".join(
-        (family.causal_lm if lm else family.sequence_classification)
+        (family.causal_lm if lm else family.token_classification if prm
+         else family.sequence_classification)
         + ("" if sub == "." else f" in {sub}/")
         for sub, _, lm in plan
     )

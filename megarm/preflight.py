@@ -110,12 +110,15 @@ def _objective_data_problems(d: DataConfig, t: TrainingConfig, m: ModelConfig) -
         kinds = {prefix: data_kind(prefix) for _, prefix in parse_data_path(d.data_path)}  # type: ignore[arg-type]
     except ValueError:
         return []  # named by _validate_data_path
-    wanted = {"sft": "sft", "listwise": "ranked", "regression": "regression"}.get(t.objective, "pairs")
+    wanted = {"sft": "sft", "listwise": "ranked", "regression": "regression", "prm": "prm"}.get(
+        t.objective, "pairs")
     what = {"sft": "SFT records", "ranked": "ranked records", "pairs": "preference pairs",
-            "regression": "regression records"}
+            "regression": "regression records", "prm": "step-labelled solutions"}
     objective_for = {"sft": "sft", "ranked": "listwise", "pairs": "rm or joint",
-                     "regression": "regression"}
+                     "regression": "regression", "prm": "prm"}
     fixes = {
+        "prm": "preprocess step-labelled solutions with --handler-name prm_steps (or "
+        "math_shepherd)",
         "regression": "preprocess responses with attribute labels with --handler-name "
         "regression (or helpsteer2)",
         "sft": "preprocess SFT records with --handler-name sft",

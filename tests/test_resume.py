@@ -194,6 +194,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 @pytest.mark.parametrize("objective", [
     pytest.param(("training.objective=listwise",), id="listwise"),
     pytest.param(("training.objective=regression", "model.num_labels=3"), id="regression"),
+    pytest.param(("training.objective=prm",), id="prm"),
 ])
 def test_new_objectives_stop_and_resume_bit_for_bit(tmp_path, objective):
     _, straight = _losses(1, *objective)

@@ -250,7 +250,7 @@ def _context_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             "is not verified with context parallelism yet; set it to [] or "
             "parallel.context_parallel_size to 1",
         ))
-    if cfg.training.objective in ("listwise", "regression"):
+    if cfg.training.objective in ("listwise", "regression", "prm"):
         issues.append(ConfigIssue(
             "parallel.context_parallel_size",
             f"context parallelism with training.objective={cfg.training.objective} is not "
@@ -394,6 +394,8 @@ def _objective_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
             f"{cfg.data.synthetic_num_responses}",
         ))
     issues += _label_issues(cfg)
+    if t.objective == "prm":
+        issues += _prm_issues(cfg)
     if t.objective != "joint":
         return issues
     issues += [
@@ -424,6 +426,31 @@ def label_weights(cfg: MegarmConfig) -> list[float]:
     if not weights:
         return [1.0] * cfg.model.num_labels
     return [float(w) for w in weights.split(",")]
+
+
+def _prm_issues(cfg: MegarmConfig) -> list[ConfigIssue]:
+    """``objective: prm``: the combinations not verified against one process yet are
+    refused (context parallelism is refused with the other CP checks)."""
+    m, t = cfg.model, cfg.training
+    issues = []
+    if m.num_moe_experts:
+        issues.append(ConfigIssue(
+            "model.num_moe_experts",
+            "training.objective=prm is not verified with a mixture-of-experts trunk yet; "
+            "use a dense trunk (unset model.num_moe_experts)",
+        ))
+    if t.eval_benchmark:
+        issues.append(ConfigIssue(
+            "training.eval_benchmark",
+            "scores pairs with one reward each; training.objective=prm has no step-level "
+            "benchmark evaluation yet: remove it",
+        ))
+    if t.center_rewards_coefficient:
+        issues.append(ConfigIssue(
+            "training.center_rewards_coefficient",
+            "centres pairwise rewards; training.objective=prm has per-step labels: set it to 0",
+        ))
+    return issues
 
 
 def _label_issues(cfg: MegarmConfig) -> list[ConfigIssue]:

@@ -322,7 +322,7 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     """Stop (after saving) after this many minutes of wall time."""
 
-    objective: Literal["rm", "sft", "joint", "listwise", "regression"] = "rm"
+    objective: Literal["rm", "sft", "joint", "listwise", "regression", "prm"] = "rm"
     """What the model learns. ``rm``: a reward model, the Bradley-Terry loss on
     preference pairs (the value head only; no vocabulary-sized output layer is
     built). ``sft``: supervised fine-tuning, the next-token cross-entropy on the
@@ -338,7 +338,16 @@ class TrainingConfig:
     ``regression``: a ``model.num_labels``-output value head regressed on per-response
     attribute labels (``--handler-name regression`` or ``helpsteer2``), the masked
     mean squared error over the global batch's labelled entries (missing labels
-    add nothing), weighted per attribute by ``label_weights``."""
+    add nothing), weighted per attribute by ``label_weights``. ``prm``: a process
+    reward model on step-labelled solutions (``--handler-name prm_steps`` or
+    ``math_shepherd``), the value head read at every step-end marker, ``prm_loss``
+    per step averaged over every step of the global batch."""
+
+    prm_loss: Literal["bce", "mse"] = "bce"
+    """``objective: prm``: the per-step loss. ``bce``: binary cross-entropy of
+    ``sigmoid(value)`` against the step's label (hard labels, or soft ones in [0, 1]);
+    ``mse``: ``(sigmoid(value) - label)^2`` (soft labels such as Math-Shepherd's
+    completion rates)."""
 
     lm_loss_weight: float = 0.3
     """Weight of the LM (cross-entropy) loss in ``objective: joint``."""

@@ -26,6 +26,9 @@ RANKED_KEYS = ("ranked_input_ids", "ranked_labels", "scores")
 # Regression records (--handler-name regression / helpsteer2): one sequence each, and
 # one document of num_labels float32 targets (NaN: missing).
 REGRESSION_KEYS = ("input_ids", "labels", "targets")
+# Step-labelled records (--handler-name prm_steps / math_shepherd): one sequence
+# each, the step-end marker positions in it (int32) and one float32 label per position.
+PRM_KEYS = ("input_ids", "labels", "step_positions", "step_targets")
 PACKED_RE = re.compile(r"_packed_(.*)_document(.*)$")
 
 
@@ -122,19 +125,22 @@ def files_kind(files: dict[str, str]) -> str:
         return "ranked"
     if "targets" in files:
         return "regression"
+    if "step_targets" in files or "step_positions" in files:
+        return "prm"
     return "sft" if "input_ids" in files else "pairs"
 
 
 def required_keys(files: dict[str, str]) -> tuple[str, ...]:
     """The packed keys a prefix of this kind must have."""
-    kinds = {"ranked": RANKED_KEYS, "regression": REGRESSION_KEYS, "sft": SFT_KEYS}
+    kinds = {"ranked": RANKED_KEYS, "regression": REGRESSION_KEYS, "sft": SFT_KEYS,
+             "prm": PRM_KEYS}
     return kinds.get(files_kind(files), REQUIRED_KEYS)
 
 
 def data_kind(prefix: str) -> str | None:
     """``"sft"`` (SFT records), ``"pairs"`` (preference pairs, critique pairs
     included), ``"ranked"`` (K scored responses per prompt), ``"regression"``
-    (responses with attribute labels) or ``None`` when the prefix has no packed
+    (responses with attribute labels), ``"prm"`` (step-labelled solutions) or ``None`` when the prefix has no packed
     files."""
     try:
         with warnings.catch_warnings():  # packed_files already warns where it matters

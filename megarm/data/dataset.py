@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from megarm.data.blend import (
+    PRM_KEYS,
     RANKED_KEYS,
     REGRESSION_KEYS,
     REQUIRED_KEYS,
@@ -199,6 +200,36 @@ class RegressionDataset(SFTDataset):
         return item
 
 
+class StepDataset:
+    """The step-labelled records under one prefix (``--handler-name prm_steps`` or
+    ``math_shepherd``): ``dataset[i]`` is ``{"input_ids", "labels", "step_positions",
+    "step_targets"}``: the row, its labels (-100 over the prompt), the positions of
+    its step-end markers in the row (int32) and one label per position (float32, 1.0
+    a good step); ``step_marker`` (text and token id) and ``step_labels`` (hard or
+    soft) from stats.json."""
+
+    def __init__(
+        self, prefix: str, expected_vocab_sha256: str | None = None, mmap: bool = True
+    ) -> None:
+        from megarm.data.stats_file import read_stats
+
+        self.prefix = prefix
+        self.files = open_indexed(prefix, PRM_KEYS, expected_vocab_sha256, mmap)
+        self.size = len(self.files["input_ids"])
+        stats = read_stats(prefix) or {}
+        self.step_marker = dict(stats.get("step_marker") or {})
+        self.step_labels = stats.get("step_labels", "hard")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {key: self.files[key][index] for key in PRM_KEYS}
+        item["step_positions"] = np.array(item["step_positions"], dtype=np.int64)
+        item["step_targets"] = np.array(item["step_targets"], dtype=np.float32)
+        return item
+
+
 def open_dataset(prefix: str, expected_vocab_sha256: str | None = None) -> Any:
     """:class:`SFTDataset`, :class:`RankedDataset` or :class:`PairDataset`, whichever
     ``prefix`` holds."""
@@ -207,6 +238,8 @@ def open_dataset(prefix: str, expected_vocab_sha256: str | None = None) -> Any:
         return RankedDataset(prefix, expected_vocab_sha256)
     if kind == "regression":
         return RegressionDataset(prefix, expected_vocab_sha256)
+    if kind == "prm":
+        return StepDataset(prefix, expected_vocab_sha256)
     if kind == "sft":
         return SFTDataset(prefix, expected_vocab_sha256)
     return PairDataset(prefix, expected_vocab_sha256)
@@ -384,6 +417,15 @@ def sample_ranks(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     valid slots is the order of :func:`sample_rows`."""
     import torch
 
+    if "step_targets" in samples[0]:  # step-labelled records: one entry per step
+        return {
+            "step_offsets": torch.as_tensor(np.concatenate(
+                [np.asarray(s["step_positions"], np.int64) for s in samples])),
+            "step_targets": torch.as_tensor(np.concatenate(
+                [np.asarray(s["step_targets"], np.float32) for s in samples])),
+            "step_sequence": torch.as_tensor(np.concatenate(
+                [np.full(len(s["step_positions"]), i, np.int64) for i, s in enumerate(samples)])),
+        }
     if "targets" in samples[0]:
         targets = torch.as_tensor(np.stack([np.asarray(s["targets"], np.float32) for s in samples]))
         mask = torch.isfinite(targets)

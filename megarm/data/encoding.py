@@ -24,6 +24,7 @@ from megarm.data.handlers import Handler, Pair, RecordError, SFTRecord
 from megarm.data.ranked import RankedRecord
 from megarm.data.readers import RawRecord
 from megarm.data.regression import RegressionRecord
+from megarm.data.steps import StepRecord
 from megarm.data.templates import DEFAULT_CRITIQUE_PROMPT, Template, critique_turn
 
 TRUNCATION_POLICIES = ("left", "right", "drop")
@@ -40,6 +41,8 @@ class _Job:
     truncation: str
     header_len: int
     critique_prompt: str = DEFAULT_CRITIQUE_PROMPT
+    step_marker_id: int | None = None
+    """Step-labelled records: the step-end marker's token id, appended after each step."""
     max_record_bytes: int | None = None
     """A record longer than this (its JSON line, or its texts for other formats) is
     rejected ``too_large`` before it is tokenised: one 100 MB line took 2 min and
@@ -53,11 +56,15 @@ class _Job:
                 f"{what} {size:,} bytes > --max-record-bytes {self.max_record_bytes:,}",
             )
 
-    def texts(self, item: Pair | SFTRecord | RankedRecord | RegressionRecord) -> list[str]:
+    def texts(
+        self, item: Pair | SFTRecord | RankedRecord | RegressionRecord | StepRecord
+    ) -> list[str]:
         """The texts a record is tokenized as: prompt, then each sequence's tail (a
         critique pair's tail is two texts: response + critique turn, then critique;
         a ranked record has K tails, one per response)."""
         t = self.template
+        if isinstance(item, StepRecord):  # each step on its own, then the turn's end
+            return [t.prompt(item.prompt), *item.steps, t.response("")]
         if isinstance(item, RankedRecord):
             return [t.prompt(item.prompt), *(t.response(r) for r in item.responses)]
         if isinstance(item, RegressionRecord):
@@ -120,6 +127,44 @@ def fit_prompt(
     return prompt[:head] + prompt[len(prompt) - header_len :], True
 
 
+def fit_steps(
+    prompt: list[int],
+    steps: list[list[int]],
+    end: list[int],
+    seq_length: int | None,
+    header_len: int,
+    truncation: str = "left",
+) -> tuple[list[int], list[int], list[int], int, bool]:
+    """A step-labelled record fitted into ``seq_length``: ``(prompt, tail, marker
+    offsets in the tail, steps cut, prompt cut)``. Each step in ``steps`` already ends
+    with its marker token.
+
+    ``drop`` refuses a record that does not fit. Otherwise the solution's trailing
+    steps are cut first (a step's label judges the steps up to it, so the leading
+    steps keep valid labels; the turn's end goes with them), down to one step; if
+    that one still does not fit, the prompt is cut by the policy of
+    :func:`fit_prompt`. Raises ``RecordError("too_long")`` when nothing fits."""
+    total = len(prompt) + sum(map(len, steps)) + len(end)
+    kept, tail_end = len(steps), end
+    if seq_length is not None and total > seq_length:
+        if truncation == "drop":
+            raise RecordError(
+                "too_long", f"prompt {len(prompt)} + solution {total - len(prompt)} tokens > "
+                f"--seq-length {seq_length}"
+            )
+        tail_end, room = [], seq_length - len(prompt)
+        while kept > 1 and sum(map(len, steps[:kept])) > room:
+            kept -= 1
+    tail: list[int] = []
+    offsets: list[int] = []
+    for step in steps[:kept]:
+        tail += step
+        offsets.append(len(tail) - 1)
+    tail += tail_end
+    prompt, cut = fit_prompt(prompt, len(tail), seq_length, header_len, truncation)
+    return prompt, tail, offsets, len(steps) - kept, cut or kept < len(steps)
+
+
 def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
     """Records -> ``("ok", prompt, chosen, rejected, margin, truncated, supervised)``
     or ``("reject", reason, detail)``, one per record, in order.
@@ -156,6 +201,24 @@ def _process_chunk(chunk: list[RawRecord]) -> list[tuple]:
         ids = _encode(job.tokenizer, texts)
         for i, item, at in todo:
             prompt, tails, supervised = ids[at], [], []
+            if isinstance(item, StepRecord):
+                k, marker = len(item.steps), job.step_marker_id
+                assert marker is not None, "step-labelled records need the marker's token id"
+                steps = [step + [marker] for step in ids[at + 1 : at + 1 + k]]
+                try:
+                    prompt, tail, offsets, cut_steps, truncated = fit_steps(
+                        prompt, steps, ids[at + 1 + k], job.seq_length, job.header_len,
+                        job.truncation,
+                    )
+                except RecordError as exc:
+                    results[i] = ("reject", exc.reason, exc.detail)
+                    continue
+                positions = np.asarray(offsets, dtype=np.int32) + len(prompt)
+                targets = np.asarray(item.labels[: len(offsets)], dtype=np.float32)
+                results[i] = ("ok", np.asarray(prompt, dtype=np.int32),
+                              np.asarray(tail, dtype=np.int32), None,
+                              (positions, targets, cut_steps), truncated, (0,))
+                continue
             if isinstance(item, RankedRecord):
                 k = len(item.responses)
                 tails, supervised = ids[at + 1 : at + 1 + k], [0] * k
@@ -254,6 +317,9 @@ def encode_records(
     ``("ok", prompt, chosen, rejected, margin, truncated, supervised)`` or
     ``("reject", reason, detail)``, exactly as a preprocessing run computes it
     (``prompt + chosen`` and ``prompt + rejected`` are the two token rows)."""
+    if handler.kind == "prm":
+        raise ValueError(f"handler {handler.name}: per-step scoring of step-labelled records is "
+                         "not built yet (issue #29)")
     header_len = len(tokenizer.encode(template.header, add_special_tokens=False))
     job = _Job(handler, template, tokenizer, seq_length, truncation, header_len, critique_prompt)
     return _results(job, _chunks(iter(records), 128), 1)

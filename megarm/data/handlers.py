@@ -33,6 +33,10 @@ REJECT_REASONS = (
     "too_few_responses",
     "score_count",
     "label_range",
+    "no_steps",
+    "step_label_count",
+    "unknown_label",
+    "marker_in_step",
 )
 
 _ROLE_ALIASES = {
@@ -489,9 +493,11 @@ HANDLERS: dict[str, type[Handler]] = {
 # which builds on this one: registered here, after every name it imports exists.
 from megarm.data.ranked import RANKED_HANDLERS  # noqa: E402
 from megarm.data.regression import REGRESSION_HANDLERS  # noqa: E402
+from megarm.data.steps import STEP_HANDLERS  # noqa: E402
 
 HANDLERS.update(RANKED_HANDLERS)
 HANDLERS.update(REGRESSION_HANDLERS)
+HANDLERS.update(STEP_HANDLERS)
 # MindSpeed-RL's class names, so its dataset YAMLs work unchanged.
 HANDLER_ALIASES = {"AlpacaStylePairwiseHandler": "alpaca_pairwise"}
 

@@ -23,7 +23,9 @@ from megarm.data.stats_file import RERUN, DataFileError, read_stats, stats_path
 MARGIN_KEY = "margin"
 SCORES_KEY = "scores"  # ranked records: K float32 scores per record
 TARGETS_KEY = "targets"  # regression records: num_labels float32 per record
-FLOAT_KEYS = (MARGIN_KEY, SCORES_KEY, TARGETS_KEY)
+POSITIONS_KEY = "step_positions"  # step-labelled records: marker positions per record
+STEP_TARGETS_KEY = "step_targets"  # and one float32 label per position
+FLOAT_KEYS = (MARGIN_KEY, SCORES_KEY, TARGETS_KEY, STEP_TARGETS_KEY)
 IGNORE_INDEX = -100
 SAMPLED_PAIRS = 64  # pairs whose tokens are compared across the four files
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -163,7 +165,8 @@ def check_files(prefix: str) -> IndexFile:
     if files_kind(files) == "ranked":
         return _check_ranked(prefix, files, stats)
     keys = [key for _, ids, labels in sides(files) for key in (ids, labels)]
-    indexes = {key: read_index(files[key] + ".idx") for key in (*keys, MARGIN_KEY, TARGETS_KEY)
+    indexes = {key: read_index(files[key] + ".idx")
+               for key in (*keys, MARGIN_KEY, TARGETS_KEY, POSITIONS_KEY, STEP_TARGETS_KEY)
                if key in files}
     for key, index in indexes.items():
         _check_index(index, key)
@@ -198,10 +201,61 @@ def check_files(prefix: str) -> IndexFile:
                 f"{indexes[TARGETS_KEY].path} must hold {want} labels per record "
                 f"(label_names {names} in {stats_path(prefix)}); {RERUN}"
             )
+    if POSITIONS_KEY in indexes or STEP_TARGETS_KEY in indexes:
+        _check_steps(prefix, indexes, stats)
     if stats:  # megarm's own layout: labels mask a prefix (a prompt both sides share)
         # Critique pairs supervise the critique only: their masked prefixes differ.
         _check_sampled_pairs(indexes, sides(files), stats.get("kind", "pairs") == "pairs")
     return indexes[sides(files)[0][1]]
+
+
+def _check_steps(prefix: str, indexes: dict[str, IndexFile], stats: dict[str, Any]) -> None:
+    """Step-labelled records: one label per marker position, the positions strictly
+    increasing inside each row, the token there the marker stats.json records, and
+    the step count stats.json records."""
+    for key in (POSITIONS_KEY, STEP_TARGETS_KEY):
+        if key not in indexes:
+            raise DataFileError(f"{prefix}: missing {prefix}_packed_{key}_document.idx; {RERUN}")
+    positions, targets, ids = indexes[POSITIONS_KEY], indexes[STEP_TARGETS_KEY], indexes["input_ids"]
+    differ = np.flatnonzero(positions.lengths != targets.lengths)
+    if len(differ):
+        i = int(differ[0])
+        raise DataFileError(
+            f"{positions.path} and {targets.path} disagree on the steps of record {i} "
+            f"({positions.lengths[i]} positions vs {targets.lengths[i]} labels): one of them "
+            f"belongs to another run; {RERUN}"
+        )
+    if np.any(positions.lengths < 1):
+        raise DataFileError(f"{positions.path} has a record without a step; {RERUN}")
+    recorded = (stats.get("steps") or {}).get("steps")
+    total = int(positions.lengths.sum(dtype=np.int64))
+    if recorded is not None and total != recorded:
+        raise DataFileError(
+            f"{positions.path} has {total} steps, not {recorded} in {stats_path(prefix)}: it "
+            f"belongs to another run; {RERUN}"
+        )
+    at = np.memmap(positions.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
+    labels = np.memmap(targets.path[: -len(".idx")] + ".bin", mode="r", dtype=np.float32)
+    tokens = np.memmap(ids.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
+    marker = (stats.get("step_marker") or {}).get("id")
+    if not np.all((labels >= 0) & (labels <= 1)):
+        raise DataFileError(f"{targets.path} holds labels outside [0, 1]; {RERUN}")
+    count = positions.count
+    for i in np.unique(np.linspace(0, count - 1, min(count, SAMPLED_PAIRS)).astype(np.int64)):
+        start = int(positions.pointers[i]) // 4
+        row = at[start : start + int(positions.lengths[i])]
+        if np.any(np.diff(row) < 1) or row[0] < 0 or row[-1] >= ids.lengths[i]:
+            raise DataFileError(
+                f"{positions.path}: the step positions of record {i} are not increasing "
+                f"positions of its {ids.lengths[i]}-token row; {RERUN}"
+            )
+        first = int(ids.pointers[i]) // 4
+        if marker is not None and np.any(tokens[first + row] != marker):
+            raise DataFileError(
+                f"{positions.path}: record {i} has a step position whose token is not the step "
+                f"marker {marker} in {stats_path(prefix)}: the files belong to different runs; "
+                f"{RERUN}"
+            )
 
 
 def _check_ranked(prefix: str, files: dict[str, str], stats: dict[str, Any]) -> IndexFile:

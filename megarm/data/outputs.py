@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from megarm.data.blend import PACKED_RE, RANKED_KEYS, REGRESSION_KEYS, SFT_KEYS
+from megarm.data.blend import PACKED_RE, PRM_KEYS, RANKED_KEYS, REGRESSION_KEYS, SFT_KEYS
 from megarm.data.dataset import (
     IGNORE_INDEX,
     MARGIN_KEY,
@@ -78,7 +78,7 @@ class _Outputs:
 
     def __init__(
         self, prefix: str, has_margin: bool, sft: bool = False, ranked: bool = False,
-        regression: bool = False,
+        regression: bool = False, prm: bool = False,
     ) -> None:
         IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
         self.prefix = prefix
@@ -87,6 +87,8 @@ class _Outputs:
             self.keys = RANKED_KEYS
         elif regression:
             self.keys = REGRESSION_KEYS
+        elif prm:
+            self.keys = PRM_KEYS
         else:
             self.keys = SFT_KEYS if sft else PAIR_KEYS + ((MARGIN_KEY,) if has_margin else ())
         self.paths: list[tuple[str, str]] = []  # (temporary, final)
@@ -99,7 +101,8 @@ class _Outputs:
         self.paths.append((rejects_path(self.tmp_prefix), rejects_path(prefix)))
         try:
             for key in self.keys:
-                dtype = np.float32 if key in (MARGIN_KEY, "scores", "targets") else np.int32
+                dtype = np.float32 if key in (MARGIN_KEY, "scores", "targets", "step_targets") \
+                    else np.int32
                 tmp = packed_path(self.tmp_prefix, key) + ".bin"
                 self.builders[key] = IndexedDatasetBuilder(tmp, dtype=dtype)
             self.rejects = open(rejects_path(self.tmp_prefix), "w", encoding="utf-8")
@@ -119,7 +122,8 @@ class _Outputs:
         SFT record (``chosen`` is its target, ``rejected`` ``None``) or a ranked record
         (``chosen`` the list of its K response tails, ``margin`` its K scores: one
         document of K sequences, and one of K scores), or a regression record (an
-        SFT record with its labels as ``margin``). Labels are -100 over the prompt
+        SFT record with its labels as ``margin``), or a step-labelled record (an SFT
+        record with ``(step positions, step targets)`` as ``margin``). Labels are -100 over the prompt
         and the first ``supervised[k]`` tokens of tail ``k``."""
         if isinstance(chosen, list):
             rows = [np.concatenate([prompt, tail]) for tail in chosen]
@@ -147,6 +151,10 @@ class _Outputs:
         if "targets" in self.builders:  # a regression record's labels (NaN: missing)
             targets = np.asarray(margin, dtype=np.float32)
             self.builders["targets"].add_document(targets, [len(targets)])
+        if "step_targets" in self.builders:  # marker positions in the row, their labels
+            positions, targets = margin[0], margin[1]  # type: ignore[index]
+            self.builders["step_positions"].add_document(positions, [len(positions)])
+            self.builders["step_targets"].add_document(targets, [len(targets)])
 
     def reject(self, entry: dict[str, Any]) -> None:
         self.rejects.write(json.dumps(entry, ensure_ascii=False, default=repr) + "\n")

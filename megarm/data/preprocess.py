@@ -130,6 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="regression: reject records with a label outside [LOW, HIGH] (helpsteer2: 0 4)",
     )
     p.add_argument(
+        "--step-marker",
+        default=None,
+        help="prm_steps / math_shepherd: the step-end marker, a text the tokenizer encodes as "
+        "one token, appended after every step (its reward is read there); recorded in "
+        "stats.json and the checkpoint. Default: two newlines",
+    )
+    p.add_argument(
+        "--step-labels",
+        default=None,
+        help="prm_steps / math_shepherd: hard (+/-, 1/-1/0, true/false; default) or soft "
+        "(a number in [0, 1] per step)",
+    )
+    p.add_argument(
+        "--neutral-label",
+        default=None,
+        help="hard step labels: what PRM800K's neutral 0 becomes: positive (default), "
+        "negative, or reject (the record)",
+    )
+    p.add_argument(
+        "--step-tag",
+        default=None,
+        help="math_shepherd: the tag that ends each step in input and label (default ки)",
+    )
+    p.add_argument(
         "--max-reject-fraction",
         type=float,
         default=0.5,
@@ -315,6 +339,18 @@ def default_seq_length(tokenizer_dir: str, tokenizer: Any) -> tuple[int | None, 
     return min(limits)
 
 
+def step_marker_id(tokenizer: Any, marker: str) -> int:
+    """The one token id ``marker`` encodes to; ``ValueError`` naming --step-marker when
+    it is several tokens (its reward position would be ambiguous)."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"--step-marker {marker!r} encodes to {len(ids)} tokens {ids} with this tokenizer; "
+            "choose a text it keeps as one token (e.g. two newlines, or a special token)"
+        )
+    return int(ids[0])
+
+
 def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
     """Everything a run needs before its first record: the inputs, tokenizer, template
     and handler, the sequence length, and a writable output directory."""
@@ -335,6 +371,14 @@ def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
         elif args.label_names or args.label_range:
             raise ValueError(f"--label-names and --label-range are for regression handlers, "
                              f"not {args.handler_name}")
+        step_options = (args.step_marker, args.step_labels, args.neutral_label, args.step_tag)
+        if handler.kind == "prm":
+            handler.set_steps(*step_options)  # type: ignore[attr-defined]
+        elif any(option is not None for option in step_options):
+            raise ValueError("--step-marker, --step-labels, --neutral-label and --step-tag are "
+                             f"for the step-labelled handlers, not {args.handler_name}")
+        marker_id = step_marker_id(tokenizer, handler.step_marker) \
+            if handler.kind == "prm" else None  # type: ignore[attr-defined]
     except (InputError, TokenizerError, TemplateError, ValueError) as exc:
         raise PreprocessError(str(exc)) from exc
     # --overwrite removes and replaces these: one of them as an input (itself, or
@@ -362,6 +406,7 @@ def _prepare(args: argparse.Namespace) -> tuple[_Job, list]:
         truncation=args.truncation,
         header_len=len(tokenizer.encode(template.header, add_special_tokens=False)),
         critique_prompt=args.critique_prompt,
+        step_marker_id=marker_id,
     )
     if args.max_record_bytes is None:
         args.max_record_bytes = default_max_record_bytes(args.seq_length)
@@ -401,9 +446,15 @@ class _Tally:
         self.examples: list[str] = []  # the first rejects, quoted if the run fails
         self.max_token_id = -1  # checked against the model's vocabulary before training
         self.responses = array("i")  # ranked records: responses per record
+        # step-labelled records: steps kept, cut by the truncation rule, labelled bad
+        self.steps = {"steps": 0, "cut_steps": 0, "negative_steps": 0}
 
     def kept(self, result: tuple) -> None:
-        _, prompt, chosen, rejected, _, truncated, supervised = result
+        _, prompt, chosen, rejected, extra, truncated, supervised = result
+        if isinstance(extra, tuple):  # a step-labelled record: (positions, targets, cut)
+            self.steps["steps"] += len(extra[0])
+            self.steps["cut_steps"] += int(extra[2])
+            self.steps["negative_steps"] += int(np.count_nonzero(extra[1] < 0.5))
         if isinstance(chosen, list):  # a ranked record: K responses, one length each
             self.responses.append(len(chosen))
             self._count(prompt, chosen, truncated)
@@ -476,7 +527,7 @@ def _stats(
         "megarm_version": megarm_version(),
         "handler": handler.name,
         # What the files hold: pairs, critique pairs (critiques supervised) or SFT.
-        "kind": handler.kind if handler.kind in ("sft", "ranked", "regression")
+        "kind": handler.kind if handler.kind in ("sft", "ranked", "regression", "prm")
         else "critique_pairs" if critiques else "pairs",
         "tokenizer": {
             "name_or_path": args.tokenizer_name_or_path,
@@ -491,7 +542,8 @@ def _stats(
             "end_of_turn_id": tokenizer.convert_tokens_to_ids(template.end_of_turn),
             # Where the reward is read; training records it in its checkpoints.
             "reward_convention": reward_convention(
-                template, tokenizer, args.critique_prompt if critiques else None
+                template, tokenizer, args.critique_prompt if critiques else None,
+                handler.step_marker if handler.kind == "prm" else None,  # type: ignore[attr-defined]
             ),
         },
         "inputs": [str(path) for path in files],
@@ -503,6 +555,11 @@ def _stats(
         "has_margin": handler.has_margin,
         **({"label_names": list(handler.label_names),  # type: ignore[attr-defined]
             "label_range": handler.label_range} if handler.kind == "regression" else {}),  # type: ignore[attr-defined]
+        **({"step_marker": {"text": handler.step_marker,  # type: ignore[attr-defined]
+                            "id": job.step_marker_id},
+            "step_labels": handler.label_type,  # type: ignore[attr-defined]
+            "neutral_label": handler.neutral,  # type: ignore[attr-defined]
+            "steps": tally.steps} if handler.kind == "prm" else {}),
         **({"responses_per_record": {
             "min": int(min(tally.responses)), "max": int(max(tally.responses)),
             "mean": round(float(np.mean(tally.responses)), 4),
@@ -525,10 +582,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     job, files = _prepare(args)
     kind = job.handler.kind
     sft, ranked, regression = kind == "sft", kind == "ranked", kind == "regression"
-    sides = ("sequences",) if sft or regression else ("responses",) if ranked else ("chosen", "rejected")
+    sides = ("sequences",) if sft or regression or kind == "prm" else ("responses",) if ranked else ("chosen", "rejected")
     tally = _Tally(sides, files, [record_unit(path) for path in files])
     try:
-        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft, ranked, regression)
+        outputs = _Outputs(args.output_prefix, job.handler.has_margin, sft, ranked, regression,
+                           prm=kind == "prm")
     except OSError as exc:
         _raise_write_error(exc, args.output_prefix)
     progress = _Progress(args.log_interval)
@@ -584,11 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     counts = stats["counts"]
     what = {"sft": "SFT records", "ranked": "ranked records",
-            "regression": "regression records"}.get(
+            "regression": "regression records", "prm": "step-labelled records"}.get(
         stats["kind"], stats["kind"].replace("_", " "))
     print(
         f"wrote {counts['kept']} {what} ({counts['rejected']} rejected, {counts['truncated']} "
-        f"truncated) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "
+        f"truncated{', ' + str(stats['steps']['cut_steps']) + ' steps cut' if 'steps' in stats else ''}) to {args.output_prefix}_packed_*_document.{{bin,idx}}; "
         f"stats in {stats_path(args.output_prefix)}",
         file=sys.stderr,
     )

@@ -142,3 +142,47 @@ class SyntheticRegression:
         if self.num_labels > 1 and index % 5 == 0:
             targets[index % self.num_labels] = np.nan
         return {"input_ids": ids, "labels": labels, "targets": targets}
+
+
+class SyntheticSteps:
+    """``size`` deterministic step-labelled records, the layout of
+    :class:`megarm.data.dataset.StepDataset` items (``data_path: null`` with
+    ``training.objective: prm``).
+
+    A record's solution is 1-4 steps of random length; a step is "good" when most of
+    its tokens come from the good set, and its label is 1 while every step so far is
+    good (a process label: the first bad step and every one after it are 0). A
+    step's reward is read at its last token (no marker token: the ids are random)."""
+
+    def __init__(
+        self, size: int, vocab_size: int, seq_length: int, seed: int = 0, first_id: int = 1
+    ) -> None:
+        self.pairs = SyntheticPairs(size, vocab_size, seq_length, seed, first_id)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        p = self.pairs
+        rng = np.random.RandomState((p.seed * 1_000_003 + index + 31_337) % 2**32)
+        prompt = rng.choice(p.prompt_ids, rng.randint(2, max(2, p.seq_length // 4) + 1))
+        budget = p.seq_length - len(prompt)
+        steps = rng.randint(1, min(4, budget) + 1)
+        cuts = np.sort(rng.choice(np.arange(1, budget + 1), steps, replace=False))
+        parts, positions, targets, ok = [], [], [], True
+        start = 0
+        for end in cuts:
+            n = int(end - start)
+            good = rng.random_sample() < 0.6
+            mostly = rng.random_sample(n) < (0.8 if good else 0.2)
+            parts.append(np.where(mostly, rng.choice(p.good, n), rng.choice(p.bad, n)))
+            ok = ok and good
+            positions.append(len(prompt) + int(end) - 1)
+            targets.append(1.0 if ok else 0.0)
+            start = int(end)
+        ids = np.concatenate([prompt, *parts]).astype(np.int32)
+        labels = ids.copy()
+        labels[: len(prompt)] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels,
+                "step_positions": np.asarray(positions, dtype=np.int64),
+                "step_targets": np.asarray(targets, dtype=np.float32)}

@@ -244,13 +244,16 @@ def get_template(prompt_type: str, tokenizer: Any, response_end: str | None = No
 
 
 def reward_convention(
-    template: Template, tokenizer: Any, critique_prompt: str | None = None
+    template: Template, tokenizer: Any, critique_prompt: str | None = None,
+    step_marker: str | None = None,
 ) -> dict[str, Any]:
     """Where the reward is read, as recorded in stats.json, checkpoints and exports:
     every sequence ends with ``sequence_end`` (the end of ``apply_chat_template``'s
     output for an assistant turn, unless overridden) and the reward is the value at
     its last token, ``reward_token_id``. A critique model also records the
-    ``critique_prompt`` its critique turn asks with (scoring asks the same)."""
+    ``critique_prompt`` its critique turn asks with (scoring asks the same). A process
+    reward model records its ``step_marker`` (text and token id): a reward is read at
+    every step's marker token."""
     ids = tokenizer.encode(template.response_end, add_special_tokens=False)
     convention = {
         "sequence_end": template.response_end,
@@ -261,6 +264,11 @@ def reward_convention(
     if critique_prompt is not None:
         convention["critique_prompt"] = critique_prompt
         convention["reward_position"] = "last token of the critique"
+    if step_marker:
+        ids = tokenizer.encode(step_marker, add_special_tokens=False)
+        convention["step_marker"] = step_marker
+        convention["step_marker_id"] = int(ids[-1])
+        convention["reward_position"] = "every step_marker token"
     return convention
 
 

@@ -330,6 +330,13 @@ class Family:
     over the whole sequence), as the published configs do."""
 
     @property
+    def token_classification(self) -> str:
+        """HF class of the trunk with a per-token ``score`` head: what a process
+        reward model (``training.objective: prm``) is exported as."""
+        return self.sequence_classification.replace("ForSequenceClassification",
+                                                    "ForTokenClassification")
+
+    @property
     def architectures(self) -> tuple[str, str]:
         """The HF architecture names accepted as input."""
         return (self.causal_lm, self.sequence_classification)

@@ -186,7 +186,7 @@ def block_spec(
 def heads(cfg: MegarmConfig) -> tuple[bool, bool]:
     """``(value head, output layer)`` the objective needs."""
     objective = cfg.training.objective
-    return objective in ("rm", "joint", "listwise", "regression"), objective in ("sft", "joint")
+    return objective in ("rm", "joint", "listwise", "regression", "prm"), objective in ("sft", "joint")
 
 
 def build_model(cfg: MegarmConfig, device: str | None = None) -> list[RewardModel]:

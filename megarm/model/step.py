@@ -97,6 +97,17 @@ class PairBatch:
     target_scale: float = 0.0
     """Turns this micro-batch's weighted squared-error sum into its share of the
     global batch's weighted mean (set by the training loop, like ``lm_scale``)."""
+    step_targets: Tensor | None = None
+    """``[k]`` labels of the ``k`` steps of step-labelled records (``training.objective:
+    prm``; 1.0 a good step). ``reward_index`` / ``reward_row`` then hold one entry per
+    *step* (its step-end marker), not per sequence, and ``lengths`` the sequences'
+    real lengths."""
+    step_sequence: Tensor | None = None
+    """``[k]`` which sequence of the micro-batch each step belongs to (steps of one
+    sequence are consecutive, in order)."""
+    step_scale: float = 0.0
+    """Turns this micro-batch's per-step loss sum into its share of the global
+    batch's mean over steps (set by the training loop, like ``lm_scale``)."""
 
     def packed_seq_params(self) -> PackedSegments | None:
         """megatron-core's THD description of this micro-batch, or ``None``."""
@@ -139,8 +150,16 @@ class PairBatch:
 
     @property
     def num_sequences(self) -> int:
-        """Sequences in this micro-batch (each has a reward index, the last token)."""
+        """Sequences in this micro-batch (each has a reward index, the last token;
+        step-labelled records: one per sequence in ``lengths``)."""
+        if self.step_targets is not None:
+            return self.lengths.shape[0]  # type: ignore[union-attr]
         return self.reward_index.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps in this micro-batch (0 unless ``training.objective: prm``)."""
+        return 0 if self.step_targets is None else self.step_targets.shape[0]
 
     def to(self, device: torch.device) -> PairBatch:
         """Move every tensor to ``device`` (asynchronously from pinned memory)."""

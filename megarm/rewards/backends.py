@@ -271,6 +271,20 @@ class ScorerSpec:
     attribute weighs 1); :mod:`megarm.rewards.attributes`."""
 
 
+def is_process_reward_model(load: str, common: dict | None, info: RewardInfo) -> bool:
+    """A PRM checkpoint (saved with ``training.objective: prm``) or export (a
+    ``*ForTokenClassification``, or a reward convention with a step marker)."""
+    if (info.convention or {}).get("step_marker"):
+        return True
+    if common is not None:
+        saved = (common.get("megarm_config") or {}).get("training") or {}
+        return saved.get("objective") == "prm"
+    import json
+
+    config = json.loads((Path(load) / "config.json").read_text())
+    return any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or [])
+
+
 def open_scorer(args: ScorerSpec) -> tuple[Scorer, Encoder, RewardInfo]:
     """The model, its encoder and what it records.
 
@@ -284,6 +298,13 @@ def open_scorer(args: ScorerSpec) -> tuple[Scorer, Encoder, RewardInfo]:
         raise ScoringError(f"--load {args.load} does not exist")
     info = reward_info(args.load, args.iteration)
     common = None if is_hf_export(args.load) else checkpoint_common(args.load, args.iteration)[1]
+    if is_process_reward_model(args.load, common, info):
+        raise ScoringError(
+            f"{args.load} is a process reward model (training.objective=prm): it scores every "
+            "step, and per-step scoring in megarm.score / serve / evaluate is not built yet "
+            "(issue #29). Read its *ForTokenClassification export's logits at the "
+            "step_marker_id tokens of config.json with transformers meanwhile"
+        )
     tokenizer = tokenizer_dir(args.load, args.tokenizer_name_or_path, common)
     sequence_end = args.sequence_end or (info.convention or {}).get("sequence_end")
     scorer: Scorer

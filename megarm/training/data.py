@@ -28,7 +28,12 @@ from megarm.data.dataset import (
 )
 from megarm.data.packing import collate_packed, collate_thd
 from megarm.data.stats_file import recorded_pad_id
-from megarm.data.synthetic import SyntheticPairs, SyntheticRanked, SyntheticRegression
+from megarm.data.synthetic import (
+    SyntheticPairs,
+    SyntheticRanked,
+    SyntheticRegression,
+    SyntheticSteps,
+)
 from megarm.model.step import PairBatch
 
 
@@ -132,6 +137,13 @@ def build_datasets(cfg: MegarmConfig) -> Datasets:
             cfg.model.num_labels,
             seed=cfg.training.seed,
         )
+    if cfg.training.objective == "prm":
+        pairs = SyntheticSteps(
+            cfg.data.synthetic_num_pairs,
+            min(cfg.model.vocab_size, 1024),
+            cfg.data.seq_length,
+            seed=cfg.training.seed,
+        )
     if cfg.training.objective == "sft":
         pairs = ChosenAsSFT(pairs)
     (t0, t1), (v0, v1), _ = split_ranges(len(pairs), cfg.data.split)
@@ -211,7 +223,24 @@ def _layout(collated: dict[str, torch.Tensor]) -> PairBatch:
     batch = _rows(collated)
     batch.scores, batch.valid = collated.get("scores"), collated.get("valid")
     batch.targets, batch.target_mask = collated.get("targets"), collated.get("target_mask")
+    if "step_targets" in collated:
+        read_steps(batch, collated)
     return batch
+
+
+def read_steps(batch: PairBatch, collated: dict[str, torch.Tensor]) -> None:
+    """Step-labelled records: read the value head at every step's marker instead of
+    each sequence's last token. A sequence is contiguous in its row in every layout
+    (padded, packed rows, THD), so its step at offset ``o`` lies at ``o`` past where
+    its last token's position says it starts."""
+    lengths = collated["lengths"]
+    rows = batch.reward_row if batch.reward_row is not None else torch.arange(len(lengths))
+    start = batch.reward_index - lengths + 1
+    sequence = collated["step_sequence"]
+    batch.reward_index = start[sequence] + collated["step_offsets"]
+    batch.reward_row = rows[sequence]
+    batch.lengths = lengths
+    batch.step_targets, batch.step_sequence = collated["step_targets"], sequence
 
 
 def _rows(collated: dict[str, torch.Tensor]) -> PairBatch:

@@ -145,6 +145,7 @@ class Trainer:
             batches = list(islice(self.train_stream, self.num_microbatches))
             self.scale_lm_loss(batches)
             self.scale_regression_loss(batches)
+            self.scale_step_loss(batches)
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -191,7 +192,7 @@ class Trainer:
         if self.cfg.checkpoint.save and not self.should_save():
             self.save()
         # Reward mean/std over the validation split, beside the last checkpoint's weights.
-        if self.has_value_head and t.objective != "regression":  # one reward per sequence
+        if self.has_value_head and t.objective not in ("regression", "prm"):  # one per sequence
             after_training(self.model, self.data.valid, self.data.pad_token_id, self.cfg)
         return metrics
 
@@ -227,6 +228,19 @@ class Trainer:
         for batch in batches:
             batch.target_scale = scale
 
+    def scale_step_loss(self, batches: list[PairBatch]) -> None:
+        """``objective: prm``: every micro-batch's ``step_scale``, so the step's loss is
+        the mean over the global batch's steps whatever each micro-batch holds (the
+        counts are on the host, summed over data-parallel ranks in one host
+        all-reduce, as :meth:`scale_lm_loss`)."""
+        if self.cfg.training.objective != "prm":
+            return
+        local = float(sum(b.num_steps for b in batches)) if self.contributes else 0.0
+        total = float(all_reduce_host(torch.tensor([local], dtype=torch.float64))[0])
+        scale = len(batches) * self.dp_size / total if total else 0.0
+        for batch in batches:
+            batch.step_scale = scale
+
     def run_schedule(self, batches: list[PairBatch], forward_only: bool) -> list[dict]:
         """One pass of megatron-core's pipeline schedule over ``batches``."""
         rm_weight, lm_weight = self.loss_weights
@@ -242,6 +256,7 @@ class Trainer:
                 label_weights=torch.tensor(self.label_weights, dtype=torch.float32),
                 listwise_loss=self.cfg.training.listwise_loss,
                 consistency_coef=self.cfg.training.reward_consistency_coefficient,
+                prm_loss=self.cfg.training.prm_loss,
             ),
             forward_only=forward_only,
             seq_length=self.cfg.data.seq_length,

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megarm.distributed import all_reduce_host
 from megarm.model.step import PairBatch
-from megarm.training.objectives import listwise, regression
+from megarm.training.objectives import listwise, prm, regression
 
 # Per-micro-batch sums reduced over data-parallel ranks for metrics.
 STAT_KEYS = (
@@ -50,6 +50,8 @@ STAT_KEYS = (
     "center_sq",
     # training.objective listwise: megarm.training.objectives.listwise.STAT_KEYS.
     *(f"list_{key}" for key in listwise.STAT_KEYS),
+    # training.objective prm: megarm.training.objectives.prm.STAT_KEYS.
+    *(f"prm_{key}" for key in prm.STAT_KEYS),
 )
 
 
@@ -87,6 +89,7 @@ def loss_func(
     label_weights: Tensor | None = None,
     listwise_loss: str = "plackett_luce",
     consistency_coef: float = 0.0,
+    prm_loss: str = "bce",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's loss and sums for the step's metrics.
 
@@ -105,6 +108,11 @@ def loss_func(
     the step's gradient is that of the global batch's weighted mean; unset, the
     micro-batch's own mean), its per-attribute sums in ``out["regression"]``.
 
+    A step-labelled batch (``step_targets``; the rewards are one per step marker)
+    takes ``prm_loss`` per step (:mod:`megarm.training.objectives.prm`), its sum times
+    ``step_scale`` (the loop sets it so the step's gradient is that of the mean over
+    the global batch's steps; unset, the micro-batch's own mean).
+
     With ``training.reward_offsets`` the
     rewards hold ``[2b]`` more per extra position: the pairwise loss is the mean of
     each position's, plus ``consistency_coef * mean((r_k - r)^2)``
@@ -112,6 +120,16 @@ def loss_func(
     """
     rewards, lm_losses = output if isinstance(output, tuple) else (output, None)
     device = (rewards if rewards is not None else lm_losses).device  # type: ignore[union-attr]
+    zero = _fill(0.0, device)
+    terms: list[Tensor] = []
+    step_rewards, prm_stats = None, [zero] * len(prm.STAT_KEYS)
+    if rewards is not None and batch.step_targets is not None:  # one reward per step
+        step_rewards, rewards = rewards, None
+        losses = prm.step_losses(step_rewards, batch.step_targets, prm_loss)
+        scale = batch.step_scale or 1.0 / max(batch.num_steps, 1)
+        terms.append(rm_weight * scale * losses.sum())
+        prm_stats = list(prm.step_stats(step_rewards, batch.step_targets, batch.step_sequence,
+                                        batch.num_sequences, losses).unbind())
     # training.reward_offsets: the [2b] trained rewards, then [2b] per offset position.
     sequences = 2 * batch.num_pairs or batch.num_sequences
     others = rewards[sequences:] if rewards is not None else None
@@ -119,8 +137,6 @@ def loss_func(
         rewards = rewards[:sequences]
     # Sums in float64: token counts squared pass fp32's exact integers (2^24) quickly.
     lengths = batch.sequence_lengths()[:sequences].double()
-    zero = _fill(0.0, device)
-    terms: list[Tensor] = []
     center_sq = zero
     list_stats = [zero] * len(listwise.STAT_KEYS)
     if rewards is not None and batch.scores is not None:  # list-wise: no pairs
@@ -185,6 +201,7 @@ def loss_func(
             _fill(float(sequences), device),
             center_sq,
             *list_stats,
+            *prm_stats,
         ]
     )
     if batch.context_rank:
@@ -194,15 +211,16 @@ def loss_func(
         keep[[STAT_KEYS.index("lm_loss_sum"), STAT_KEYS.index("lm_tokens")]] = 1.0
         stats = stats * keep
     out["stats"] = stats
-    if rewards is not None:
-        out["rewards"] = rewards.detach()
+    if rewards is not None or step_rewards is not None:
+        out["rewards"] = (rewards if rewards is not None else step_rewards).detach()
     return sum(terms[1:], terms[0]), out
 
 
 def loss_weights(cfg) -> tuple[float, float]:  # noqa: ANN001 - a megarm.config.MegarmConfig
     """``(rm_weight, lm_weight)`` of ``training.objective``."""
     t = cfg.training
-    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0), "listwise": (1.0, 0.0), "regression": (1.0, 0.0)}.get(
+    return {"rm": (1.0, 0.0), "sft": (0.0, 1.0), "listwise": (1.0, 0.0), "regression": (1.0, 0.0),
+            "prm": (1.0, 0.0)}.get(
         t.objective, (t.rm_loss_weight, t.lm_loss_weight)
     )
 
@@ -238,6 +256,11 @@ def reduce_stats(
     ``pairwise_accuracy`` (also as ``accuracy``), ``kendall_tau``, ``lists`` and
     ``ranked_pairs`` (score-distinct pairs compared).
 
+    ``objective="prm"``: ``loss`` is the mean per-step loss over the global batch's
+    steps, with ``step_accuracy`` (also as ``accuracy``), ``negative_f1``,
+    ``first_error_accuracy``, ``steps`` and ``solutions``
+    (:func:`megarm.training.objectives.prm.step_metrics`).
+
     ``objective="regression"`` (``label_names`` given): ``loss`` is
     ``sum_a w_a SSE_a / sum_a w_a N_a`` over the global batch (``label_weights``
     ``w``, 1 when ``None``), with ``mse``, ``rmse/<name>``, ``pearson/<name>`` and
@@ -264,6 +287,8 @@ def reduce_stats(
             **regression.regression_metrics(summed, names),
             **{f"labelled/{name}": float(count[a]) for a, name in enumerate(names)},
         }
+    elif objective == "prm":
+        metrics = prm.step_metrics(s)
     elif objective == "listwise":
         ranked = listwise.ranking_metrics(
             torch.tensor([s[f"list_{key}"] for key in listwise.STAT_KEYS], dtype=torch.float64)

@@ -220,7 +220,7 @@ def rows_per_record(cfg: MegarmConfig) -> int:
     any record, from the data's stats.json ``responses_per_record``; without data
     ``data.synthetic_num_responses``)."""
     objective = cfg.training.objective
-    if objective in ("sft", "regression"):
+    if objective in ("sft", "regression", "prm"):
         return 1
     if objective != "listwise":
         return 2

@@ -236,6 +236,11 @@ def test_every_reject_reason_is_counted_and_listed(preprocess, read_indexed):
         "too_few_responses": 0,
         "score_count": 0,
         "label_range": 0,
+        # The step-labelled (PRM) records' reasons.
+        "no_steps": 0,
+        "step_label_count": 0,
+        "unknown_label": 0,
+        "marker_in_step": 0,
     }
     listed = [(r["line"], r["reason"]) for r in run.rejects()]
     assert listed == [
