@@ -159,3 +159,47 @@ def test_400_slow_connections_do_not_hold_the_server(rm_export):
         for sock in slow:
             sock.close()
         assert httpx.get(url + "/health", timeout=10).json()["max_connections"] == 1000
+
+
+def test_long_texts_are_bounded_before_the_tokenizer_sees_them(rm_tokenizer):
+    """Issue #24: prompts just under the byte limit were tokenised whole before the
+    cut (four 2 MB prompts held the worker 14.6 s). Texts that fit are untouched (the
+    same rows as an encoder without the bound); a 2 MB prompt reaches the tokenizer
+    cut to twice the bound, and gives the rows a whole-text tokenisation gives."""
+    from megarm.data.handlers import RecordError
+    from megarm.rewards.encoding import build_encoder
+
+    encoder = build_encoder(str(rm_tokenizer), seq_length=128)
+    unbounded = build_encoder(str(rm_tokenizer), seq_length=128)
+    unbounded.text_bytes = None
+    assert encoder.text_bytes == 128 * 128 + 16  # Qwen's longest token: 128 spaces
+    seen: list[int] = []
+    tokenize = encoder.tokenizer.__call__
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(encoder.tokenizer_, name)
+
+        def __call__(self, texts, **kwargs):
+            seen.extend(len(t.encode()) for t in texts)
+            return tokenize(texts, **kwargs)
+
+    encoder.tokenizer_ = encoder.tokenizer
+    encoder.tokenizer = Spy()
+    words = " ".join(["the cat sat on the mat and looked at the door"] * 50_000)  # 2.4 MB
+    fits = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello."}]
+    long_prompt = [{"role": "user", "content": words}, {"role": "assistant", "content": "Ok."}]
+    # Fitting text, and a padding-heavy one: exactly today's rows.
+    assert encoder.conversation(fits) == unbounded.conversation(fits)
+    text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYes<|im_end|>"
+    assert encoder.text(text + "<|endoftext|>" * 1000) == unbounded.text(text)
+    seen.clear()
+    start = time.time()
+    row = encoder.conversation(long_prompt)
+    assert time.time() - start < 5  # generous: the bound makes it ~0.05 s here
+    assert max(seen) <= 2 * encoder.text_bytes
+    assert row == unbounded.conversation(long_prompt[:1] + [long_prompt[1]]) and len(row) == 128
+    with pytest.raises(RecordError, match="cannot fit --seq-length 128"):
+        encoder.conversation([{"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": words}])  # fmt: skip
+    assert max(seen) <= 2 * encoder.text_bytes  # refused without tokenizing

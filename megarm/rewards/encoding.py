@@ -154,17 +154,29 @@ class Encoder:
                     f"{self.seq_length}",
                 )  # fmt: skip
         size, normal = self._size(prompt)
-        if size <= 4 * bound:
+        if size <= bound:
             return prompt
         if self.truncation == "drop":
             raise RecordError(
                 "too_long", f"a prompt of {size} bytes cannot fit --seq-length {self.seq_length}"
             )
         data = normal.encode()
-        tail = data[-2 * bound :].decode("utf-8", "ignore")
-        if self.truncation == "left":
-            return tail
-        return data[: 2 * bound].decode("utf-8", "ignore") + tail
+
+        def cut(keep: int) -> str:
+            tail = data[-keep:].decode("utf-8", "ignore")
+            if self.truncation == "left":
+                return tail
+            return data[:keep].decode("utf-8", "ignore") + tail
+
+        # It cannot fit: keep at least twice seq_length tokens at each kept end, so
+        # the tokens kept lie far from the cut. Most text has a few bytes a token: try
+        # a short piece first, else the piece that holds them whatever the tokens.
+        assert self.seq_length is not None
+        want = 2 * self.seq_length * (1 if self.truncation == "left" else 2)
+        short = cut(min(2 * bound, 32 * self.seq_length))
+        if len(self._encode([short])[0]) >= want:
+            return short
+        return cut(2 * bound)
 
     def _join(self, prompt: str, responses: list[str]) -> tuple[list[list[int]], bool]:
         prompt = self._bound(prompt, responses)
