@@ -39,6 +39,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import queue
 import signal
 import sys
@@ -59,34 +60,18 @@ from megarm.errors import ScoringError
 from megarm.rewards.attributes import Attributes
 from megarm.rewards.backends import Scorer, open_scorer
 from megarm.rewards.encoding import Encoder
+from megarm.serve_http import Guard, Limits, Problem, fit_file_limit, server_config
 
 # Idle followers wait in a collective with a timeout; the driver pings them this often.
 PING_SECONDS = 60.0
 LOOPBACK_NAMES = ("localhost",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ServeError(ScoringError):
     """The server cannot start as asked; the message says what to pass."""
 
 
-class Problem(Exception):
-    """A request the server answers with ``status`` and a one-line ``reason``."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass
-class Limits:
-    """What one request may ask for."""
-
-    max_body_bytes: int = 8 << 20
-    max_sequences: int = 256
-    body_seconds: float = 30.0
-    """How long a client may take to send its body (a slow client holds a
-    connection, not the server)."""
 
 
 # --------------------------------------------------------------------------- batching
@@ -318,6 +303,10 @@ def _add_health(
             "truncation": encoder.truncation,
             "max_sequences": limits.max_sequences,
             "max_body_bytes": limits.max_body_bytes,
+            "header_timeout": limits.header_seconds,
+            "body_timeout": limits.body_seconds,
+            "keep_alive_timeout": limits.keep_alive_seconds,
+            "max_connections": limits.max_connections,
         }
 
 
@@ -331,9 +320,10 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     batch_wait_seconds: float = 0.002,
-) -> FastAPI:
-    """The FastAPI app serving ``model`` (its lifespan owns the batcher and, at
-    shutdown, once the requests in flight are answered, stops the model loop)."""
+) -> Guard:
+    """The ASGI app serving ``model``: FastAPI (its lifespan owns the batcher and, at
+    shutdown, once the requests in flight are answered, stops the model loop) inside
+    the :class:`~megarm.serve_http.Guard` that bounds bodies and logs requests."""
     limits = limits or Limits()
     if normalize:
         info.normalize([0.0])  # no statistics: refuse to start, not on the first request
@@ -372,6 +362,7 @@ def create_app(
         if not isinstance(body, dict) or "query" not in body:
             raise Problem(400, "expected a JSON object with 'query': [text, ...]")
         queries = _texts(body["query"], "query", limits)
+        request.state.items = len(queries)
         prompts = body.get("prompts")
         prompts = (
             [None] * len(queries)
@@ -392,6 +383,7 @@ def create_app(
         if not isinstance(body, dict) or "messages" not in body:
             raise Problem(400, "expected a JSON object with 'messages': [[message, ...], ...]")
         conversations = _texts(body["messages"], "messages", limits)
+        request.state.items = len(conversations)
         rows = await asyncio.to_thread(
             _encode_all, encoder.conversation, [(c,) for c in conversations], "messages"
         )
@@ -401,7 +393,7 @@ def create_app(
         return found
 
     _add_health(app, model, encoder, info, model_name, normalize, limits)
-    return app
+    return Guard(app, limits)
 
 
 # --------------------------------------------------------------------------- command line
@@ -434,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--graceful-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests"
     )
+    slow = p.add_argument_group("slow clients (each connection is bounded in time and count)")
+    slow.add_argument("--header-timeout", type=float, default=Limits.header_seconds,
+                      help="seconds a client may take to send a request's headers (then 408)")
+    slow.add_argument("--body-timeout", type=float, default=Limits.body_seconds,
+                      help="seconds a client may take to send a request's body (then 408)")
+    slow.add_argument("--keep-alive-timeout", type=float, default=Limits.keep_alive_seconds,
+                      help="seconds an idle connection stays open between requests")
+    slow.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                      help="open connections at most; more are answered 503 and closed")
+    slow.add_argument("--max-header-bytes", type=int, default=Limits.max_header_bytes,
+                      help="request line and headers at most (then 400)")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="info logs one line per request (method, path, status, items, ms)")
     return p
 
 
@@ -446,9 +451,37 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.api_key is not None and not args.api_key.strip():
         raise ServeError("--api-key is empty")
-    for name in ("max_body_bytes", "max_sequences", "port"):
+    for name in ("max_body_bytes", "max_sequences", "port", "max_connections",
+                 "max_header_bytes"):  # fmt: skip
         if getattr(args, name) < 1:
             raise ServeError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if not getattr(args, name) > 0:
+            raise ServeError(f"--{name.replace('_', '-')} must be > 0 seconds")
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The request and connection bounds the command line asks for."""
+    return Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_sequences=args.max_sequences,
+        body_seconds=args.body_timeout,
+        header_seconds=args.header_timeout,
+        keep_alive_seconds=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        max_header_bytes=args.max_header_bytes,
+    )
+
+
+def setup_logging(level: str) -> None:
+    """The request log (``megarm.serve``) on stderr at ``level``."""
+    logger = logging.getLogger("megarm.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -459,6 +492,8 @@ def serve(args: argparse.Namespace) -> None:
     it stops accepting, answers the requests in flight, then the loop stops.
     """
     check_args(args)
+    setup_logging(args.log_level)
+    limits = fit_file_limit(limits_of(args))
     scorer, encoder, info = open_scorer(cli.scorer_spec(args))
     with scorer:
         if not scorer.is_driver:
@@ -474,16 +509,11 @@ def serve(args: argparse.Namespace) -> None:
             model_name=str(args.load),
             normalize=args.normalize,
             api_key=args.api_key,
-            limits=Limits(args.max_body_bytes, args.max_sequences),
+            limits=limits,
             batch_wait_seconds=args.batch_wait_ms / 1000,
         )
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="info",
-            access_log=False,
-            timeout_graceful_shutdown=args.graceful_timeout,
+        config = server_config(
+            app, args.host, args.port, limits, args.log_level, args.graceful_timeout
         )
         server = uvicorn.Server(config)
         http = threading.Thread(target=server.run, name="megarm-http", daemon=True)

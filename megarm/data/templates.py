@@ -68,13 +68,18 @@ class Template:
         off by a length limit) gets one. The prompt is ``prompt`` when ``text``
         starts with it, else everything up to the last assistant header.
         """
-        body = text
-        while True:  # padding, possibly several tokens, possibly after whitespace
-            stripped = body.rstrip()
-            token = next((t for t in trailing if t and stripped.endswith(t)), None)
+        # Padding, possibly several tokens, possibly after whitespace: walk an end
+        # index (slicing each time made 2 MB of padding quadratic).
+        end = len(text)
+        while True:
+            stripped = end
+            while stripped and text[stripped - 1].isspace():
+                stripped -= 1
+            token = next((t for t in trailing if t and text.endswith(t, 0, stripped)), None)
             if token is None:
                 break
-            body = stripped[: -len(token)]
+            end = stripped - len(token)
+        body = text if end == len(text) else text[:end]
         if body.rstrip().endswith(self.end_of_turn):
             body = body.rstrip()[: -len(self.end_of_turn)]
         if prompt and body.startswith(prompt):

@@ -9,6 +9,7 @@ rows are prompt + response + critique turn + critique, as preprocessing's
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,35 @@ from megarm.data.templates import (
 )
 from megarm.data.tokenizer import TokenizerError, load_tokenizer
 from megarm.errors import ScoringError
+
+
+def token_text_bytes(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes of normalised text one token can stand for, or ``None``
+    where no such bound holds (a slow tokenizer, a model other than BPE, unknown
+    pieces fused into one token, a pre-tokenizer that drops characters).
+
+    For a byte-level BPE (Qwen, Llama 3) a vocabulary entry has one character per
+    byte; elsewhere its UTF-8 length over-counts (``▁`` is 3 bytes for a space),
+    which only makes the bound looser."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or any(
+        name in pre for name in ('"Whitespace"', '"WhitespaceSplit"', '"BertPreTokenizer"',
+                                 '"Removed"')  # fmt: skip
+    ):
+        return None
+    if model.get("fuse_unk") and not model.get("byte_fallback"):
+        return None
+    byte_level = '"ByteLevel"' in pre or '"ByteLevel"' in json.dumps(spec.get("decoder"))
+    longest = max(len(t) if byte_level else len(t.encode()) for t in model.get("vocab", {}))
+    normalize = backend.normalizer.normalize_str if backend.normalizer else (lambda t: t)
+    for added in spec.get("added_tokens", []):
+        longest = max(longest, len(normalize(added["content"]).encode()), len(added["content"].encode()))
+    return longest
 
 
 def chat_messages(value: Any, what: str = "messages") -> list[dict[str, str]]:
@@ -81,6 +111,16 @@ class Encoder:
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_id = int(pad)
+        # A text of more normalised bytes than this cannot fit seq_length (each token
+        # stands for at most `per_token` bytes): it is cut, or refused, before the
+        # tokenizer sees it. A text that fits is never cut, so its row is unchanged.
+        per_token = token_text_bytes(tokenizer) if seq_length is not None else None
+        self.text_bytes = None if per_token is None else seq_length * per_token + 16
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._normalize = (
+            backend.normalizer.normalize_str if backend is not None and backend.normalizer
+            else (lambda t: t)
+        )
 
     @property
     def convention(self) -> dict[str, Any]:
@@ -91,7 +131,55 @@ class Encoder:
         # As preprocessing: no BOS/EOS added, the template carries the specials.
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+    def _size(self, text: str) -> tuple[int, str]:
+        """(normalised UTF-8 bytes, normalised text); short texts are not normalised."""
+        assert self.text_bytes is not None
+        if len(text) * 12 <= self.text_bytes:  # 4 bytes a character, NFC's 3x at most
+            return 0, text
+        normal = self._normalize(text)
+        return len(normal.encode()), normal
+
+    def _bound(self, prompt: str, responses: list[str]) -> str:
+        """The prompt cut in bytes where it cannot fit (keeping twice the bound from
+        each end the truncation keeps, so the kept tokens lie far from the cut); a
+        response that cannot fit is refused without tokenizing it."""
+        bound = self.text_bytes
+        if bound is None:
+            return prompt
+        for response in responses:
+            size, _ = self._size(response)
+            if size > bound:
+                raise RecordError(
+                    "too_long", f"a response of {size} bytes cannot fit --seq-length "
+                    f"{self.seq_length}",
+                )  # fmt: skip
+        size, normal = self._size(prompt)
+        if size <= bound:
+            return prompt
+        if self.truncation == "drop":
+            raise RecordError(
+                "too_long", f"a prompt of {size} bytes cannot fit --seq-length {self.seq_length}"
+            )
+        data = normal.encode()
+
+        def cut(keep: int) -> str:
+            tail = data[-keep:].decode("utf-8", "ignore")
+            if self.truncation == "left":
+                return tail
+            return data[:keep].decode("utf-8", "ignore") + tail
+
+        # It cannot fit: keep at least twice seq_length tokens at each kept end, so
+        # the tokens kept lie far from the cut. Most text has a few bytes a token: try
+        # a short piece first, else the piece that holds them whatever the tokens.
+        assert self.seq_length is not None
+        want = 2 * self.seq_length * (1 if self.truncation == "left" else 2)
+        short = cut(min(2 * bound, 32 * self.seq_length))
+        if len(self._encode([short])[0]) >= want:
+            return short
+        return cut(2 * bound)
+
     def _join(self, prompt: str, responses: list[str]) -> tuple[list[list[int]], bool]:
+        prompt = self._bound(prompt, responses)
         ids = self._encode([prompt, *responses])
         cut, truncated = fit_prompt(
             ids[0], max(len(r) for r in ids[1:]), self.seq_length, self.header_len, self.truncation
