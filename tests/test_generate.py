@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import assert_rewards_close
+
 RECORDS = [
     {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
     {"prompt": [{"role": "user", "content": "Say hi"}], "chosen": "Hi!", "rejected": "No."},
@@ -117,7 +119,7 @@ def test_score_with_a_critique_model_reads_the_reward_after_the_critique(
     # ...score to the rewards megarm.score reported.
     rewards = HFScorer(str(rm_export)).rewards(rows)
     reported = [r for s in scored for r in (s["chosen_reward"], s["rejected_reward"])]
-    assert reported == pytest.approx(rewards, abs=1e-5)
+    assert_rewards_close(reported, rewards)
 
 
 def _crash_after_one_batch(monkeypatch, critic, inputs, output):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megarm.testing import run_distributed
-from tests.helpers import pair_batch, randomize_, tiny_config
+from tests.helpers import assert_rewards_close, pair_batch, randomize_, tiny_config
 
 
 def _reference(overrides: tuple[str, ...]):
@@ -96,7 +96,7 @@ def test_layout_matches_tp1(reference, world, overrides):
     got = [r for rank in per_rank for r in rank]
     assert got, "no rank returned rewards"
     for rewards in got:
-        torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-5)
+        assert_rewards_close(rewards, expected)
 
 
 def test_misplaced_weight_is_detected(reference):
