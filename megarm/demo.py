@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 from megarm.demo_common import (
     ROOT,
     build_hf_model,
+    finish_work_dir,
+    fresh_work_dir,
     master_port,
     run,
     step,
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return cloud(rest)
     args = _parser().parse_args(argv)
     work = args.work_dir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
+    fresh_work_dir(work)
     (work / "data").mkdir(parents=True)
     started = time.time()
     py = sys.executable
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reward at <|im_end|> (generated sequences' end) against the trained one.
         run([py, "tools/measure_positions.py", "--model", work / "hf_rm", "--pairs", heldout])
 
+    finish_work_dir()
     _summary(work, started, count, accuracy, via_score, via_text, config)
     if accuracy < args.min_accuracy:
         print(f"FAILED: accuracy {accuracy:.3f} < {args.min_accuracy}", file=sys.stderr)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from megarm.demo_common import (
     ROOT,
     VERBS,
     build_hf_model,
+    finish_work_dir,
+    fresh_work_dir,
     master_port,
     run,
     step,
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-accuracy", type=float, default=0.9)
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
+    fresh_work_dir(work)
     data = work / "data"
     data.mkdir(parents=True)
     started = time.time()
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nheld-out critique exact-match ({2 * len(heldout)} critiques): {exact:.3f}")
     print(f"held-out pairwise accuracy ({len(heldout)} pairs, reward after the model's own "
           f"critique): {accuracy:.3f}")
+    finish_work_dir()
     print(f"total time {time.time() - started:.0f}s. Outputs in {work}: hf_sft/causal_lm, "
           "hf_cloud/{causal_lm,reward}, data/generated.jsonl, heldout_scored.jsonl, logs_*")
     failed = False

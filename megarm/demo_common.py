@@ -1,14 +1,16 @@
 """What both demos share (:mod:`megarm.demo`, :mod:`megarm.demo_cloud`): the word
-lists of the synthetic preference pairs, the pair writer, the step printer, the
-command runner and the tiny random-init Qwen2 checkpoint."""
+lists of the synthetic preference pairs, the pair writer, the work directory, the step
+printer, the command runner and the tiny random-init Qwen2 checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,12 +48,58 @@ def write_pairs(path: Path, count: int, seed: int) -> None:
             fh.write(json.dumps(make_pair(rng)) + "\n")
 
 
+# In a demo's work directory: "incomplete ..." while it runs or after a failed step,
+# "complete" once every step ran. Only a directory holding it (or an empty one) is
+# ever removed by a new run.
+MARKER = ".megarm_demo"
+_work: Path | None = None
+
+
+class DemoError(SystemExit):
+    """A demo stopped: one ``error:`` line on stderr and exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        super().__init__(2)
+
+
+def fresh_work_dir(work: Path) -> None:
+    """Start ``work`` anew for a demo run. An earlier demo's directory (it holds
+    :data:`MARKER`) or an empty one is replaced; any other existing path is refused
+    untouched (a ``--work-dir`` that names a real directory must not be wiped)."""
+    global _work
+    if work.exists():
+        if not work.is_dir() or (any(work.iterdir()) and not (work / MARKER).is_file()):
+            raise DemoError(f"--work-dir {work} exists and was not made by a megarm demo (no "
+                            f"{MARKER} in it): choose a new or empty directory; nothing was removed")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("incomplete: running\n")
+    _work = work
+
+
+def finish_work_dir() -> None:
+    """Mark the work directory complete: every step ran."""
+    if _work is not None:
+        (_work / MARKER).write_text("complete\n")
+
+
 @contextmanager
 def step(title: str):
-    """Print what a step does and how long it took."""
+    """Print what a step does and how long it took. A failing command stops the demo
+    with one line naming the step, and the work directory says it is incomplete."""
     print(f"\n==> {title}", flush=True)
+    if _work is not None:
+        (_work / MARKER).write_text(f"incomplete: running step {title}\n")
     start = time.time()
-    yield
+    try:
+        yield
+    except subprocess.CalledProcessError as exc:
+        if _work is not None:
+            (_work / MARKER).write_text(f"incomplete: step {title} failed (exit {exc.returncode})\n")
+        where = f"; {_work} is incomplete (a new run replaces it)" if _work is not None else ""
+        raise DemoError(f"step {title} failed: {' '.join(str(c) for c in exc.cmd)} exited "
+                        f"{exc.returncode} (its output is above){where}") from None
     print(f"    done in {time.time() - start:.1f}s", flush=True)
 
 

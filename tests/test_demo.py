@@ -38,3 +38,36 @@ def test_demo_pipeline_reaches_heldout_accuracy(tmp_path):
                  "logs/rewards_hist.png", "logs/metrics.jsonl", "data/demo_stats.json",
                  "ckpt/latest_checkpointed_iteration.txt"):
         assert (work / path).is_file(), path
+    assert (work / ".megarm_demo").read_text() == "complete\n"
+
+
+def test_demo_refuses_a_work_dir_it_did_not_make(tmp_path):
+    """A --work-dir that exists, is not empty and holds no demo marker is refused with
+    one line and left untouched (a new run used to rmtree whatever it named)."""
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for recipe in ("orm", "cloud"):
+        done = subprocess.run([sys.executable, "-m", "megarm.demo", "--recipe", recipe, "--work-dir", str(mine)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: --work-dir"), done.stderr
+        assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_failed_step_says_the_work_dir_is_incomplete(tmp_path, capsys):
+    from megarm import demo_common
+
+    work = tmp_path / "demo"
+    demo_common.fresh_work_dir(work)
+    (work / "partial.bin").write_text("half")
+    with pytest.raises(SystemExit) as exc, demo_common.step("4/7 preprocess"):
+        demo_common.run([sys.executable, "-c", "raise SystemExit(3)"])
+    assert exc.value.code == 2
+    assert (work / demo_common.MARKER).read_text() == "incomplete: step 4/7 preprocess failed (exit 3)\n"
+    assert f"{work} is incomplete" in capsys.readouterr().err
+    # The next run replaces the incomplete directory (it is a demo's), and finishing marks it.
+    demo_common.fresh_work_dir(work)
+    assert sorted(p.name for p in work.iterdir()) == [demo_common.MARKER]
+    demo_common.finish_work_dir()
+    assert (work / demo_common.MARKER).read_text() == "complete\n"
