@@ -276,7 +276,7 @@ def _train_at_ep(mcore: str, save_root: str, layouts: list, tokens: torch.Tensor
             f"parallel.expert_model_parallel_size={ep}",
             f"parallel.use_distributed_optimizer={str(dist_opt).lower()}",
             f"checkpoint.load={mcore}", f"checkpoint.save={save_root}/ep{ep}-{dist_opt}",
-            "training.train_iters=4", "training.micro_batch_size=2", "training.global_batch_size=8",
+            "training.train_iters=10", "training.micro_batch_size=2", "training.global_batch_size=8",
             "optimizer.lr=1e-2", "optimizer.lr_warmup_fraction=0", "data.synthetic_num_pairs=32",
             "data.split=100,0,0", "data.seq_length=32",
         ])
@@ -323,19 +323,21 @@ def test_training_at_ep2_equals_ep1(converted, work):
                                layouts, tokens, valid, timeout=900)
     runs = per_rank[0]
     base = runs[(1, False)]
-    assert len(base["loss"]) == 4 and base["loss"][0] != base["loss"][-1], base["loss"]
+    assert len(base["loss"]) == 10 and base["loss"][0] != base["loss"][-1], base["loss"]
     before = hf_rewards(converted["qwen3_moe"][0], tokens, valid)
     assert (before - base["rewards"]).abs().max() > 1e-3, "training moved no weight"
     for layout in layouts[1:]:
         run = runs[layout]
         first = abs(run["loss"][0] - base["loss"][0]) / abs(base["loss"][0])
-        worst = max(abs(a - b) / abs(b) for a, b in zip(run["loss"], base["loss"], strict=True))
-        # Rewards after 4 Adam steps at lr 1e-2, relative to their scale: Adam's first
+        # Relative to the loss scale (step 1): by step 10 the 32 pairs are fitted and the
+        # loss is ~1e-7, where a per-step relative difference says nothing.
+        worst = max(abs(a - b) for a, b in zip(run["loss"], base["loss"], strict=True)) / abs(base["loss"][0])
+        # Rewards after 10 Adam steps at lr 1e-2, relative to their scale: Adam's first
         # steps move every weight by ~lr whatever the gradient's size, so summation-order
         # differences of 1e-7 in tiny gradients show up in the weights.
         reward = float((run["rewards"] - base["rewards"]).abs().max() / base["rewards"].abs().max())
         print(f"EP={layout[0]} distributed optimizer={layout[1]}: step-1 loss rel {first:.1e}, "
-              f"4 steps rel {worst:.1e}, rewards rel {reward:.1e} (scale "
+              f"10 steps rel {worst:.1e}, rewards rel {reward:.1e} (scale "
               f"{float(base['rewards'].abs().max()):.2f})")
         assert first <= 1e-6 and worst <= 1e-5 and reward <= 1e-5, (layout, first, worst, reward)
         # The auxiliary loss the routers added, logged per step: the same at both EPs.
