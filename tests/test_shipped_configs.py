@@ -34,19 +34,23 @@ def intended_world_size(path: Path) -> int:
     return int(match.group(1))
 
 
+def resolve_as_shipped(path: Path):
+    """The config at its intended world size: as shipped it names no data and no
+    weights (validation says exactly that); with both stood in for, it resolves."""
+    world = intended_world_size(path)
+    with pytest.raises(ConfigError) as exc:
+        resolve(path, [], world)
+    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
+    return resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world), world
+
+
 def test_all_sizes_are_shipped():
     assert sorted(p.stem.rsplit("_", 1)[1] for p in QWEN) == sorted(REAL)
 
 
 @pytest.mark.parametrize("path", QWEN, ids=lambda p: p.stem)
 def test_qwen_config_validates_with_real_shapes(path):
-    world = intended_world_size(path)
-    # As shipped, data and weights are for the user to name: validation says so...
-    with pytest.raises(ConfigError) as exc:
-        resolve(path, [], world)
-    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
-    # ...and everything else is sound at the intended world size.
-    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    cfg, _ = resolve_as_shipped(path)
     m = cfg.model
     size = path.stem.rsplit("_", 1)[1]
     got = (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
@@ -90,11 +94,7 @@ def test_long_input_config_validates_and_fits_80gb(path):
 ])
 def test_objective_recipes_validate_at_their_world_size(name, objective):
     path = ROOT / f"configs/{name}.yaml"
-    world = intended_world_size(path)
-    with pytest.raises(ConfigError) as exc:
-        resolve(path, [], world)
-    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
-    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    cfg, world = resolve_as_shipped(path)
     assert cfg.training.objective == objective
     if objective == "regression":
         assert cfg.model.num_labels == 5 and cfg.model.label_names.split(",")[0] == "helpfulness"
@@ -127,11 +127,7 @@ def test_moe_configs_validate_and_fit_80gb(name):
     from megarm.training.memory import GIB, estimate, stage_expert_parameters
 
     path = ROOT / f"configs/{name}.yaml"
-    world = intended_world_size(path)
-    with pytest.raises(ConfigError) as exc:
-        resolve(path, [], world)
-    assert sorted(i.key for i in exc.value.issues) == ["checkpoint.load", "data.data_path"]
-    cfg = resolve(path, ["data.allow_synthetic=true", "checkpoint.allow_random_init=true"], world)
+    cfg, world = resolve_as_shipped(path)
     m, p = cfg.model, cfg.parallel
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.num_moe_experts,
             m.moe_router_topk, m.moe_ffn_hidden_size) == MOE[name]

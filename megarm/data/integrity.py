@@ -183,14 +183,7 @@ def check_files(prefix: str) -> IndexFile:
         if problem:
             raise DataFileError(problem)
         ids, labels = pair.values()
-        differ = np.flatnonzero(ids.lengths != labels.lengths)
-        if len(differ):
-            i = int(differ[0])
-            raise DataFileError(
-                f"{ids.path} and {labels.path} disagree on the length of pair {i} "
-                f"({ids.lengths[i]} vs {labels.lengths[i]} tokens) and {len(differ)} more: "
-                f"one of them belongs to another run; {RERUN}"
-            )
+        _same_lengths(ids, labels, "the length of pair", "tokens")
     if MARGIN_KEY in indexes and np.any(indexes[MARGIN_KEY].lengths != 1):
         raise DataFileError(f"{indexes[MARGIN_KEY].path} must hold one value per pair; {RERUN}")
     if TARGETS_KEY in indexes:
@@ -209,6 +202,18 @@ def check_files(prefix: str) -> IndexFile:
     return indexes[sides(files)[0][1]]
 
 
+def _same_lengths(a: IndexFile, b: IndexFile, what: str, unit: str) -> None:
+    """Two files written together hold documents of equal lengths; the first that
+    differs is named (one of the files belongs to another run)."""
+    differ = np.flatnonzero(a.lengths != b.lengths)
+    if len(differ):
+        i = int(differ[0])
+        raise DataFileError(
+            f"{a.path} and {b.path} disagree on {what} {i} ({a.lengths[i]} vs {b.lengths[i]} "
+            f"{unit}) and {len(differ) - 1} more: one of them belongs to another run; {RERUN}"
+        )
+
+
 def _check_steps(prefix: str, indexes: dict[str, IndexFile], stats: dict[str, Any]) -> None:
     """Step-labelled records: one label per marker position, the positions strictly
     increasing inside each row, the token there the marker stats.json records, and
@@ -217,14 +222,7 @@ def _check_steps(prefix: str, indexes: dict[str, IndexFile], stats: dict[str, An
         if key not in indexes:
             raise DataFileError(f"{prefix}: missing {prefix}_packed_{key}_document.idx; {RERUN}")
     positions, targets, ids = indexes[POSITIONS_KEY], indexes[STEP_TARGETS_KEY], indexes["input_ids"]
-    differ = np.flatnonzero(positions.lengths != targets.lengths)
-    if len(differ):
-        i = int(differ[0])
-        raise DataFileError(
-            f"{positions.path} and {targets.path} disagree on the steps of record {i} "
-            f"({positions.lengths[i]} positions vs {targets.lengths[i]} labels): one of them "
-            f"belongs to another run; {RERUN}"
-        )
+    _same_lengths(positions, targets, "the steps of record", "positions vs labels")
     if np.any(positions.lengths < 1):
         raise DataFileError(f"{positions.path} has a record without a step; {RERUN}")
     recorded = (stats.get("steps") or {}).get("steps")
