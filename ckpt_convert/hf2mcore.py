@@ -527,7 +527,7 @@ def _check_tied_head(ckpt: HFCheckpoint, family: Family) -> None:
     the input's own that differs from it would be dropped, and the model changed,
     without a word (issue #25); refuse it by name."""
     head = family.head_rule("lm").hf[0]
-    embedding = "model.embed_tokens.weight"
+    ((embedding,),) = [rule.hf for rule in family.weights if rule.part == "embedding"]
     if head not in ckpt.names():
         return
     if torch.equal(ckpt.read(head), ckpt.read(embedding)):
