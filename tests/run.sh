@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run megarm's test-suite (setting up .venv first if needed) and ruff.
 #
-#   bash tests/run.sh               # everything (the CI run): ~15 min on a quiet 2-core machine
+#   bash tests/run.sh               # everything (the CI run): ~65 min on a 2-core machine
 #   bash tests/run.sh -m "not slow" # the quick subset (multi-process and end-to-end tests left out)
 #   bash tests/run.sh tests/test_config.py -k unknown
 #
