@@ -214,6 +214,16 @@ def _same_lengths(a: IndexFile, b: IndexFile, what: str, unit: str) -> None:
         )
 
 
+def _as_recorded(index: IndexFile, recorded: int | None, unit: str, prefix: str) -> None:
+    """``index`` holds as many elements in all as stats.json recorded (when it did)."""
+    total = int(index.lengths.sum(dtype=np.int64))
+    if recorded is not None and total != recorded:
+        raise DataFileError(
+            f"{index.path} has {total} {unit}, not {recorded} in {stats_path(prefix)}: it "
+            f"belongs to another run; {RERUN}"
+        )
+
+
 def _check_steps(prefix: str, indexes: dict[str, IndexFile], stats: dict[str, Any]) -> None:
     """Step-labelled records: one label per marker position, the positions strictly
     increasing inside each row, the token there the marker stats.json records, and
@@ -225,13 +235,7 @@ def _check_steps(prefix: str, indexes: dict[str, IndexFile], stats: dict[str, An
     _same_lengths(positions, targets, "the steps of record", "positions vs labels")
     if np.any(positions.lengths < 1):
         raise DataFileError(f"{positions.path} has a record without a step; {RERUN}")
-    recorded = (stats.get("steps") or {}).get("steps")
-    total = int(positions.lengths.sum(dtype=np.int64))
-    if recorded is not None and total != recorded:
-        raise DataFileError(
-            f"{positions.path} has {total} steps, not {recorded} in {stats_path(prefix)}: it "
-            f"belongs to another run; {RERUN}"
-        )
+    _as_recorded(positions, (stats.get("steps") or {}).get("steps"), "steps", prefix)
     at = np.memmap(positions.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
     labels = np.memmap(targets.path[: -len(".idx")] + ".bin", mode="r", dtype=np.float32)
     tokens = np.memmap(ids.path[: -len(".idx")] + ".bin", mode="r", dtype=np.int32)
@@ -289,13 +293,7 @@ def _check_ranked(prefix: str, files: dict[str, str], stats: dict[str, Any]) -> 
         )
     if len(per_record) and per_record.min() < 2:
         raise DataFileError(f"{ids.path} has a record with fewer than 2 responses; {RERUN}")
-    recorded = (stats.get("tokens") or {}).get("responses")
-    total = int(ids.lengths.sum(dtype=np.int64))
-    if recorded is not None and total != recorded:
-        raise DataFileError(
-            f"{ids.path} has {total} tokens, not {recorded} in {stats_path(prefix)}: it "
-            f"belongs to another run; {RERUN}"
-        )
+    _as_recorded(ids, (stats.get("tokens") or {}).get("responses"), "tokens", prefix)
     if stats:
         _check_sampled_pairs({"ranked_input_ids": ids, "ranked_labels": labels},
                              sides(files), shared_prompt=False)
